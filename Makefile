@@ -1,0 +1,25 @@
+# The two user-facing commands are `make demo` and `make test`; each sets up everything it needs first
+# (a virtual environment in .venv with the pinned packages; Debian's ffmpeg where we are root).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test
+
+$(STAMP): pyproject.toml
+	@if ! command -v ffmpeg >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian ffmpeg (shared libraries for torchcodec, CLI for benchmarks)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null; \
+	  else echo "note: no system ffmpeg and not root: decoding uses PyAV (bundled FFmpeg)"; fi; \
+	fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
