@@ -107,9 +107,10 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
     writers = {split: SplitShardWriter(out, split, options.shard_bytes, next_index[split]) for split in SPLITS}
     skipped = [Skipped(u.relpath, u.reason) for u in listing.unusable]
     newly_packed = 0
+    executor = _start_pool(options.workers) if todo else None
     bar = tqdm(total=len(todo), unit="video", desc="packing", disable=not progress, dynamic_ncols=True)
     try:
-        for source, result in _encode_all(todo, options.encode, options.workers):
+        for source, result in _encode_all(todo, options.encode, options.workers, executor):
             if isinstance(result, str):
                 skipped.append(Skipped(source.relpath, result))
             else:
@@ -181,17 +182,28 @@ def _encode_or_reason(source: Source, settings: EncodeSettings) -> EncodedVideo 
         return f"failed to convert: {type(err).__name__}: {err}"
 
 
-def _encode_all(sources: list[Source], settings: EncodeSettings, workers: int):
+def _start_pool(workers: int) -> ProcessPoolExecutor | None:
+    """Worker processes, forked now: before tqdm starts its monitor thread (forking a process with running
+    threads can deadlock the child), and without re-importing the caller's __main__ as spawn/forkserver
+    would (an unguarded script calling pack_videos would start over in every worker)."""
+    if workers == 0:
+        return None
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    for started in [executor.submit(os.getpid) for _ in range(workers)]:
+        started.result()
+    return executor
+
+
+def _encode_all(sources: list[Source], settings: EncodeSettings, workers: int,
+                executor: ProcessPoolExecutor | None):
     """Yield (source, EncodedVideo | reason) in input order, with at most 2 videos per worker in flight
     (memory stays bounded whatever the data set size, unlike Pool.imap which queues every result)."""
-    if workers == 0:
+    if executor is None:
         for source in sources:
             yield source, _encode_or_reason(source, settings)
         return
-    context = multiprocessing.get_context("forkserver")
     pending = iter(sources)
     in_flight: deque[tuple[Source, Future]] = deque()
-    executor = ProcessPoolExecutor(workers, mp_context=context)
     try:
         while True:
             while len(in_flight) < 2 * workers:
@@ -211,14 +223,14 @@ def _encode_all(sources: list[Source], settings: EncodeSettings, workers: int):
                 retry = [source] + [s for s, _ in in_flight]
                 in_flight.clear()
                 for suspect in retry:
-                    yield suspect, _encode_isolated(suspect, settings, context)
-                executor = ProcessPoolExecutor(workers, mp_context=context)
+                    yield suspect, _encode_isolated(suspect, settings)
+                executor = _start_pool(workers)
     finally:
         executor.shutdown(cancel_futures=True)
 
 
-def _encode_isolated(source: Source, settings: EncodeSettings, context) -> EncodedVideo | str:
-    with ProcessPoolExecutor(1, mp_context=context) as single:
+def _encode_isolated(source: Source, settings: EncodeSettings) -> EncodedVideo | str:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as single:
         try:
             return single.submit(_encode_or_reason, source, settings).result()
         except BrokenProcessPool:
