@@ -186,3 +186,14 @@ def test_show_prints_summary_lists_keys_and_dumps_frames(synth, tmp_path, capsys
     assert code == 1 and err.startswith("error: no sample with key 'no/such-key'")
     code, _, err = run_script(capsys, "show.py", str(tmp_path))
     assert code == 2 and "no dataset.json" in err
+
+
+def test_shards_mix_classes_for_streaming_shuffle(synth, tmp_path):
+    """A streaming reader's shuffle buffer only mixes neighbours: samples must not come grouped by class."""
+    out = tmp_path / "out"
+    pack_videos(synth, out, PackOptions(workers=0, val=0.0, test=0.0, encode=EncodeSettings(short_side=16)),
+                progress=False, log=quiet)
+    labels = [int(s["cls"]) for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False)]
+    assert len(labels) == 24 and len(set(labels[:8])) >= 3
+    changes = sum(a != b for a, b in zip(labels, labels[1:]))
+    assert changes > 12, f"labels in shard order look grouped: {labels}"
