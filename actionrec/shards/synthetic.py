@@ -116,8 +116,10 @@ def _forward_motion(name: str, rng: np.random.Generator, frames: int, size: int)
     r = radius[0]
     if name in ("move_left", "move_up"):
         travel = min(rng.uniform(1.5, 3.0) * size / 64 * (frames - 1), size - 2.4 * r)
-        along = rng.uniform(r * 1.2 + travel, size - r * 1.2) - travel * t / (frames - 1)
-        across = rng.uniform(r * 1.2, size - r * 1.2) + rng.normal(0, 0.3, frames).cumsum() * size / 64
+        start = rng.uniform(min(r * 1.2 + travel, size - r * 1.2), size - r * 1.2)
+        along = start - travel * t / (frames - 1)
+        wobble = rng.normal(0, 0.3, frames).cumsum() * size / 64
+        across = np.clip(rng.uniform(r * 1.2, size - r * 1.2) + wobble, r, size - r)
         cx, cy = (along, across) if name == "move_left" else (across, along)
     elif name == "rotate_ccw":
         radius[:] = rng.uniform(0.14, 0.22) * size
