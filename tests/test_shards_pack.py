@@ -142,7 +142,7 @@ def test_shards_are_byte_sized_and_settings_are_checked_on_rerun(synth, tmp_path
 
 def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     src = tmp_path / "src"
-    generate_synthetic(src, SyntheticSpec(classes=4, videos_per_class=15, frames=12, size=48, seed=5), progress=False)
+    generate_synthetic(src, SyntheticSpec(classes=4, videos_per_class=10, frames=8, size=32, seed=5), progress=False)
     out = tmp_path / "out"
     command = [sys.executable, "shards/pack.py", str(src), "--out", str(out), "--workers", "1",
                "--shard-size", "6KB", "--no-progress"]
@@ -165,7 +165,7 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     keys = [s["__key__"] for s in read_all(out, manifest)]
     expected = sorted(sample_key(p.relative_to(src).as_posix()) for p in src.rglob("*.mp4"))
     assert sorted(keys) == expected, "nothing lost, nothing duplicated"
-    assert sum(manifest["splits"][s]["num_samples"] for s in ("train", "val", "test")) == 60
+    assert sum(manifest["splits"][s]["num_samples"] for s in ("train", "val", "test")) == 40
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 

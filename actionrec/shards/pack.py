@@ -126,8 +126,8 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
                 split = split_of[source.relpath]
                 key = sample_key(source.relpath)
                 meta = _sample_meta(source, result, options.encode.format)
-                writers[split].write({"__key__": key, **result.fields, "cls": class_index[source.label],
-                                      "json": meta})
+                writers[split].write(key, {**result.fields, "cls": str(class_index[source.label]).encode("ascii"),
+                                           "json": json.dumps(meta).encode("utf-8")})
                 newly_packed += 1
             bar.update(1)
             bar.set_postfix(packed=newly_packed, skipped=len(skipped), refresh=False)
