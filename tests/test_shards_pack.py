@@ -197,3 +197,32 @@ def test_shards_mix_classes_for_streaming_shuffle(synth, tmp_path):
     assert len(labels) == 24 and len(set(labels[:8])) >= 3
     changes = sum(a != b for a, b in zip(labels, labels[1:]))
     assert changes > 12, f"labels in shard order look grouped: {labels}"
+
+
+def test_error_mid_pack_publishes_no_open_shard_and_rerun_completes(synth, tmp_path, monkeypatch):
+    """An exception while packing (here: the disk 'fills' on the 5th sample) must not publish the open
+    shard, whose last sample may be cut; the next run removes the temp file and finishes."""
+    import actionrec.shards.writer as writer_module
+
+    out = tmp_path / "out"
+    options = PackOptions(workers=0, val=0.0, test=0.0, shard_bytes=10_000, encode=EncodeSettings(short_side=16))
+    original = writer_module.SplitShardWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self, key, fields):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(28, "No space left on device")
+        return original(self, key, fields)
+
+    monkeypatch.setattr(writer_module.SplitShardWriter, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        pack_videos(synth, out, options, progress=False, log=quiet)
+    published = {p.name for p in out.glob("train-*.tar")}
+    held = [s for p in out.glob("train-*.tar") for s in wds.WebDataset(str(p), shardshuffle=False)]
+    assert len(held) < 4 and not (out / "dataset.json").exists()
+    monkeypatch.undo()
+    result = pack_videos(synth, out, options, progress=False, log=quiet)
+    assert result.total_packed == 24 and result.resumed == len(held)
+    assert published <= set(result.shards["train"])
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

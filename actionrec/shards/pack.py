@@ -131,10 +131,16 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
                 newly_packed += 1
             bar.update(1)
             bar.set_postfix(packed=newly_packed, skipped=len(skipped), refresh=False)
+    except BaseException:
+        # Ctrl-C or an error mid-write: an open shard may end in half a sample, so it stays a temp file
+        # (removed and redone by the next run) instead of being published.
+        for writer in writers.values():
+            writer.abandon()
+        raise
     finally:
         bar.close()
-        for writer in writers.values():
-            writer.close()
+    for writer in writers.values():
+        writer.close()
 
     samples, _ = read_published_shards(out)
     shards = {split: sorted({s.shard for s in samples if s.split == split}) for split in SPLITS}

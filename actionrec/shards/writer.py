@@ -57,6 +57,12 @@ class SplitShardWriter:
         if self._file.tell() >= self.max_bytes:
             self.close()
 
+    def abandon(self) -> None:
+        """Stop without publishing the open shard (its temp file is cleaned up by the next run)."""
+        if self._file is not None:
+            self._file.close()
+        self._tar = self._file = None
+
     def close(self) -> None:
         if self._tar is None:
             return
