@@ -81,7 +81,7 @@ class PackedSample:
     key: str
     split: str
     shard: str
-    meta: dict  # the sample's json field
+    meta: dict  # label and num_frames from the sample's json field
 
 
 def remove_partial_shards(out: Path) -> list[str]:
@@ -112,5 +112,7 @@ def read_published_shards(out: Path) -> tuple[list[PackedSample], dict[str, int]
                 if member.name.endswith(".json"):
                     key = member.name[: -len(".json")]
                     meta = json.loads(tar.extractfile(member).read())
-                    samples.append(PackedSample(key, split, path.name, meta))
+                    # only what the statistics need: a million-video pack keeps this list in memory
+                    samples.append(PackedSample(key, split, path.name,
+                                                {"label": meta["label"], "num_frames": meta["num_frames"]}))
     return samples, next_index
