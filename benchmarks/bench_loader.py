@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
+import functools
 import json
 import os
 import pstats
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -48,8 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=24, help="N: videos in the throughput set (10N for memory)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each synthetic video")
+    parser.add_argument("--memory-videos", type=int, default=64,
+                        help="N for the memory test (N and 10N videos, made by repeating the packed samples)")
     parser.add_argument("--fps", type=float, default=30.0, help="frame rate of the packed videos")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to measure")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repetitions per measurement; the best is kept (the machine is shared)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/loader"), help="results folder")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for videos/shards (default: temp)")
     args = parser.parse_args(argv)
@@ -57,8 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.worker_counts = [int(w) for w in args.workers.split(",")]
     except ValueError:
         parser.error(f"--workers must be comma-separated integers, got {args.workers!r}")
-    if args.videos < 2 or args.seconds <= 0 or any(w < 1 for w in args.worker_counts):
-        parser.error("--videos must be >= 2, --seconds > 0 and every worker count >= 1")
+    if args.videos < 2 or args.memory_videos < BATCH or args.seconds <= 0 or args.repeats < 1 \
+            or any(w < 1 for w in args.worker_counts):
+        parser.error(f"--videos must be >= 2, --memory-videos >= {BATCH}, --seconds > 0, --repeats >= 1 and "
+                     "every worker count >= 1")
     if shutil.which("ffmpeg") is None:
         parser.error("the ffmpeg CLI is needed for the limit measurement: apt-get install ffmpeg")
     return args
@@ -150,14 +158,31 @@ def extract_mp4s(shardset: ShardSet, folder: Path) -> list[tuple[Path, int]]:
 # -- measurements -------------------------------------------------------------------------------------------
 
 
-def loader_clips_per_s(shardset: ShardSet, workers: int, batches: int, decoder: str = "auto") -> float:
+@dataclass
+class Throughput:
+    clips_per_s: float  # wall clock, steady state (after the first batch)
+    cpu_ms_per_clip: float  # CPU time of the main process + its workers over the whole pass, per clip
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process plus its finished children (the DataLoader workers once joined)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _measure(batches: Iterator[dict], size_of) -> Throughput:
+    cpu_start = _cpu_seconds()
+    first = size_of(next(batches))  # worker start-up and shuffle-buffer fill are not throughput
+    start = time.perf_counter()
+    count = sum(size_of(batch) for batch in batches)
+    wall = time.perf_counter() - start
+    return Throughput(count / wall, 1000 * (_cpu_seconds() - cpu_start) / (count + first))
+
+
+def loader_throughput(workers: int, shardset: ShardSet, batches: int, decoder: str) -> Throughput:
     loader = build_train_loader(shardset, clip=CLIP, batch_size=BATCH, num_workers=workers, batches_per_epoch=batches,
                                 seed=0, rank=0, world_size=1, decoder=decoder, augment=TrainAugment())
-    iterator = iter(loader)
-    next(iterator)  # worker start-up and shuffle-buffer fill are not throughput
-    start = time.perf_counter()
-    count = sum(len(batch["key"]) for batch in iterator)
-    return count / (time.perf_counter() - start)
+    return _measure(iter(loader), lambda batch: len(batch["key"]))
 
 
 class NaiveVideoDataset(Dataset):
@@ -181,44 +206,43 @@ class NaiveVideoDataset(Dataset):
         return {"video": train_transform(clip, CLIP, TrainAugment(), rng).permute(1, 0, 2, 3), "label": label}
 
 
-def naive_clips_per_s(files: list[tuple[Path, int]], workers: int, clips: int) -> float:
+def naive_throughput(workers: int, files: list[tuple[Path, int]], clips: int) -> Throughput:
     repeated = (files * (clips // len(files) + 1))[:clips]
     loader = DataLoader(NaiveVideoDataset(repeated), batch_size=BATCH, num_workers=workers, shuffle=True)
-    iterator = iter(loader)
-    next(iterator)
-    start = time.perf_counter()
-    count = sum(len(batch["label"]) for batch in iterator)
-    return count / (time.perf_counter() - start)
+    return _measure(iter(loader), lambda batch: len(batch["label"]))
 
 
-def ffmpeg_decode_seconds(path: Path, indices: list[int], fps: float) -> float:
-    """ffmpeg's own decode time (-benchmark rtime, process start-up excluded) for the clip's frames, the
-    cheaper of: one input seek per frame (keyframe seek + decode to the frame), or one pass with select."""
-    seeks = []
-    for index in indices:
-        seeks += ["-ss", f"{index / fps:.6f}", "-i", str(path)]
-    maps = []
-    for k in range(len(indices)):
+def ffmpeg_decode(path: Path, indices: list[int], fps: float) -> tuple[float, float]:
+    """ffmpeg's own (wall, CPU) seconds from -benchmark, process start-up and input probing excluded, for
+    the clip's frames: the cheaper of one input seek per frame (keyframe seek + decode up to the frame) and
+    one decoding pass with a select filter."""
+    seeks, maps = [], []
+    for k, index in enumerate(indices):
+        seeks += ["-threads", "1", "-ss", f"{index / fps:.6f}", "-i", str(path)]
         maps += ["-map", f"{k}:v", "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-y", "/dev/null"]
     select = "+".join(f"eq(n\\,{i})" for i in sorted(set(indices)))
-    one_pass = ["-i", str(path), "-vf", f"select={select}", "-fps_mode", "passthrough", "-frames:v", str(len(set(indices))),
-                "-f", "rawvideo", "-pix_fmt", "rgb24", "-y", "/dev/null"]
-    times = []
+    one_pass = ["-threads", "1", "-i", str(path), "-vf", f"select={select}", "-fps_mode", "passthrough",
+                "-frames:v", str(len(set(indices))), "-f", "rawvideo", "-pix_fmt", "rgb24", "-y", "/dev/null"]
+    results = []
     for command in (seeks + maps, one_pass):
-        result = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-benchmark", "-threads", "1", *command],
-                                capture_output=True, text=True, check=True)
-        line = [ln for ln in result.stderr.splitlines() if ln.startswith("bench:") and "rtime=" in ln][-1]
-        times.append(float(line.split("rtime=")[1].rstrip("s")))
-    return min(times)
+        run = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-benchmark", "-filter_threads", "1", *command],
+                             capture_output=True, text=True, check=True)
+        line = [ln for ln in run.stderr.splitlines() if ln.startswith("bench:") and "rtime=" in ln][-1]
+        fields = dict(item.split("=") for item in line.removeprefix("bench:").split())
+        wall = float(fields["rtime"].rstrip("s"))
+        results.append((wall, float(fields["utime"].rstrip("s")) + float(fields["stime"].rstrip("s"))))
+    return min(results)
 
 
-def ffmpeg_clips_per_s(files: list[tuple[Path, int]], workers: int, fps: float, num_frames: dict[Path, int]) -> float:
+def ffmpeg_throughput(workers: int, files: list[tuple[Path, int]], fps: float, num_frames: dict[Path, int]) -> Throughput:
     jobs = [(path, train_frame_indices(CLIP, num_frames[path], np.random.default_rng(i)).tolist())
             for i, (path, _) in enumerate(files)]
     streams = [jobs[w::workers] for w in range(workers)]
     with ThreadPoolExecutor(workers) as pool:
-        busy = list(pool.map(lambda stream: sum(ffmpeg_decode_seconds(p, ix, fps) for p, ix in stream), streams))
-    return len(jobs) / max(busy)
+        per_stream = list(pool.map(lambda stream: [ffmpeg_decode(p, ix, fps) for p, ix in stream], streams))
+    busiest = max(sum(wall for wall, _ in stream) for stream in per_stream)
+    cpu = sum(cpu for stream in per_stream for _, cpu in stream)
+    return Throughput(len(jobs) / busiest, 1000 * cpu / len(jobs))
 
 
 def peak_pss_mib(source: Path, workers: int, batches: int) -> float:
@@ -245,11 +269,11 @@ def peak_pss_mib(source: Path, workers: int, batches: int) -> float:
 
 
 PROFILE_PHASES = [  # (label, substrings of "file:function" whose own time belongs to the phase)
-    ("H.264 decode (libavcodec)", ["CodecContext' objects}", ".decode'", "get_frames_at", "decode_frames"]),
-    ("YUV->RGB conversion", ["to_ndarray", "reformat"]),
-    ("container open + demux", ["av.open", "demux", "'open' of", "VideoDecoder", "create_from"]),
-    ("crop + resize (uint8)", ["interpolate", "resize", "_upsample", "crop"]),
-    ("tar read + shuffle (webdataset)", ["webdataset", "tarfile", "'read' of", "gopen"]),
+    ("H.264 decode (libavcodec, PyAV)", ["'decode' of 'av.codec.context.CodecContext'"]),
+    ("YUV->RGB conversion (swscale)", ["'to_ndarray' of 'av.video.frame.VideoFrame'"]),
+    ("mp4 open + demux (PyAV)", ["av.container.core.open", "'demux' of", "av/container", "av/packet"]),
+    ("crop + resize (uint8, torch)", ["interpolate", "resize", "_upsample", "crop"]),
+    ("tar read + shuffle (webdataset)", ["webdataset", "tarfile", "gopen", "'read' of '_io"]),
     ("collate (torch.stack)", ["stack"]),
 ]
 
@@ -258,13 +282,13 @@ def profile_loader(shardset: ShardSet, decoder: str, batches: int) -> list[tuple
     """Where one worker's time goes: cProfile of the loader run in-process, own time grouped by phase."""
     loader = build_train_loader(shardset, clip=CLIP, batch_size=BATCH, num_workers=0, batches_per_epoch=batches,
                                 seed=1, rank=0, world_size=1, decoder=decoder)
-    profiler = cProfile.Profile()
-    start = time.perf_counter()
+    profiler = cProfile.Profile(time.process_time)  # CPU time: other jobs on the machine do not count
+    start = time.process_time()
     profiler.enable()
     for _ in loader:
         pass
     profiler.disable()
-    total = time.perf_counter() - start
+    total = time.process_time() - start
     shares = dict.fromkeys([label for label, _ in PROFILE_PHASES], 0.0)
     for (filename, _, function), (_, _, own, _, _) in pstats.Stats(profiler).stats.items():
         name = f"{filename}:{function}"
@@ -274,7 +298,9 @@ def profile_loader(shardset: ShardSet, decoder: str, batches: int) -> list[tuple
                 break
     rows = [(label, seconds / total) for label, seconds in shares.items()]
     rows.append(("Python glue, sampling, other", 1.0 - sum(share for _, share in rows)))
-    return rows
+    top = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:15]
+    raw = [(f"{filename}:{function}", own / total) for (filename, _, function), (_, _, own, _, _) in top]
+    return rows, raw
 
 
 def shard_bytes_per_video(folder: Path, videos: int) -> float:
@@ -293,24 +319,30 @@ def write_report(results: dict, out: Path, command: str) -> str:
             ("naive map-style, whole-video PyAV decode", "naive")]
     rows = [(label, key) for label, key in rows if key in results["clips_per_s"]]
     best = results["default_decoder_key"]
-    lines = [f"Measured {results['date']} on {results['machine']}; command: `{command}`", "",
-             "| clips/s (8x224², uniform) | " + " | ".join(f"{w} worker{'s' * (w > 1)}" for w in workers) + " |",
-             "|---|" + "---|" * len(workers)]
+    clips, cpu = results["clips_per_s"], results["cpu_ms_per_clip"]
+    lines = [f"Measured {results['date']} on {results['machine']}; {results['videos']} videos of "
+             f"{results['seconds']:g} s at {results['fps']:g} fps, 456x256; best of {results['repeats']} interleaved runs.",
+             f"Command: `{command}`", "",
+             "| 8x224² clips, TSN-uniform | " + " | ".join(f"clips/s, {w} worker{'s' * (w > 1)}" for w in workers)
+             + " | CPU ms per clip |",
+             "|---|" + "---|" * (len(workers) + 1)]
     for label, key in rows:
-        values = results["clips_per_s"][key]
-        lines.append(f"| {label} | " + " | ".join(f"{values[str(w)]:.1f}" for w in workers) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{clips[key][str(w)]:.1f}" for w in workers)
+                     + f" | {min(cpu[key].values()):.0f} |")
     for name, base in (("loader / ffmpeg limit", "ffmpeg"), ("loader / naive", "naive")):
-        ratios = [results["clips_per_s"][best][str(w)] / results["clips_per_s"][base][str(w)] for w in workers]
-        lines.append(f"| **{name}** ({best.split('_')[1]}) | " + " | ".join(f"**{r:.2f}x**" for r in ratios) + " |")
+        ratios = [clips[best][str(w)] / clips[base][str(w)] for w in workers]
+        cpu_ratio = min(cpu[base].values()) / min(cpu[best].values())
+        lines.append(f"| **{name}** ({best.split('_')[1]}) | " + " | ".join(f"**{r:.2f}x**" for r in ratios)
+                     + f" | **{cpu_ratio:.2f}x** |")
     memory = results["memory"]
     lines += ["", "| peak memory (PSS, loader + 2 workers) | MiB |", "|---|---|",
               f"| N = {memory['n']} videos | {memory['pss_n']:.0f} |",
               f"| 10N = {memory['n'] * 10} videos | {memory['pss_10n']:.0f} |",
               f"| **growth N -> 10N** | **{100 * (memory['pss_10n'] / memory['pss_n'] - 1):+.1f} %** |",
-              "", "| shard format | bytes per 10 s video |", "|---|---|"]
+              "", f"| shard format | bytes per {results['seconds']:g} s video |", "|---|---|"]
     for fmt, size in results["bytes_per_video"].items():
         lines.append(f"| {fmt} | {size / 2**20:.2f} MiB |")
-    lines += ["", "| where one worker's time goes (PyAV, profiled) | share |", "|---|---|"]
+    lines += ["", "| where a worker's CPU time goes (PyAV backend, cProfile) | share |", "|---|---|"]
     lines += [f"| {label} | {100 * share:.0f} % |" for label, share in results["profile"]]
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
@@ -343,29 +375,36 @@ def main(argv=None) -> int:
     for path, _ in files:
         with av.open(str(path)) as container:
             num_frames[path] = sum(1 for _ in container.demux(video=0)) - 1  # minus the flush packet
-    batches = max(4, 2 * args.videos // BATCH)
+    batches = max(8, 4 * args.videos // BATCH)
     decoders = ["pyav"] + (["torchcodec"] if torchcodec_load_error() is None else [])
-    clips = {key: {} for key in ["ffmpeg", "naive", "loader_jpg"] + [f"loader_{d}" for d in decoders]}
-    for w in tqdm(args.worker_counts, desc="throughput", unit="worker count"):
-        clips["ffmpeg"][str(w)] = ffmpeg_clips_per_s(files, w, args.fps, num_frames)
-        for decoder in decoders:
-            clips[f"loader_{decoder}"][str(w)] = loader_clips_per_s(mp4, w, batches, decoder)
-        clips["loader_jpg"][str(w)] = loader_clips_per_s(jpg, w, batches, "pyav")
-        clips["naive"][str(w)] = naive_clips_per_s(files, w, clips=min(len(files), batches * BATCH))
-    big = replicate(mp4, work / "mp4x10", 10)
-    memory = {"n": args.videos,
-              "pss_n": peak_pss_mib(work / "mp4", 2, max(1, args.videos // BATCH)),
-              "pss_10n": peak_pss_mib(big, 2, max(1, 10 * args.videos // BATCH))}
+    measures = {"ffmpeg": functools.partial(ffmpeg_throughput, files=files, fps=args.fps, num_frames=num_frames),
+                **{f"loader_{d}": functools.partial(loader_throughput, shardset=mp4, batches=batches, decoder=d)
+                   for d in decoders},
+                "loader_jpg": functools.partial(loader_throughput, shardset=jpg, batches=batches, decoder="pyav"),
+                "naive": functools.partial(naive_throughput, files=files, clips=6 * BATCH)}
+    clips = {key: {str(w): 0.0 for w in args.worker_counts} for key in measures}
+    cpu_ms = {key: {str(w): float("inf") for w in args.worker_counts} for key in measures}
+    runs = [(key, w) for _ in range(args.repeats) for w in args.worker_counts for key in measures]
+    for key, w in tqdm(runs, desc="throughput", unit="run"):  # interleaved: load spikes hit every row alike
+        result = measures[key](w)
+        clips[key][str(w)] = max(clips[key][str(w)], result.clips_per_s)
+        cpu_ms[key][str(w)] = min(cpu_ms[key][str(w)], result.cpu_ms_per_clip)
+    copies = -(-args.memory_videos // args.videos)
+    n_set = replicate(mp4, work / "mem_n", copies)
+    n = copies * args.videos
+    memory = {"n": n, "pss_n": peak_pss_mib(n_set, 2, n // BATCH),
+              "pss_10n": peak_pss_mib(replicate(mp4, work / "mem_10n", 10 * copies), 2, 10 * n // BATCH)}
     default_key = max((f"loader_{d}" for d in decoders), key=lambda k: clips[k][str(max(args.worker_counts))])
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, load {os.getloadavg()[0]:.1f}",
         "videos": args.videos, "seconds": args.seconds, "fps": args.fps, "workers": args.worker_counts,
-        "clips_per_s": clips, "memory": memory, "default_decoder_key": default_key,
+        "repeats": args.repeats,
+        "clips_per_s": clips, "cpu_ms_per_clip": cpu_ms, "memory": memory, "default_decoder_key": default_key,
         "bytes_per_video": {"mp4 (H.264 crf 23, GOP 16)": shard_bytes_per_video(work / "mp4", args.videos),
                             "jpg (quality 90)": shard_bytes_per_video(work / "jpg", args.videos)},
-        "profile": profile_loader(mp4, "pyav", batches),
     }
+    results["profile"], results["profile_top_functions"] = profile_loader(mp4, "pyav", batches)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     command = "PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_loader.py " + " ".join(argv or sys.argv[1:])
     print(write_report(results, args.out, command.strip()))
