@@ -167,8 +167,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namesp
     return config_from_args(args), args
 
 
-def build_config(data: dict[str, Any], overrides: list[str] = ()) -> Config:
-    """Defaults <- nested mapping `data` <- `key=value` overrides, typed and validated."""
+def build_config(data: dict[str, Any], overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """Defaults <- nested mapping `data` <- `key=value` overrides, typed and validated. check_paths=False
+    skips the existence checks of files the run reads (for predict, which needs only the model part)."""
     merged = _to_nested_dict(Config())
     _merge_mapping(merged, data, prefix="", template=merged)
     for item in overrides:
@@ -177,7 +178,7 @@ def build_config(data: dict[str, Any], overrides: list[str] = ()) -> Config:
         key, raw = item.split("=", 1)
         _set_dotted(merged, key.strip(), raw)
     cfg = _build_dataclass(Config, merged, prefix="")
-    _validate(cfg)
+    _validate(cfg, check_paths)
     return cfg
 
 
@@ -395,7 +396,7 @@ def coerce_value(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def _validate(cfg: Config) -> None:
+def _validate(cfg: Config, check_paths: bool) -> None:
     """Value checks a type cannot express; each names the key."""
     positive = {
         "train.global_batch_size": cfg.train.global_batch_size,
@@ -448,6 +449,8 @@ def _validate(cfg: Config) -> None:
         )
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"config key 'name' must be a non-empty run name without '/', got {cfg.name!r}")
+    if not check_paths:
+        return
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
         if not path.is_file():

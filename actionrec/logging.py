@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
+import string
 import sys
 import warnings
 from pathlib import Path
@@ -94,11 +96,12 @@ class RunMonitor:
         if mode == "disabled":
             return
         id_path = self.run_dir / "wandb_run_id"
+        run_id = ""
         try:
             import wandb
 
             # The id lives in the run dir so a requeued or resumed job continues the same WandB run.
-            run_id = id_path.read_text().strip() if id_path.exists() else wandb.util.generate_id()
+            run_id = id_path.read_text().strip() if id_path.exists() else _new_run_id()
             id_path.write_text(run_id)
             self.wandb_run = self._init_wandb(wandb, run_id, config, mode, project, entity)
         except Exception as exc:  # noqa: BLE001 — monitoring must never stop training
@@ -205,6 +208,11 @@ class RunMonitor:
             except Exception as exc:  # noqa: BLE001
                 warnings.warn(f"WandB finish failed: {exc!r}")
             self.wandb_run = None
+
+
+def _new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 # --- PNG plots ---------------------------------------------------------------------------------------------

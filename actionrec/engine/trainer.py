@@ -186,31 +186,32 @@ def open_data(cfg: Config, world_size: int) -> DataSetup:
         size=cfg.data.size,
     )
     train_samples = shardset.num_samples(cfg.data.train_split) if cfg.data.train_split else 0
-    per_rank_epoch = max(1, math.ceil(train_samples / (cfg.train.per_device_batch_size * world_size)))
+    per_rank_epoch = max(1, train_samples // (cfg.train.per_device_batch_size * world_size))
     return DataSetup(shardset, list(shardset.classes), clip, train_samples, per_rank_epoch)
 
 
 def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: int, world_size: int) -> Iterator[dict]:
-    """Endless train batches of this rank from data position `start_micro_batch` (resumable: the loader
-    is seeded by epoch and skips to the position inside the epoch)."""
+    """Endless train batches of this rank from data position `start_micro_batch` (micro batches consumed
+    per rank). The loader is deterministic given (seed, rank, epoch, workers) and skips to the position,
+    so a resumed run sees the batches the uninterrupted run would have seen."""
     from actionrec.data import build_train_loader
 
-    epoch, offset = divmod(start_micro_batch, data.batches_per_epoch)
+    extra = {"shuffle_buffer": cfg.data.shuffle_buffer} if cfg.data.shuffle_buffer else {}
+    loader = build_train_loader(
+        data.shardset,
+        split=cfg.data.train_split,
+        clip=data.clip,
+        batch_size=cfg.train.per_device_batch_size,
+        num_workers=cfg.data.num_workers,
+        batches_per_epoch=data.batches_per_epoch,
+        seed=cfg.train.seed,
+        start_batch=start_micro_batch,
+        rank=rank,
+        world_size=world_size,
+        **extra,
+    )
     while True:
-        loader = build_train_loader(
-            data.shardset,
-            split=cfg.data.train_split,
-            clip=data.clip,
-            batch_size=cfg.train.per_device_batch_size,
-            num_workers=cfg.data.num_workers,
-            batches_per_epoch=data.batches_per_epoch,
-            seed=cfg.train.seed * 100_003 + epoch,
-            start_batch=offset,
-            rank=rank,
-            world_size=world_size,
-        )
-        yield from loader
-        epoch, offset = epoch + 1, 0
+        yield from loader  # each pass is one epoch; the loader advances its epoch itself
 
 
 def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size: int):
@@ -268,8 +269,6 @@ class Trainer:
         self.num_classes = len(data.classes)
         self.flops_per_clip = flops_per_clip
         self.dtype = input_dtype(accelerator)
-        self.mean = torch.tensor(cfg.data.mean, device=self.device)
-        self.std = torch.tensor(cfg.data.std, device=self.device)
         self.mixing = build_mixing(cfg, self.num_classes)
 
         optimizer = build_optimizer(cfg, model)
@@ -284,7 +283,7 @@ class Trainer:
         from actionrec.data import normalize_on_device
 
         video = video_uint8.to(self.device, non_blocking=True)
-        return normalize_on_device(video, mean=self.mean, std=self.std).to(self.dtype)
+        return normalize_on_device(video, mean=self.cfg.data.mean, std=self.cfg.data.std, dtype=self.dtype)
 
     def checkpoint_files(self) -> dict[str, str]:
         return {
