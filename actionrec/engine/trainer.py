@@ -150,19 +150,6 @@ def build_mixing(cfg: Config, num_classes: int):
     return apply
 
 
-def count_flops_per_clip(model: torch.nn.Module, sample: torch.Tensor) -> float:
-    """Forward FLOPs for one clip, counted by torch's FlopCounterMode (for the MFU estimate)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), counter:
-        model(sample)
-    model.train(was_training)
-    return float(counter.get_total_flops())
-
-
 # --- data ---------------------------------------------------------------------------------------------
 
 
@@ -380,10 +367,12 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
     if weights_from is not None:
         model.load_state_dict(load_fp32_state_dict(weights_from))
         logger.info("weights from %s", weights_from)
-    flops_per_clip = 0.0
+    flops_per_clip = 0.0  # forward + backward of one training clip, for the MFU estimate
     if cfg.log.peak_tflops_per_device > 0 and not eval_only:
-        sample = torch.zeros(1, 3, cfg.data.num_frames, cfg.data.size, cfg.data.size)
-        flops_per_clip = count_flops_per_clip(model, sample)
+        from actionrec.models import count_flops_per_clip
+
+        clip_shape = (3, cfg.data.num_frames, cfg.data.size, cfg.data.size)
+        flops_per_clip = float(count_flops_per_clip(model, clip_shape, include_backward=True))
     if cfg.train.compile:
         model = torch.compile(model)
     trainer = Trainer(cfg, accelerator, data, model, flops_per_clip, logger)
@@ -469,7 +458,7 @@ def run_loop(trainer: Trainer, monitor: RunMonitor) -> dict[str, Any]:
             if grad_norm is not None:
                 last["train/grad_norm"] = float(grad_norm)
             if trainer.flops_per_clip > 0:
-                achieved = 3 * trainer.flops_per_clip * clips_per_device  # forward + backward ~ 3x forward
+                achieved = trainer.flops_per_clip * clips_per_device
                 last["train/mfu"] = achieved / (cfg.log.peak_tflops_per_device * 1e12)
             monitor.log_scalars(last, step)
             bar.set_postfix(loss=f"{last['train/loss']:.4f}", lr=f"{last['train/lr']:.2e}")
