@@ -472,7 +472,6 @@ def run_loop(trainer: Trainer, monitor: RunMonitor) -> dict[str, Any]:
             trainer.save_checkpoint()
             window_start = time.perf_counter()
     bar.close()
-    monitor.plot_loss_curve()
     return {"step": progress.step, **last}
 
 
