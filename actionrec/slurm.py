@@ -13,6 +13,7 @@ signalled), and a checkpoint written from a signal handler could capture a half-
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shlex
@@ -48,6 +49,12 @@ def _ignore_preemption_signal_in_child() -> None:
         signal.signal(_preemption_signal(), signal.SIG_IGN)
     except ValueError:  # forked from a non-main thread: Python handlers never run there anyway
         pass
+
+
+def _exit_now() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class SlurmTrainingJob(submitit.helpers.Checkpointable):
@@ -94,7 +101,12 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
 
         from actionrec.engine.trainer import train  # heavy import, only inside the job
 
-        return train(self.cfg, eval_only=self.eval_only, checkpoint=checkpoint)
+        result = train(self.cfg, eval_only=self.eval_only, checkpoint=checkpoint)
+        # submitit writes the result file after this returns, then the interpreter exits; that exit can
+        # abort in gloo/DeepSpeed teardown ("terminate called without an active exception", ENVIRONMENT.md),
+        # which SLURM would record as a failed task. Leave without running those destructors, as train.py does.
+        atexit.register(_exit_now)
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
         # Runs inside submitit's signal handler on rank 0: no collectives, no model I/O (see module docstring).
