@@ -277,14 +277,14 @@ def follow(job: submitit.Job, log_path: Path, out: IO[str] = sys.stdout, poll_s:
                 out.flush()
 
     while True:
-        pump()
-        if job.done(force_check=True):
-            break
-        state = job.get_info(mode="cache").get("State", "")
-        if state and state != last_state and state not in {"RUNNING"}:
+        state = job.get_info(mode="force").get("State", "")
+        if state and state != last_state and state != "RUNNING":
             out.write(f"[launch/slurm.py] job {job.job_id}: {state}\n")
             out.flush()
         last_state = state or last_state
+        pump()
+        if job.done():
+            break
         time.sleep(poll_s)
     # a finished job's last lines may land just after the result file
     time.sleep(0.5)

@@ -149,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
+    if args.checkpoint:
+        from actionrec.engine.checkpoint import CheckpointNotFound, resolve_checkpoint
+
+        try:
+            resolve_checkpoint(args.checkpoint)  # a typo here would otherwise surface only once the job runs
+        except CheckpointNotFound as exc:
+            parser.error(str(exc))
     resources = resources_from_args(args, parser, cfg)
     world_size = resources.nodes * resources.tasks_per_node
     try:

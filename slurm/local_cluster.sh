@@ -53,6 +53,9 @@ launch() {
     local name="$1"; shift
     setsid nohup "$@" >>"$STATE/log/$name.out" 2>&1 </dev/null &
     echo "$! $(basename "$1")" >"$STATE/run/$name.pid"
+    local i
+    for i in $(seq 20); do alive "$name" && return 0; sleep 0.1; done  # until the exec has happened
+    die "$name did not start; see $STATE/log/$name.out"
 }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
