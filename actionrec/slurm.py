@@ -19,6 +19,7 @@ import re
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -260,6 +261,16 @@ def job_outcome(job: submitit.Job) -> JobOutcome:
     return JobOutcome(job.job_id, state, False, None, f"ended {state} without a result; last log line: {tail}")
 
 
+def pending_reason(job_id: str) -> str:
+    """' (Resources)', ' (Priority)', ... for a job waiting in the queue, else ''."""
+    try:
+        reason = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "PD", "-o", "%r"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return f" ({reason})" if reason and reason != "None" else ""
+
+
 def follow(job: submitit.Job, log_path: Path, out: IO[str] = sys.stdout, poll_s: float = 2.0) -> JobOutcome:
     """Stream `log_path` (rank 0's log) to `out` until the job is over, through requeues, then its outcome."""
     position = 0
@@ -279,7 +290,7 @@ def follow(job: submitit.Job, log_path: Path, out: IO[str] = sys.stdout, poll_s:
     while True:
         state = job.get_info(mode="force").get("State", "")
         if state and state != last_state and state != "RUNNING":
-            out.write(f"[launch/slurm.py] job {job.job_id}: {state}\n")
+            out.write(f"[launch/slurm.py] job {job.job_id}: {state}{pending_reason(job.job_id)}\n")
             out.flush()
         last_state = state or last_state
         pump()
