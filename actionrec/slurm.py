@@ -52,6 +52,11 @@ def _ignore_preemption_signal_in_child() -> None:
         pass
 
 
+def _write_from_signal_handler(message: str) -> None:
+    # print() here could hit "reentrant call" if the signal arrived while the main thread was printing
+    os.write(1, (message + "\n").encode())
+
+
 def _exit_now() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -112,14 +117,13 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
         # Runs inside submitit's signal handler on rank 0: no collectives, no model I/O (see module docstring).
         if self.requeues >= self.max_requeues:
-            print(
+            _write_from_signal_handler(
                 f"actionrec.slurm: not requeueing: already requeued {self.requeues} times (--max-requeues); "
-                f"resubmit the same command to continue from {Path(self.cfg.run_dir) / 'checkpoints' / 'latest'}",
-                flush=True,
+                f"resubmit the same command to continue from {Path(self.cfg.run_dir) / 'checkpoints' / 'latest'}"
             )
             return None
         self.requeues += 1
-        print(f"actionrec.slurm: signalled on {socket.gethostname()}: requeueing (requeue {self.requeues})", flush=True)
+        _write_from_signal_handler(f"actionrec.slurm: signalled on {socket.gethostname()}: requeueing (requeue {self.requeues})")
         return super().checkpoint(*args, **kwargs)
 
     @staticmethod
