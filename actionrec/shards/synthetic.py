@@ -50,7 +50,7 @@ ASYMMETRIC_SHAPES = ("dart", "flag", "ell", "triangle")
 @dataclass(frozen=True)
 class SyntheticSpec:
     classes: int = 10
-    videos_per_class: int = 40
+    videos_per_class: int = 100
     frames: int = 16
     size: int = 64
     fps: float = 30.0
@@ -69,9 +69,17 @@ class SyntheticSpec:
         return ALL_CLASSES[: self.classes]
 
 
-def _rasterize(shape: list, center: tuple[float, float], radius: float, angle: float, grid) -> np.ndarray:
-    """Coverage mask (H, W) in [0, 1] of a rotated, scaled shape, supersampled."""
-    ys, xs = grid
+def _rasterize(shape: list, center: tuple[float, float], radius: float, angle: float, size: int) -> np.ndarray:
+    """Coverage mask (H, W) in [0, 1] of a rotated, scaled shape, supersampled. Only the shape's bounding
+    box is tested (every vertex lies within 1.5 radii of the centre): 10x less work than the full frame."""
+    coverage = np.zeros((size, size))
+    extent = 1.5 * radius
+    x0, x1 = max(0, int(center[0] - extent)), min(size, math.ceil(center[0] + extent))
+    y0, y1 = max(0, int(center[1] - extent)), min(size, math.ceil(center[1] + extent))
+    if x0 >= x1 or y0 >= y1:
+        return coverage
+    s = SUPERSAMPLE
+    ys, xs = np.mgrid[y0 * s : y1 * s, x0 * s : x1 * s] / s + 0.5 / s
     cos, sin = math.cos(angle), math.sin(angle)
     # into the shape's own frame: translate, rotate back, scale
     u = ((xs - center[0]) * cos + (ys - center[1]) * sin) / radius
@@ -82,12 +90,11 @@ def _rasterize(shape: list, center: tuple[float, float], radius: float, angle: f
         points = np.asarray(polygon)
         area = np.sum(points[:, 0] * np.roll(points[:, 1], -1) - np.roll(points[:, 0], -1) * points[:, 1])
         sign = 1.0 if area > 0 else -1.0
-        for (x0, y0), (x1, y1) in zip(points, np.roll(points, -1, axis=0)):
-            inside &= sign * ((x1 - x0) * (v - y0) - (y1 - y0) * (u - x0)) >= 0
+        for (px0, py0), (px1, py1) in zip(points, np.roll(points, -1, axis=0)):
+            inside &= sign * ((px1 - px0) * (v - py0) - (py1 - py0) * (u - px0)) >= 0
         mask |= inside
-    s = SUPERSAMPLE
-    h, w = mask.shape[0] // s, mask.shape[1] // s
-    return mask.reshape(h, s, w, s).mean(axis=(1, 3))
+    coverage[y0:y1, x0:x1] = mask.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3))
+    return coverage
 
 
 def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None) -> np.ndarray:
@@ -155,8 +162,6 @@ def render_video(class_name: str, rng: np.random.Generator, frames: int, size: i
     """(T, H, W, 3) uint8 frames of one video of `class_name`."""
     pair = next(p for p in CLASS_PAIRS if class_name in p)
     reverse = class_name == pair[1]
-    s = SUPERSAMPLE
-    grid = np.mgrid[0 : size * s, 0 : size * s] / s + 0.5 / s
     background = _background(rng, size)
     rotating = pair[0] == "rotate_ccw"
     shape = SHAPES[rng.choice(ASYMMETRIC_SHAPES if rotating else list(SHAPES))]
@@ -174,9 +179,9 @@ def render_video(class_name: str, rng: np.random.Generator, frames: int, size: i
     for i in range(frames):
         frame = background.copy()
         for d_shape, d_colour, d_radius, walk, d_angle in distractors:
-            mask = _rasterize(d_shape, tuple(walk[i]), d_radius, d_angle, grid)[..., None]
+            mask = _rasterize(d_shape, tuple(walk[i]), d_radius, d_angle, size)[..., None]
             frame = frame * (1 - mask) + d_colour * mask
-        mask = _rasterize(shape, (cx[i], cy[i]), radius[i], angle[i], grid)[..., None] * opacity[i]
+        mask = _rasterize(shape, (cx[i], cy[i]), radius[i], angle[i], size)[..., None] * opacity[i]
         frame = frame * (1 - mask) + colour * mask
         frame = frame * rng.uniform(0.98, 1.02) + rng.normal(0, noise, frame.shape)
         video[i] = np.clip(frame * 255, 0, 255).astype(np.uint8)
