@@ -1,14 +1,15 @@
-"""Small shard sets in shard format v1 for the loader tests, with frames that say which frame they are.
+"""Small shard sets for the loader tests, packed by the real packer (actionrec.shards.pack_videos) from
+source videos whose frames say which frame they are.
 
-Frame i of every test video is a flat grey image of value `frame_value(i)`, so after decoding, resizing
-and cropping the mean pixel value still names the frame (`index_from_pixels`).
+Frame i of every source video is a flat grey image of value `frame_value(i)`, so after packing, decoding,
+resizing and cropping, the mean pixel value still names the frame (`index_from_pixels`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import av
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+
+from actionrec.shards import EncodeSettings, PackOptions, pack_videos, sample_key
 
 MAX_FRAMES = 80
 FPS = 25
@@ -29,122 +31,121 @@ def frame_value(index: int) -> int:
 
 
 def index_from_pixels(frames: torch.Tensor) -> list[int]:
-    """(..., T, H, W) with channels anywhere before T -> frame index per t, from the mean grey level."""
-    means = frames.float().flatten(-2).mean(-1)  # (..., T)
-    means = means.reshape(-1, means.shape[-1]).mean(0)
-    return [round((float(m) - 10) / 3) for m in means]
+    """(C, T, H, W) or (T, ..., H, W) clip -> frame index per t, from the mean grey level."""
+    if frames.dim() == 4 and frames.shape[0] == 3:
+        frames = frames.transpose(0, 1)  # (T, C, H, W)
+    return [round((float(frame.float().mean()) - 10) / 3) for frame in frames]
 
 
-def encode_index_video(num_frames: int, width: int, height: int, gop: int = 8) -> bytes:
-    """H.264 yuv420p mp4 in memory (no temp file), constant FPS, short GOP, with B-frames."""
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
+@dataclass(frozen=True)
+class Video:
+    relpath: str  # class/name.mp4 under the source folder
+    label: int
+    num_frames: int
+    split: str
+
+    @property
+    def key(self) -> str:
+        return sample_key(self.relpath)
+
+
+def make_videos(classes: list[str], per_class: int, frame_counts: list[int], split: str, offset: int = 0) -> list[Video]:
+    return [
+        Video(f"{name}/clip {j + offset:03d}.mp4", c, frame_counts[(c * per_class + j + offset) % len(frame_counts)], split)
+        for c, name in enumerate(classes)
+        for j in range(per_class)
+    ]
+
+
+def write_source_video(path: Path, num_frames: int, width: int = 64, height: int = 48) -> None:
+    """An H.264 source file at FPS whose frame i is flat grey frame_value(i)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.gop_size = gop
-        stream.options = {"crf": "10", "preset": "veryfast"}
+        stream.options = {"crf": "8", "preset": "veryfast"}
         for i in range(num_frames):
             image = np.full((height, width, 3), frame_value(i), dtype=np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return buffer.getvalue()
 
 
-def sample_key(relpath: str) -> str:
-    """Contract v1 key: lowercase path without extension, [a-z0-9_/-] only, plus 8 hex of sha1(relpath)."""
-    stem = relpath.rsplit(".", 1)[0].lower()
-    safe = "".join(c if c.isalnum() and c.isascii() or c in "_/-" else "_" for c in stem)
-    return f"{safe}-{hashlib.sha1(relpath.encode()).hexdigest()[:8]}"
+def pack_test_shards(out: Path, videos: list[Video], fmt: str = "mp4", shard_bytes: int = 256 * 2**20,
+                     sources: Path | None = None) -> Path:
+    """Source videos -> shards with the real packer, splits as given by each Video (via a split CSV).
 
-
-@dataclass(frozen=True)
-class Video:
-    relpath: str
-    label: int
-    num_frames: int
-
-
-def make_videos(classes: list[str], per_class: int, frame_counts: list[int], offset: int = 0) -> list[Video]:
-    videos = []
-    for c, name in enumerate(classes):
-        for j in range(per_class):
-            n = frame_counts[(c * per_class + j + offset) % len(frame_counts)]
-            videos.append(Video(f"{name}/clip {j + offset:03d}.MP4", c, n))
-    return videos
-
-
-def write_shard_set(
-    out: Path,
-    splits: dict[str, list[Video]],
-    classes: list[str],
-    samples_per_shard: int,
-    fmt: str = "mp4",
-    width: int = 64,
-    height: int = 48,
-    corrupt: dict[str, str] | None = None,
-) -> dict[str, list[str]]:
-    """Write {split}-NNNNNN.tar shards + dataset.json; returns the keys per split (corrupt ones included).
-
-    corrupt: relpath -> "garbage_mp4" | "truncated_mp4" | "no_cls" | "bad_label" makes that sample broken.
+    shard_bytes=1024 gives one video per shard (the packer's minimum shard size); the default one shard per split.
     """
+    sources = sources or out.parent / f"{out.name}-sources"
+    for video in videos:
+        if not (sources / video.relpath).exists():
+            write_source_video(sources / video.relpath, video.num_frames)
+    split_csv = out.parent / f"{out.name}-split.csv"
+    with open(split_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["source", "label", "split"])
+        for video in videos:
+            writer.writerow([video.relpath, video.relpath.split("/")[0], video.split])
+    # crf 12: the grey levels that number the frames must survive the packer's re-encode to +-1
+    options = PackOptions(encode=EncodeSettings(format=fmt, short_side=48, fps=FPS, crf=12, jpeg_quality=95),
+                          split_csv=str(split_csv), shard_bytes=shard_bytes, workers=0)
+    result = pack_videos(sources, out, options, progress=False, log=lambda line: None)
+    assert not result.skipped, result.skipped
+    return out
+
+
+def replicate_shards(shard_dir: Path, out: Path, copies: int) -> Path:
+    """The packed train samples `copies` times under new keys: the same videos, a data set `copies` x larger."""
     out.mkdir(parents=True, exist_ok=True)
-    corrupt = corrupt or {}
-    manifest_splits, keys = {}, {}
-    for split, videos in splits.items():
-        shard_names = []
-        keys[split] = []
-        for start in range(0, len(videos), samples_per_shard):
-            name = f"{split}-{len(shard_names):06d}.tar"
-            with wds.TarWriter(str(out / name)) as sink:
-                for video in videos[start : start + samples_per_shard]:
-                    sink.write(_sample(video, classes, fmt, width, height, corrupt.get(video.relpath)))
-                    keys[split].append(sample_key(video.relpath))
-            shard_names.append(name)
-        manifest_splits[split] = {
-            "shards": shard_names,
-            "num_samples": len(videos),
-            "num_frames": sum(v.num_frames for v in videos),
-        }
-    manifest = {
-        "format_version": 1,
-        "classes": classes,
-        "format": fmt,
-        "splits": manifest_splits,
-        "per_class_counts": {s: {c: sum(v.label == i for v in vs) for i, c in enumerate(classes)} for s, vs in splits.items()},
-        "pack": {"short_side": min(width, height), "fps": FPS, "gop": 8, "format": fmt},
-        "skipped": [],
-        "created": "2026-01-01T00:00:00",
-    }
-    (out / "dataset.json").write_text(json.dumps(manifest, indent=1))
-    return keys
+    manifest = json.loads((shard_dir / "dataset.json").read_text())
+    names = []
+    for copy in range(copies):
+        for shard in manifest["splits"]["train"]["shards"]:
+            names.append(f"train-{len(names):06d}.tar")
+            with wds.TarWriter(str(out / names[-1])) as sink:
+                for sample in wds.WebDataset(str(shard_dir / shard), shardshuffle=False):
+                    fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+                    sink.write({**fields, "__key__": f"{sample['__key__']}-copy{copy}"})
+    train = manifest["splits"]["train"]
+    manifest["splits"] = {"train": {**train, "shards": names, "num_samples": train["num_samples"] * copies}}
+    (out / "dataset.json").write_text(json.dumps(manifest))
+    return out
 
 
-def _sample(video: Video, classes: list[str], fmt: str, width: int, height: int, corruption: str | None) -> dict:
-    sample = {
-        "__key__": sample_key(video.relpath),
-        "cls": str(video.label if corruption != "bad_label" else len(classes) + 5).encode(),
-        "json": json.dumps({
-            "label": classes[video.label], "source": video.relpath, "fps": float(FPS),
-            "num_frames": video.num_frames, "width": width, "height": height,
-            "duration": video.num_frames / FPS, "format": fmt,
-        }).encode(),
-    }
-    if corruption == "no_cls":
-        del sample["cls"]
-    if fmt == "mp4":
-        data = encode_index_video(video.num_frames, width, height)
-        if corruption == "garbage_mp4":
-            data = bytes(np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8))
-        elif corruption == "truncated_mp4":
-            data = data[: len(data) // 3]
-        sample["mp4"] = data
-    else:
-        for i in range(video.num_frames):
-            encoded = io.BytesIO()
-            Image.fromarray(np.full((height, width, 3), frame_value(i), dtype=np.uint8)).save(encoded, "JPEG", quality=95)
-            sample[f"{i:03d}.jpg"] = encoded.getvalue()
-        if corruption == "garbage_mp4":
-            sample["000.jpg"] = b"not a jpeg"
-    return sample
+CORRUPTIONS = ("garbage_mp4", "truncated_mp4", "no_cls", "bad_label", "bad_jpg")
+
+
+def corrupt_samples(shard_dir: Path, damage: dict[str, str]) -> None:
+    """Rewrite packed shards with the samples named in `damage` (key -> one of CORRUPTIONS) broken, as a
+    disk error or a hand-edited shard would leave them."""
+    for tar in sorted(shard_dir.glob("*.tar")):
+        samples = list(wds.WebDataset(str(tar), shardshuffle=False))
+        if not any(s["__key__"] in damage for s in samples):
+            continue
+        temp = tar.with_name(f".{tar.name}.tmp")
+        with wds.TarWriter(str(temp)) as sink:
+            for sample in samples:
+                fields = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+                _damage(fields, damage.get(sample["__key__"]))
+                sink.write(fields)
+        os.replace(temp, tar)
+
+
+def _damage(fields: dict, kind: str | None) -> None:
+    if kind is None:
+        return
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {kind!r}; choose one of {CORRUPTIONS}")
+    if kind == "garbage_mp4":
+        fields["mp4"] = bytes(np.random.default_rng(0).integers(0, 256, len(fields["mp4"]), dtype=np.uint8))
+    elif kind == "truncated_mp4":
+        fields["mp4"] = fields["mp4"][: len(fields["mp4"]) // 3]
+    elif kind == "no_cls":
+        del fields["cls"]
+    elif kind == "bad_label":
+        fields["cls"] = b"999"
+    elif kind == "bad_jpg":
+        first = sorted(name for name in fields if name.endswith(".jpg"))[0]
+        fields[first] = b"not a jpeg"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data_shard_fixtures import make_videos, sample_key, write_shard_set
+from tests.data_shard_fixtures import make_videos, pack_test_shards
 
 pytestmark = pytest.mark.distributed
 
@@ -41,12 +41,15 @@ CLASSES = ["a", "b", "c"]
 @pytest.fixture(scope="module")
 def shard_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    # val: 3 shards of 4 (fewer shards than the 4 rank x worker slots); test: 9 shards of 1 (more)
-    val = make_videos(CLASSES, 4, [20, 31, 44])
-    test = make_videos(CLASSES, 3, [25, 38], offset=40)
-    write_shard_set(root / "val", {"val": val, "train": val[:2]}, CLASSES, samples_per_shard=4)
-    write_shard_set(root / "test", {"test": test}, CLASSES, samples_per_shard=1)
-    return root, {"val": [sample_key(v.relpath) for v in val], "test": [sample_key(v.relpath) for v in test]}
+    val = make_videos(CLASSES, 4, [20, 31, 44], "val")
+    train = make_videos(CLASSES[:1], 2, [30], "train", offset=20)
+    test = make_videos(CLASSES, 3, [25, 38], "test", offset=40)
+    # val: 1 shard of 12 videos for 4 rank x worker slots (fewer shards than slots); train: 1 shard of 2
+    # videos; test: 9 shards of 1 video (more shards than slots)
+    pack_test_shards(root / "val", val + train)
+    pack_test_shards(root / "test", test, shard_bytes=1024)
+    assert len(list((root / "val").glob("val-*.tar"))) == 1 and len(list((root / "test").glob("test-*.tar"))) == 9
+    return root, {"val": [v.key for v in val], "test": [v.key for v in test]}
 
 
 @pytest.fixture(scope="module")

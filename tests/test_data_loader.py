@@ -2,6 +2,7 @@
 
 import collections
 import io
+import shutil
 import logging
 import tracemalloc
 
@@ -19,7 +20,13 @@ from actionrec.data import (
     eval_frame_indices,
 )
 from actionrec.data.decode import PyAVFrameReader, TorchCodecFrameReader, torchcodec_load_error
-from tests.data_shard_fixtures import index_from_pixels, make_videos, sample_key, write_shard_set
+from tests.data_shard_fixtures import (
+    corrupt_samples,
+    index_from_pixels,
+    make_videos,
+    pack_test_shards,
+    replicate_shards,
+)
 
 CLASSES = ["archery", "bowling", "cycling"]
 CLIP = ClipSpec(num_frames=4, size=32)
@@ -28,18 +35,19 @@ FRAME_COUNTS = [20, 33, 47, 61, 75]
 
 @pytest.fixture(scope="module")
 def shard_sets(tmp_path_factory):
+    """mp4 shards (one video per shard), the val split as jpg shards, and a copy with corrupt samples."""
     root = tmp_path_factory.mktemp("shards")
-    train = make_videos(CLASSES, 4, FRAME_COUNTS)
-    val = make_videos(CLASSES, 2, FRAME_COUNTS, offset=50)
-    frames = {sample_key(v.relpath): v.num_frames for v in train + val}
-    write_shard_set(root / "mp4", {"train": train, "val": val}, CLASSES, samples_per_shard=5)
-    write_shard_set(root / "jpg", {"val": val}, CLASSES, samples_per_shard=5, fmt="jpg")
-    corrupt = {train[1].relpath: "garbage_mp4", train[6].relpath: "truncated_mp4", val[0].relpath: "no_cls",
-               val[3].relpath: "bad_label", val[4].relpath: "garbage_mp4"}
-    write_shard_set(root / "corrupt", {"train": train, "val": val}, CLASSES, samples_per_shard=5, corrupt=corrupt)
-    return {"root": root, "frames": frames, "val_keys": [sample_key(v.relpath) for v in val],
-            "corrupt_val_keys": {sample_key(r) for r in corrupt if r in {v.relpath for v in val}},
-            "num_corrupt_train": 2}
+    train = make_videos(CLASSES, 4, FRAME_COUNTS, "train")
+    val = make_videos(CLASSES, 2, FRAME_COUNTS, "val", offset=50)
+    sources = root / "sources"
+    pack_test_shards(root / "mp4", train + val, shard_bytes=1024, sources=sources)
+    pack_test_shards(root / "jpg", val, fmt="jpg", sources=sources)
+    shutil.copytree(root / "mp4", root / "corrupt")
+    damage = {train[1].key: "garbage_mp4", train[6].key: "truncated_mp4", val[0].key: "no_cls",
+              val[3].key: "bad_label", val[4].key: "garbage_mp4"}
+    corrupt_samples(root / "corrupt", damage)
+    return {"root": root, "frames": {v.key: v.num_frames for v in train + val}, "val_keys": [v.key for v in val],
+            "corrupt_val_keys": {v.key for v in val if v.key in damage}}
 
 
 def _collect(loader):
@@ -150,7 +158,7 @@ def test_train_is_deterministic_resumable_and_differs_across_ranks_epochs_and_se
 
 
 def test_fewer_shards_than_workers_still_gives_every_epoch_its_batches(shard_sets, tmp_path):
-    one_shard = [str(shard_sets["root"] / "mp4" / "train-000000.tar")]
+    one_shard = ShardSet.open(shard_sets["root"] / "mp4").urls("train")[:1]
     loader = build_train_loader(one_shard, clip=CLIP, batch_size=2, num_workers=3, batches_per_epoch=5,
                                 rank=1, world_size=4)
     assert [len(_collect(loader)) for _ in range(2)] == [5, 5]
@@ -187,10 +195,9 @@ def _peak_traced_bytes(source, batches):
         tracemalloc.stop()
 
 
-def test_memory_is_bounded_by_the_shuffle_buffer_not_the_data_set(tmp_path):
-    small, large = tmp_path / "small", tmp_path / "large"
-    write_shard_set(small, {"train": make_videos(CLASSES, 4, [40])}, CLASSES, samples_per_shard=4)
-    write_shard_set(large, {"train": make_videos(CLASSES, 40, [40])}, CLASSES, samples_per_shard=4)
+def test_memory_is_bounded_by_the_shuffle_buffer_not_the_data_set(shard_sets, tmp_path):
+    small = shard_sets["root"] / "mp4"  # 12 training videos
+    large = replicate_shards(small, tmp_path / "large", copies=10)  # 120
     # a pass over 12 vs 120 videos: the loader holds at most the shuffle buffer of compressed samples
     peak_small = _peak_traced_bytes(small, batches=6)
     peak_large = _peak_traced_bytes(large, batches=60)
@@ -201,11 +208,11 @@ def test_memory_is_bounded_by_the_shuffle_buffer_not_the_data_set(tmp_path):
 def test_shardset_opens_directories_manifests_patterns_lists_and_pipe_urls(shard_sets):
     root = shard_sets["root"] / "mp4"
     by_dir = ShardSet.open(root)
-    assert by_dir.classes == CLASSES and by_dir.num_samples("val") == 6 and len(by_dir.urls("train")) == 3
+    assert by_dir.classes == CLASSES and by_dir.num_samples("val") == 6 and len(by_dir.urls("train")) == 12
     assert ShardSet.open(root / "dataset.json").urls("val") == by_dir.urls("val")
-    pattern = ShardSet.open(f"{root}/train-{{000000..000002}}.tar")
+    pattern = ShardSet.open(f"{root}/train-{{000000..000011}}.tar")
     assert pattern.urls("train") == by_dir.urls("train") and pattern.classes is None
-    piped = ShardSet.open([f"pipe:cat {root}/val-000000.tar", f"pipe:cat {root}/val-000001.tar"])
+    piped = ShardSet.open([f"pipe:cat {url}" for url in by_dir.urls("val")])
     loader = build_eval_loader(piped, clip=CLIP, batch_size=4, num_workers=0, rank=0, world_size=1)
     assert sorted(k for b in loader for k in b["key"]) == sorted(shard_sets["val_keys"])
 

@@ -201,7 +201,7 @@ class JpegFrameReader:
         for i in unique:
             try:
                 with Image.open(io.BytesIO(self._sample[self._names[i]])) as image:
-                    decoded.append(torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1))
+                    decoded.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
             except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises for broken images
                 raise CorruptSample(f"{self._names[i]} does not decode as a jpg: {exc}") from exc
         shapes = {tuple(frame.shape) for frame in decoded}

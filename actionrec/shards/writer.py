@@ -1,8 +1,10 @@
 """Byte-sized shard files that are either complete or absent.
 
-WebDataset's ShardWriter does the tar encoding and the rotation by size; we point it at hidden temp names
-and publish each shard (fsync + rename) only once it is closed, so a pack killed with SIGKILL never leaves
-a half shard that looks whole. A re-run lists what the published shards already hold and packs the rest.
+WebDataset's TarWriter does the tar encoding. The rotation by size is ours: wds.ShardWriter counts only
+the payload bytes, not the 512-byte tar headers and padding of every member, so with small samples its
+shards come out several times larger than asked; and it writes under the final name, where we write to a
+hidden temp name and publish (fsync + rename) only a closed shard, so a pack killed with SIGKILL never
+leaves a half shard that looks whole. A re-run lists what the published shards hold and packs the rest.
 """
 
 from __future__ import annotations
@@ -27,31 +29,36 @@ def shard_name(split: str, index: int) -> str:
 
 
 class SplitShardWriter:
-    """Writes the samples of one split to OUT/{split}-{index:06d}.tar, starting at `start_index`."""
+    """Writes the samples of one split to OUT/{split}-{index:06d}.tar, starting at `next_index`. A shard is
+    closed as soon as its file reaches `max_bytes` (so it exceeds that by less than one sample)."""
 
-    def __init__(self, out: Path, split: str, max_bytes: int, start_index: int = 0):
-        self.out, self.split, self.max_bytes, self.start_index = out, split, max_bytes, start_index
+    def __init__(self, out: Path, split: str, max_bytes: int, next_index: int = 0):
+        self.out, self.split, self.max_bytes, self.next_index = out, split, max_bytes, next_index
         self.published: list[str] = []
-        self._writer: wds.ShardWriter | None = None
+        self._file = None
+        self._tar: wds.TarWriter | None = None
 
     def write(self, sample: dict) -> None:
-        if self._writer is None:  # opened on the first sample: a split with nothing new gets no empty shard
-            self._writer = wds.ShardWriter(str(self.out / f".{self.split}-%06d.tar.tmp"), maxsize=self.max_bytes,
-                                           start_shard=self.start_index, post=self._publish, verbose=0)
-        self._writer.write(sample)
+        if self._tar is None:  # opened on the first sample: a split with nothing new gets no empty shard
+            self._name = shard_name(self.split, self.next_index)
+            self._temp = self.out / f".{self._name}.tmp"
+            self._file = open(self._temp, "wb")
+            self._tar = wds.TarWriter(self._file)
+        self._tar.write(sample)
+        if self._file.tell() >= self.max_bytes:
+            self.close()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def _publish(self, temp_path: str) -> None:
-        temp = Path(temp_path)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())  # the bytes reach the disk before the name says "complete"
-        final = temp.with_name(temp.name[1:].removesuffix(".tmp"))
-        os.replace(temp, final)
-        self.published.append(final.name)
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())  # the bytes reach the disk before the name says "complete"
+        self._file.close()
+        os.replace(self._temp, self.out / self._name)
+        self.published.append(self._name)
+        self._tar = self._file = None
+        self.next_index += 1
 
 
 @dataclass
