@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("actionrec.config", reason="the training stream's config module has not been merged yet")
-
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "slurm.py"
 CLUSTER = REPO / "slurm" / "local_cluster.sh"

@@ -13,8 +13,6 @@ from types import SimpleNamespace
 import cloudpickle
 import pytest
 
-pytest.importorskip("actionrec.config", reason="the training stream's config module has not been merged yet")
-
 from actionrec.slurm import SlurmResources, SlurmTrainingJob, parse_time_minutes, sbatch_script
 
 REPO = Path(__file__).resolve().parents[1]
