@@ -161,7 +161,7 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm_cluster, t
     resumed = re.search(r"resumed from \S+ \(step (\d+)\)", stdout)
     assert resumed and int(resumed.group(1)) >= 10, stdout[-4000:]
     steps = [m["step"] for m in metrics(run_dir) if "train/loss" in m]
-    assert steps == list(range(10, 201, 10))  # the step counter went on from the checkpoint, once per step
+    assert steps == list(range(10, 201, 10))  # logged steps: each once, up to max_steps
     # WandB: the run id chosen at submission is the one both attempts logged to
     printed = re.search(r"WandB run:\s+\S*/(\w+) ", stdout).group(1)
     assert (run_dir / "wandb_run_id").read_text().strip() == printed
