@@ -7,6 +7,7 @@ fade in/out): no single frame tells them apart, only the motion does.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=defaults.size, help=f"frame width and height, even (default {defaults.size})")
     parser.add_argument("--fps", type=float, default=defaults.fps, help=f"(default {defaults.fps:g})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"(default {defaults.seed})")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes rendering and encoding (default: min(4, CPU count)); output does not depend on it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -42,7 +45,10 @@ def main(argv=None) -> int:
         print(f"error: --out {out} already holds other files; give an empty or new folder", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    paths = generate_synthetic(out, spec, progress=not args.no_progress)
+    if args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    paths = generate_synthetic(out, spec, progress=not args.no_progress, workers=args.workers)
     print(f"wrote {len(paths)} videos ({spec.classes} classes x {spec.videos_per_class}, {spec.frames} frames "
           f"{spec.size}x{spec.size} at {spec.fps:g} fps) to {out} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -9,6 +9,7 @@ randomised per video so that the motion of the main object is the only reliable 
 from __future__ import annotations
 
 import math
+import multiprocessing
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -189,22 +190,33 @@ def encode_mp4(video: np.ndarray, path: Path, fps: float) -> None:
                                       options={"crf": "18", "preset": "veryfast"})
         stream.height, stream.width = video.shape[1:3]
         stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1  # parallelism comes from one video per worker process
         for image in video:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode(None))
 
 
-def generate_synthetic(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True) -> list[Path]:
-    """Write OUT/<class>/<class>_<nnnn>.mp4 for every class and video; returns the paths."""
+def _write_one(job: tuple[Path, SyntheticSpec, int, int]) -> Path:
+    out, spec, class_index, video_index = job
+    name = spec.class_names[class_index]
+    rng = np.random.default_rng([spec.seed, class_index, video_index])  # independent of order and worker
+    video = render_video(name, rng, spec.frames, spec.size)
+    path = out / name / f"{name}_{video_index:04d}.mp4"
+    encode_mp4(video, path, spec.fps)
+    return path
+
+
+def generate_synthetic(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True,
+                       workers: int = 1) -> list[Path]:
+    """Write OUT/<class>/<class>_<nnnn>.mp4 for every class and video; returns the paths. What is drawn
+    for each video depends only on (seed, class, index), not on `workers`."""
     out = Path(out)
-    paths = []
-    jobs = [(c, i) for c in range(spec.classes) for i in range(spec.videos_per_class)]
-    for class_index, video_index in tqdm(jobs, desc="generating", unit="video", disable=not progress):
-        name = spec.class_names[class_index]
-        rng = np.random.default_rng([spec.seed, class_index, video_index])  # independent of generation order
-        video = render_video(name, rng, spec.frames, spec.size)
-        path = out / name / f"{name}_{video_index:04d}.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        encode_mp4(video, path, spec.fps)
-        paths.append(path)
-    return paths
+    for name in spec.class_names:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    jobs = [(out, spec, c, i) for c in range(spec.classes) for i in range(spec.videos_per_class)]
+    bar = dict(total=len(jobs), desc="generating", unit="video", disable=not progress)
+    if workers <= 1:
+        return [_write_one(job) for job in tqdm(jobs, **bar)]
+    # fork: no re-import of the caller's __main__; each job is independent, so memory stays one video per worker
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return list(tqdm(pool.imap(_write_one, jobs, chunksize=4), **bar))
