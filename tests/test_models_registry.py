@@ -45,9 +45,7 @@ def test_forward_backward_and_checkpointing(case):
 
     model.train()
     checkpointed = copy.deepcopy(model)
-    checkpointed.config.grad_checkpointing = True
-    if hasattr(checkpointed, "head") and hasattr(checkpointed.head, "grad_checkpointing"):
-        checkpointed.head.grad_checkpointing = True
+    checkpointed.set_grad_checkpointing(True)
 
     torch.manual_seed(1)
     logits = model(clip)
@@ -95,6 +93,12 @@ def test_frozen_trunk_is_not_trained(name):
     assert all(p.grad is not None for p in model.head.parameters())
     for key, value in model.trunk.named_buffers():
         torch.testing.assert_close(value, stats_before[key])  # BatchNorm stays in eval mode
+
+
+def test_grad_checkpointing_config_field_reaches_every_part():
+    model = build_model("r3d_18_transformer", 3, **TINY["r3d_18_transformer"], grad_checkpointing=True)
+    assert model.config.grad_checkpointing and model.head.grad_checkpointing
+    assert build_model("timesformer_tiny", 3, grad_checkpointing=True).config.grad_checkpointing
 
 
 def test_config_class_is_the_override_schema():
