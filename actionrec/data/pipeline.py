@@ -1,0 +1,395 @@
+"""WebDataset pipelines that turn shards into batches of uint8 clips, and the loaders around them.
+
+    shard URLs -> (train: resampled, seeded | eval: this slot's shard parts) -> tar samples (webdataset)
+      -> (train: shuffle buffer) -> decode the needed frames -> transforms -> batches, all in the workers
+
+The DataLoader is iterated by the caller directly; do not hand it to `accelerator.prepare()` (it would
+re-shard an already sharded stream and drop data).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+from collections.abc import Iterator
+from itertools import islice
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from actionrec.data.assignment import eval_shard_parts, train_worker_plan
+from actionrec.data.decode import CorruptSample, DecoderName, open_frame_reader, resolve_decoder
+from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices
+from actionrec.data.shardset import ShardSet
+from actionrec.data.transforms import TrainAugment, eval_views, train_transform
+
+logger = logging.getLogger(__name__)
+
+# A training stream is infinite (resampled): if this many samples fail in a row nothing decodable is
+# left (wrong format, unreadable storage) and raising beats spinning forever.
+MAX_CONSECUTIVE_FAILURES = 1000
+
+
+class ClipStream(IterableDataset):
+    """The per-worker part of a loader: one instance is copied into every DataLoader worker.
+
+    Yields whole batches (dicts, see `collate`) built in the worker, with `skipped` = corrupt samples this
+    worker dropped since its previous batch.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        train: bool,
+        clip: ClipSpec,
+        batch_size: int,
+        backend: str,
+        rank: int,
+        world_size: int,
+        num_classes: int | None,
+        seed: int = 0,
+        augment: TrainAugment | None = None,
+        shuffle_buffer: int = 128,
+        batches_per_epoch: int = 0,
+        temporal_clips: int = 1,
+        spatial_crops: int = 1,
+    ):
+        self.urls = urls
+        self.train = train
+        self.clip = clip
+        self.batch_size = batch_size
+        self.backend = backend
+        self.rank = rank
+        self.world_size = world_size
+        self.num_classes = num_classes
+        self.seed = seed
+        self.augment = augment or TrainAugment()
+        self.shuffle_buffer = shuffle_buffer
+        self.batches_per_epoch = batches_per_epoch
+        self.temporal_clips = temporal_clips
+        self.spatial_crops = spatial_crops
+        self.epoch = 0
+        self.first_batch = 0
+        self._worker = (0, 1)
+        self._skipped = 0
+        self._failures_in_a_row = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        self._worker = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._skipped = 0
+        self._failures_in_a_row = 0
+        return self._train_batches() if self.train else self._eval_batches()
+
+    # -- training: resampled, seeded per (seed, rank, epoch, logical worker) --------------------------------
+
+    def _train_batches(self) -> Iterator[dict]:
+        worker, num_workers = self._worker
+        plan = train_worker_plan(self.batches_per_epoch, self.first_batch, worker, num_workers)
+        if plan.num_batches == 0:
+            return
+        stream_id = f"{self.seed}/{self.rank}/{self.epoch}/{plan.logical_worker}"
+        pipeline = wds.DataPipeline(
+            functools.partial(_resampled_urls, self.urls, random.Random(f"shards/{stream_id}")),
+            wds.tarfile_to_samples(handler=self._shard_error),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(f"shuffle/{stream_id}")),
+        )
+        samples = iter(pipeline)
+        # Fast-forward for resume: drop this worker's earlier batches' samples without decoding them.
+        skipped_samples = plan.skip_batches * self.batch_size
+        for _ in islice(samples, skipped_samples):
+            pass
+        items = self._train_items(samples, first_position=skipped_samples, plan_worker=plan.logical_worker)
+        yield from self._batches(items, max_batches=plan.num_batches)
+
+    def _train_items(self, samples: Iterator[dict], first_position: int, plan_worker: int) -> Iterator[dict]:
+        for position, sample in enumerate(samples, start=first_position):
+            # Per-sample generator: the clip and augmentation of a sample do not depend on what came before
+            # (so fast-forwarding skips samples without replaying their random draws).
+            rng = np.random.default_rng([self.seed, self.rank, self.epoch, plan_worker, position])
+            try:
+                reader = open_frame_reader(sample, self.backend)
+                label = self._label(sample)
+                indices = train_frame_indices(self.clip, reader.num_frames, rng)
+                frames = reader.read(indices)  # (T, 3, H, W)
+                clip = train_transform(frames, self.clip, self.augment, rng)
+            except Exception as exc:  # noqa: BLE001 - any failure of one sample is that sample's corruption
+                self._skip(sample, exc)
+                continue
+            self._failures_in_a_row = 0
+            yield {"video": clip.permute(1, 0, 2, 3), "label": label, "key": sample["__key__"], "view": 0,
+                   "frame_index": torch.from_numpy(indices)}
+
+    # -- evaluation: every (video, view) exactly once over ranks x workers -------------------------------
+
+    def _eval_batches(self) -> Iterator[dict]:
+        worker, num_workers = self._worker
+        parts = eval_shard_parts(len(self.urls), self.rank, self.world_size, worker, num_workers)
+        yield from self._batches(self._eval_items(self._part_samples(parts)), max_batches=None)
+
+    def _part_samples(self, parts) -> Iterator[dict]:
+        for part in parts:
+            shard = wds.tariterators.tarfile_samples([{"url": self.urls[part.shard]}], handler=self._shard_error)
+            for position, sample in enumerate(shard):
+                if part.keeps(position):
+                    yield sample
+
+    def _eval_items(self, samples: Iterator[dict]) -> Iterator[dict]:
+        t, n_t, n_s = self.clip.num_frames, self.temporal_clips, self.spatial_crops
+        for sample in samples:
+            try:
+                reader = open_frame_reader(sample, self.backend)
+                label = self._label(sample)
+                indices = [eval_frame_indices(self.clip, reader.num_frames, k, n_t) for k in range(n_t)]
+                frames = reader.read(np.concatenate(indices))  # all temporal views in one decode pass
+                views = [eval_views(frames[k * t : (k + 1) * t], self.clip, n_s) for k in range(n_t)]
+            except Exception as exc:  # noqa: BLE001 - see _train_items
+                self._skip(sample, exc)
+                continue
+            for k in range(n_t):
+                for s in range(n_s):
+                    yield {"video": views[k][s].permute(1, 0, 2, 3), "label": label, "key": sample["__key__"],
+                           "view": k * n_s + s, "frame_index": torch.from_numpy(indices[k])}
+
+    # -- shared -------------------------------------------------------------------------------------------------
+
+    def _batches(self, items: Iterator[dict], max_batches: int | None) -> Iterator[dict]:
+        buffer: list[dict] = []
+        produced = 0
+        for item in items:
+            buffer.append(item)
+            if len(buffer) == self.batch_size:
+                yield self._collate(buffer)
+                buffer = []
+                produced += 1
+                if produced == max_batches:
+                    return
+        if buffer or self._skipped:
+            # Eval tail; an empty batch only carries the skipped count of a worker with nothing decodable left.
+            yield self._collate(buffer)
+
+    def _collate(self, items: list[dict]) -> dict:
+        t, size = self.clip.num_frames, self.clip.size
+        batch = {
+            "video": torch.stack([i["video"] for i in items]) if items else torch.empty(0, 3, t, size, size, dtype=torch.uint8),
+            "label": torch.tensor([i["label"] for i in items], dtype=torch.int64),
+            "key": [i["key"] for i in items],
+            "view": torch.tensor([i["view"] for i in items], dtype=torch.int64),
+            "frame_index": torch.stack([i["frame_index"] for i in items]) if items else torch.empty(0, t, dtype=torch.int64),
+            "skipped": torch.tensor(self._skipped, dtype=torch.int64),
+        }
+        self._skipped = 0
+        return batch
+
+    def _label(self, sample: dict) -> int:
+        raw = sample.get("cls")
+        if raw is None:
+            raise CorruptSample("no cls field")
+        try:
+            label = int(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptSample(f"cls field {raw[:20]!r} is not an integer") from exc
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            raise CorruptSample(f"label {label} outside the {self.num_classes} classes")
+        return label
+
+    def _skip(self, sample: dict, exc: Exception) -> None:
+        reason = str(exc) if isinstance(exc, CorruptSample) else f"{type(exc).__name__}: {exc}"
+        worker, _ = self._worker
+        logger.warning(
+            "rank %d worker %d: skipping corrupt sample %s in %s: %s",
+            self.rank, worker, sample.get("__key__"), sample.get("__url__"), reason,
+        )
+        self._count_failure(reason)
+
+    def _shard_error(self, exc: Exception) -> bool:
+        worker, _ = self._worker
+        logger.warning("rank %d worker %d: skipping unreadable shard data: %s", self.rank, worker, exc)
+        self._count_failure(str(exc))
+        return True
+
+    def _count_failure(self, reason: str) -> None:
+        self._skipped += 1
+        self._failures_in_a_row += 1
+        if self.train and self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(
+                f"{MAX_CONSECUTIVE_FAILURES} training samples in a row failed (last: {reason}); the shards are "
+                "unreadable or not shard format v1 - check them with shards/show.py"
+            )
+
+
+def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
+    """Shards drawn with replacement, forever: every worker of every rank always has data (no rank runs dry)."""
+    while True:
+        yield {"url": urls[rng.randrange(len(urls))]}
+
+
+class ClipLoader:
+    """Iterate to get one epoch (train) or one full pass (eval) of batch dicts.
+
+    batch = {"video": uint8 (B, C, T, H, W), "label": int64 (B,), "key": list[str], "view": int64 (B,),
+             "frame_index": int64 (B, T), "skipped": int64 scalar}
+    Training loaders advance their epoch after each full pass (or use `set_epoch`). `skipped_in_last_pass`
+    totals the corrupt samples of the last pass.
+    """
+
+    def __init__(self, stream: ClipStream, num_workers: int, start_batch: int = 0,
+                 pin_memory: bool | None = None, prefetch_factor: int = 2):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
+        if stream.train:
+            self.epoch, self._first_batch = divmod(start_batch, stream.batches_per_epoch)
+        else:
+            self.epoch, self._first_batch = 0, 0
+        self.skipped_in_last_pass = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._first_batch = epoch, 0
+
+    def __len__(self) -> int:
+        if not self.stream.train:
+            raise TypeError("an eval loader's per-rank length depends on the shard split; iterate it")
+        return self.stream.batches_per_epoch - self._first_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stream.epoch, self.stream.first_batch = self.epoch, self._first_batch
+        expected = len(self) if self.stream.train else None
+        loader = wds.WebLoader(
+            self.stream,
+            batch_size=None,  # batches are built in the workers
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+        )
+        self.skipped_in_last_pass = 0
+        produced = 0
+        held: dict | None = None  # one batch of lookahead so an empty tail batch's skip count is not lost
+        for batch in loader:
+            self.skipped_in_last_pass += int(batch["skipped"])
+            if len(batch["key"]) == 0:
+                if held is not None:
+                    held["skipped"] = held["skipped"] + batch["skipped"]
+                continue
+            if held is not None:
+                produced += 1
+                yield held
+            held = batch
+        if held is not None:
+            produced += 1
+            yield held
+        if self.stream.train:
+            if produced != expected:
+                raise RuntimeError(f"training loader produced {produced} batches instead of {expected}")
+            self.epoch, self._first_batch = self.epoch + 1, 0
+        elif self.skipped_in_last_pass and held is None:
+            logger.warning("rank %d: all %d samples of this rank's evaluation shards were corrupt",
+                           self.stream.rank, self.skipped_in_last_pass)
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else RANK/WORLD_SIZE from the environment (torchrun, accelerate, SLURM via submitit),
+    else an initialised torch.distributed group, else a single process."""
+    if rank is not None and world_size is not None:
+        resolved = (rank, world_size)
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        resolved = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        resolved = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+    else:
+        resolved = (0, 1)
+    if not 0 <= resolved[0] < resolved[1]:
+        raise ValueError(f"rank {resolved[0]} is not in a world of {resolved[1]} processes")
+    return resolved
+
+
+def _as_shardset(shards: ShardSet | str | os.PathLike | list[str]) -> ShardSet:
+    return shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
+
+
+def _check_common(batch_size: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+
+def build_train_loader(
+    shards: ShardSet | str | os.PathLike | list[str],
+    split: str = "train",
+    clip: ClipSpec = ClipSpec(),
+    batch_size: int = 8,
+    num_workers: int = 2,
+    batches_per_epoch: int | None = None,
+    seed: int = 0,
+    start_batch: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    augment: TrainAugment = TrainAugment(),
+    shuffle_buffer: int = 128,
+    decoder: DecoderName = "auto",
+    pin_memory: bool | None = None,
+    prefetch_factor: int = 2,
+) -> ClipLoader:
+    """Resampled training batches: exactly `batches_per_epoch` per rank per epoch, deterministic given
+    (seed, rank, epoch, num_workers), resumable at global batch `start_batch` (= optimizer step x accumulation).
+
+    batch_size is per process. batches_per_epoch defaults to the split's videos / (batch_size x world_size).
+    Memory per worker is bounded by `shuffle_buffer` compressed samples.
+    """
+    _check_common(batch_size, num_workers)
+    shardset = _as_shardset(shards)
+    rank, world_size = resolve_rank(rank, world_size)
+    if batches_per_epoch is None:
+        videos = shardset.num_samples(split)
+        if not videos:
+            raise ValueError(f"batches_per_epoch is needed: the shard set does not say how many {split} videos it has")
+        batches_per_epoch = max(1, videos // (batch_size * world_size))
+    if batches_per_epoch < 1 or start_batch < 0 or shuffle_buffer < 1:
+        raise ValueError("batches_per_epoch and shuffle_buffer must be >= 1 and start_batch >= 0")
+    augment.resolved_range(clip.size)
+    stream = ClipStream(
+        shardset.urls(split), train=True, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),
+        rank=rank, world_size=world_size, num_classes=shardset.num_classes, seed=seed, augment=augment,
+        shuffle_buffer=shuffle_buffer, batches_per_epoch=batches_per_epoch,
+    )
+    return ClipLoader(stream, num_workers, start_batch=start_batch, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+
+
+def build_eval_loader(
+    shards: ShardSet | str | os.PathLike | list[str],
+    split: str = "val",
+    clip: ClipSpec = ClipSpec(),
+    batch_size: int = 8,
+    num_workers: int = 2,
+    temporal_clips: int = 1,
+    spatial_crops: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+    decoder: DecoderName = "auto",
+    pin_memory: bool | None = None,
+    prefetch_factor: int = 2,
+) -> ClipLoader:
+    """Every (video, view) of `split` exactly once over all ranks and workers, no padding duplicates.
+
+    Views per video: temporal_clips x spatial_crops (1 or 3), view index = temporal * spatial_crops + spatial.
+    Ranks may get different numbers of batches: gather predictions per video key after the pass, not
+    with per-batch collectives.
+    """
+    _check_common(batch_size, num_workers)
+    if temporal_clips < 1 or spatial_crops not in (1, 3):
+        raise ValueError(f"temporal_clips must be >= 1 and spatial_crops 1 or 3, got {temporal_clips}, {spatial_crops}")
+    shardset = _as_shardset(shards)
+    rank, world_size = resolve_rank(rank, world_size)
+    stream = ClipStream(
+        shardset.urls(split), train=False, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),
+        rank=rank, world_size=world_size, num_classes=shardset.num_classes,
+        temporal_clips=temporal_clips, spatial_crops=spatial_crops,
+    )
+    return ClipLoader(stream, num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)

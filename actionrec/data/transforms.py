@@ -1,0 +1,117 @@
+"""Spatial transforms on uint8 clips in the loader workers; float conversion happens on the device.
+
+All functions take and return uint8 (T, C, H, W) clips and apply one set of parameters to every frame
+(a clip is cropped, flipped and colour-shifted as a whole).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from actionrec.data.sampling import ClipSpec
+
+# Kinetics statistics used by TimeSformer / SlowFast (pixel values in [0, 1]).
+KINETICS_MEAN = (0.45, 0.45, 0.45)
+KINETICS_STD = (0.225, 0.225, 0.225)
+
+
+@dataclass(frozen=True)
+class TrainAugment:
+    """Training augmentation.
+
+    short_side_range: the clip's short side is rescaled to a uniform random value in this range before a
+      random size x size crop (None: (size * 8/7, size * 10/7), i.e. 256-320 for 224, as SlowFast).
+    hflip: random horizontal flip. Off by default: it changes the meaning of direction-sensitive classes
+      ("pushing something from left to right").
+    color_jitter: strength s of random brightness/contrast/saturation factors in [1 - s, 1 + s]; 0 = off.
+    """
+
+    short_side_range: tuple[int, int] | None = None
+    hflip: bool = False
+    color_jitter: float = 0.0
+
+    def resolved_range(self, size: int) -> tuple[int, int]:
+        low, high = self.short_side_range or (round(size * 8 / 7), round(size * 10 / 7))
+        if not size <= low <= high:
+            raise ValueError(f"TrainAugment.short_side_range {low, high} must satisfy size ({size}) <= low <= high")
+        return low, high
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ValueError(f"TrainAugment.color_jitter must be in [0, 1), got {self.color_jitter}")
+
+
+def train_transform(clip: torch.Tensor, spec: ClipSpec, augment: TrainAugment, rng: np.random.Generator) -> torch.Tensor:
+    """Random short-side rescale + random crop (one resize of just the crop window), optional flip/colour."""
+    _, _, height, width = clip.shape
+    low, high = augment.resolved_range(spec.size)
+    target_short = rng.integers(low, high + 1)
+    # The crop window in source pixels that becomes size x size after rescaling the short side to target_short.
+    window = min(height, width) * spec.size / target_short
+    top = rng.random() * (height - window)
+    left = rng.random() * (width - window)
+    clip = _crop_to_size(clip, top, left, window, spec.size)
+    if augment.hflip and rng.random() < 0.5:
+        clip = TF.horizontal_flip(clip)
+    if augment.color_jitter > 0:
+        s = augment.color_jitter
+        brightness, contrast, saturation = rng.uniform(1 - s, 1 + s, size=3)
+        for index in rng.permutation(3):
+            if index == 0:
+                clip = TF.adjust_brightness(clip, float(brightness))
+            elif index == 1:
+                clip = TF.adjust_contrast(clip, float(contrast))
+            else:
+                clip = TF.adjust_saturation(clip, float(saturation))
+    return clip
+
+
+def eval_views(clip: torch.Tensor, spec: ClipSpec, spatial_crops: int) -> list[torch.Tensor]:
+    """Deterministic spatial views of one clip.
+
+    1 crop: short side -> spec.eval_short_side, centre size x size crop.
+    3 crops: short side -> size, crops at the start, centre and end of the long side (SlowFast multi-view test).
+    """
+    _, _, height, width = clip.shape
+    short = min(height, width)
+    if spatial_crops == 1:
+        window = short * spec.size / spec.resolved_eval_short_side
+        return [_crop_to_size(clip, (height - window) / 2, (width - window) / 2, window, spec.size)]
+    if spatial_crops == 3:
+        window = float(short)
+        slack_h, slack_w = height - window, width - window
+        return [_crop_to_size(clip, slack_h * k / 2, slack_w * k / 2, window, spec.size) for k in range(3)]
+    raise ValueError(f"spatial_crops must be 1 or 3, got {spatial_crops}")
+
+
+def _crop_to_size(clip: torch.Tensor, top: float, left: float, window: float, size: int) -> torch.Tensor:
+    """Square window (source pixels) -> size x size. Rescaling only the window is what makes this cheap."""
+    top_px, left_px, window_px = round(top), round(left), max(round(window), 1)
+    if window_px == size:
+        return clip[..., top_px : top_px + size, left_px : left_px + size].contiguous()
+    return TF.resized_crop(clip, top_px, left_px, window_px, window_px, [size, size], antialias=True)
+
+
+def normalize_on_device(
+    video: torch.Tensor,
+    mean: Sequence[float] = KINETICS_MEAN,
+    std: Sequence[float] = KINETICS_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 (B, C, T, H, W) on any device -> normalised `dtype` (B, C, T, H, W) on that device.
+
+    Called by the trainer after moving the uint8 batch (4x fewer bytes over PCIe than float32).
+    """
+    if video.dtype != torch.uint8 or video.dim() != 5:
+        raise ValueError(f"normalize_on_device expects uint8 (B, C, T, H, W), got {video.dtype} {tuple(video.shape)}")
+    channels = video.shape[1]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean/std need {channels} values (one per channel), got {len(mean)} and {len(std)}")
+    mean_t = torch.tensor(mean, device=video.device, dtype=torch.float32).view(1, channels, 1, 1, 1) * 255
+    std_t = torch.tensor(std, device=video.device, dtype=torch.float32).view(1, channels, 1, 1, 1) * 255
+    return ((video.float() - mean_t) / std_t).to(dtype)

@@ -1,0 +1,294 @@
+"""pack_videos: a source tree of labelled videos -> split.csv + WebDataset shards + dataset.json + plot.
+
+Flow: list the sources (layouts), fix the split (split.csv, written once), look at what earlier runs
+already published (resume), re-encode the rest in worker processes with a bounded number in flight, write
+them to byte-sized shards per split, then write the statistics and the manifest. A source that cannot be
+packed is recorded with its reason and the pack goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from collections import Counter, deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from actionrec.shards.encode import EncodedVideo, EncodeSettings, UnpackableSource, encode_source
+from actionrec.shards.layouts import SPLITS, LayoutError, Source, list_sources, sample_key
+from actionrec.shards.split import resolve_split
+from actionrec.shards.stats import frames_per_category, per_class_counts, plot_frames_per_category
+from actionrec.shards.writer import (PackedSample, SplitShardWriter, read_published_shards,
+                                     remove_partial_shards)
+
+FORMAT_VERSION = 1
+STATE_FILE = ".pack-state.json"  # settings + classes of the pack in progress in OUT, checked on resume
+
+
+class PackError(RuntimeError):
+    """The pack cannot start or cannot produce anything; the message is the one line to show the user."""
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    encode: EncodeSettings = field(default_factory=EncodeSettings)
+    layout: str | None = None  # None: auto-detect
+    fold: int = 1  # UCF101 official split number
+    val: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+    split_csv: str | None = None  # a user's own split (source,label,split)
+    shard_bytes: int = 256 * 1024 * 1024
+    workers: int = 1  # worker processes; 0 encodes in this process (debugging)
+
+    def __post_init__(self):
+        if not (0 <= self.val < 1 and 0 <= self.test < 1 and self.val + self.test < 1):
+            raise ValueError(f"--val and --test must be fractions in [0, 1) summing to < 1, got {self.val} and {self.test}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.shard_bytes < 1024:
+            raise ValueError(f"--shard-size must be at least 1 KB, got {self.shard_bytes} bytes")
+        if self.split_csv is not None and not os.path.isfile(self.split_csv):
+            raise ValueError(f"--split-csv {self.split_csv} is not a file")
+
+
+@dataclass
+class Skipped:
+    source: str
+    reason: str
+
+
+@dataclass
+class PackResult:
+    out: Path
+    layout: str
+    classes: list[str]
+    packed: dict[str, int]  # per split, including samples from earlier (resumed) runs
+    newly_packed: int
+    resumed: int  # samples found already published
+    skipped: list[Skipped]
+    shards: dict[str, list[str]]
+
+    @property
+    def total_packed(self) -> int:
+        return sum(self.packed.values())
+
+
+def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOptions = PackOptions(),
+                progress: bool = True, log=print) -> PackResult:
+    src, out = Path(src), Path(out)
+    try:
+        listing = list_sources(src, options.layout, options.fold)
+    except LayoutError as err:
+        raise PackError(str(err)) from None
+    if out.resolve() == src.resolve() or (src.is_dir() and src.resolve() in out.resolve().parents
+                                          and listing.layout in ("folder", "frames")):
+        raise PackError(f"--out {out} is inside SRC {src}: its shards would be read as videos; pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    classes = _check_state(out, src, listing.layout, listing.classes, options, log)
+    class_index = {name: i for i, name in enumerate(classes)}
+
+    try:
+        split_of = resolve_split(listing.sources, out / "split.csv", options.split_csv,
+                                 options.val, options.test, options.seed)
+    except (LayoutError, ValueError) as err:
+        raise PackError(str(err)) from None
+    removed = remove_partial_shards(out)
+    if removed:
+        log(f"removed {len(removed)} incomplete shard(s) of an interrupted run; their videos are packed again")
+    published, next_index = read_published_shards(out)
+    done = {s.key for s in published}
+    # Shards hold samples in a seeded random order, not grouped by class: a streaming reader's shuffle
+    # buffer only mixes neighbours, and a class-sorted shard would give it batches of one class.
+    todo = sorted((s for s in listing.sources if sample_key(s.relpath) not in done),
+                  key=lambda s: (SPLITS.index(split_of[s.relpath]), _shuffled_rank(options.seed, s.relpath)))
+    if published:
+        log(f"resuming: {len(published)} videos already in {len({s.shard for s in published})} shard(s), "
+            f"{len(todo)} to go")
+
+    writers = {split: SplitShardWriter(out, split, options.shard_bytes, next_index[split]) for split in SPLITS}
+    skipped = [Skipped(u.relpath, u.reason) for u in listing.unusable]
+    newly_packed = 0
+    executor = _start_pool(options.workers) if todo else None
+    bar = tqdm(total=len(todo), unit="video", desc="packing", disable=not progress, dynamic_ncols=True)
+    try:
+        for source, result in _encode_all(todo, options.encode, options.workers, executor):
+            if isinstance(result, str):
+                skipped.append(Skipped(source.relpath, result))
+            else:
+                split = split_of[source.relpath]
+                key = sample_key(source.relpath)
+                meta = _sample_meta(source, result, options.encode.format)
+                writers[split].write({"__key__": key, **result.fields, "cls": class_index[source.label],
+                                      "json": meta})
+                newly_packed += 1
+            bar.update(1)
+            bar.set_postfix(packed=newly_packed, skipped=len(skipped), refresh=False)
+    finally:
+        bar.close()
+        for writer in writers.values():
+            writer.close()
+
+    samples, _ = read_published_shards(out)
+    shards = {split: sorted({s.shard for s in samples if s.split == split}) for split in SPLITS}
+    _write_manifest(out, src, listing.layout, classes, samples, shards, skipped, options)
+    packed = Counter(s.split for s in samples)
+    return PackResult(out, listing.layout, classes, {split: packed[split] for split in SPLITS},
+                      newly_packed, len(published), skipped, shards)
+
+
+def _shuffled_rank(seed: int, relpath: str) -> str:
+    return hashlib.sha1(f"{seed}:{relpath}".encode()).hexdigest()
+
+
+def _sample_meta(source: Source, video: EncodedVideo, fmt: str) -> dict:
+    return {"label": source.label, "source": source.relpath, "fps": video.fps, "num_frames": video.num_frames,
+            "width": video.width, "height": video.height, "duration": round(video.duration, 6), "format": fmt}
+
+
+def _settings_record(src: Path, layout: str, options: PackOptions) -> dict:
+    return {**asdict(options.encode), "seed": options.seed, "val": options.val, "test": options.test,
+            "layout": layout, "fold": options.fold if layout == "ucf101" else None,
+            "source": str(src.resolve()), "shard_bytes": options.shard_bytes}
+
+
+def _check_state(out: Path, src: Path, layout: str, classes: list[str], options: PackOptions, log) -> list[str]:
+    """First run: record settings and classes. Later runs (resume, or more videos): the encoding and the
+    class indices must match what the published shards already hold."""
+    record = _settings_record(src, layout, options)
+    state_path = out / STATE_FILE
+    if not state_path.exists():
+        if any(out.glob("*-*.tar")) or (out / "dataset.json").exists():
+            raise PackError(f"{out} holds shards of a pack without its {STATE_FILE}; use an empty --out")
+        _write_json(state_path, {"settings": record, "classes": classes})
+        return classes
+    state = json.loads(state_path.read_text())
+    before = state["settings"]
+    content_keys = [*asdict(options.encode), "layout", "fold"]
+    changed = [f"{k}: {before.get(k)} -> {record[k]}" for k in content_keys if before.get(k) != record[k]]
+    if changed:
+        raise PackError(f"{out} was packed with other settings ({'; '.join(changed)}); "
+                        "re-run with the same settings to resume, or use a new --out")
+    new_classes = [name for name in classes if name not in state["classes"]]
+    if new_classes:
+        raise PackError(f"SRC has classes the shards in {out} do not know ({', '.join(new_classes[:5])}); "
+                        "class indices would change: pack into a new --out")
+    if any(before.get(k) != record[k] for k in ("seed", "val", "test")):
+        log("note: split.csv already exists and is kept; --seed/--val/--test only apply to new videos")
+    return state["classes"]
+
+
+def _encode_or_reason(source: Source, settings: EncodeSettings) -> EncodedVideo | str:
+    """Runs in a worker: any failure becomes a reason string, so one bad file never stops the pack."""
+    try:
+        return encode_source(source, settings)
+    except UnpackableSource as err:
+        return str(err)
+    except Exception as err:  # an FFmpeg/PIL error we did not anticipate is still this source's problem
+        return f"failed to convert: {type(err).__name__}: {err}"
+
+
+def _start_pool(workers: int) -> ProcessPoolExecutor | None:
+    """Worker processes, forked now: before tqdm starts its monitor thread (forking a process with running
+    threads can deadlock the child), and without re-importing the caller's __main__ as spawn/forkserver
+    would (an unguarded script calling pack_videos would start over in every worker)."""
+    if workers == 0:
+        return None
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    for started in [executor.submit(os.getpid) for _ in range(workers)]:
+        started.result()
+    return executor
+
+
+def _encode_all(sources: list[Source], settings: EncodeSettings, workers: int,
+                executor: ProcessPoolExecutor | None):
+    """Yield (source, EncodedVideo | reason) in input order, with at most 2 videos per worker in flight
+    (memory stays bounded whatever the data set size, unlike Pool.imap which queues every result)."""
+    if executor is None:
+        for source in sources:
+            yield source, _encode_or_reason(source, settings)
+        return
+    pending = iter(sources)
+    in_flight: deque[tuple[Source, Future]] = deque()
+    try:
+        while True:
+            while len(in_flight) < 2 * workers:
+                source = next(pending, None)
+                if source is None:
+                    break
+                in_flight.append((source, executor.submit(_encode_or_reason, source, settings)))
+            if not in_flight:
+                return
+            source, future = in_flight.popleft()
+            try:
+                yield source, future.result()
+            except BrokenProcessPool:
+                # A worker died (a decoder crash takes the whole process down). Redo every video that was
+                # in flight alone in a fresh process, so only the culprit is skipped.
+                executor.shutdown(cancel_futures=True)
+                retry = [source] + [s for s, _ in in_flight]
+                in_flight.clear()
+                for suspect in retry:
+                    yield suspect, _encode_isolated(suspect, settings)
+                executor = _start_pool(workers)
+    finally:
+        executor.shutdown(cancel_futures=True)
+
+
+def _encode_isolated(source: Source, settings: EncodeSettings) -> EncodedVideo | str:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as single:
+        try:
+            return single.submit(_encode_or_reason, source, settings).result()
+        except BrokenProcessPool:
+            return "the decoder crashed on this file (worker process died)"
+
+
+def _write_manifest(out: Path, src: Path, layout: str, classes: list[str], samples: list[PackedSample],
+                    shards: dict[str, list[str]], skipped: list[Skipped], options: PackOptions) -> None:
+    counts = per_class_counts(samples, classes)
+    frame_stats = frames_per_category(samples, classes)
+    plot_frames_per_category(frame_stats, counts, out / "frames_per_category.png")
+    splits = {split: {"shards": shards[split],
+                      "num_samples": sum(1 for s in samples if s.split == split),
+                      "num_frames": sum(s.meta["num_frames"] for s in samples if s.split == split)}
+              for split in SPLITS}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "classes": classes,
+        "format": options.encode.format,
+        "splits": splits,
+        "per_class_counts": counts,
+        "frames_per_category": frame_stats,
+        "pack": _settings_record(src, layout, options),
+        "skipped": [asdict(s) for s in sorted(skipped, key=lambda s: s.source)],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_json(out / "dataset.json", manifest)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(temp, path)
+
+
+def format_summary(result: PackResult) -> str:
+    lines = [f"packed {result.total_packed} videos ("
+             + ", ".join(f"{split} {result.packed[split]}" for split in SPLITS)
+             + f") into {sum(len(v) for v in result.shards.values())} shard(s) in {result.out}"
+             + (f"; {result.resumed} were already packed by an earlier run" if result.resumed else ""),
+             f"skipped {len(result.skipped)}" + (" (listed with reasons in dataset.json 'skipped'):"
+                                                  if result.skipped else "")]
+    for item in result.skipped[:10]:
+        lines.append(f"  {item.source}: {item.reason}")
+    if len(result.skipped) > 10:
+        lines.append(f"  ... and {len(result.skipped) - 10} more")
+    return "\n".join(lines)
+

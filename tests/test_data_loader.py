@@ -1,0 +1,239 @@
+"""The streaming loader on real shards (H.264 mp4 and jpg samples written in shard format v1)."""
+
+import collections
+import io
+import shutil
+import logging
+import tracemalloc
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from actionrec.data import (
+    ClipSpec,
+    ShardSet,
+    TrainAugment,
+    build_eval_loader,
+    build_train_loader,
+    eval_frame_indices,
+)
+from actionrec.data.decode import PyAVFrameReader, TorchCodecFrameReader, torchcodec_load_error
+from tests.data_shard_fixtures import (
+    corrupt_samples,
+    index_from_pixels,
+    make_videos,
+    pack_test_shards,
+    replicate_shards,
+)
+
+CLASSES = ["archery", "bowling", "cycling"]
+CLIP = ClipSpec(num_frames=4, size=32)
+FRAME_COUNTS = [20, 33, 47, 61, 75]
+
+
+@pytest.fixture(scope="module")
+def shard_sets(tmp_path_factory):
+    """mp4 shards (one video per shard), the val split as jpg shards, and a copy with corrupt samples."""
+    root = tmp_path_factory.mktemp("shards")
+    train = make_videos(CLASSES, 4, FRAME_COUNTS, "train")
+    val = make_videos(CLASSES, 2, FRAME_COUNTS, "val", offset=50)
+    sources = root / "sources"
+    pack_test_shards(root / "mp4", train + val, shard_bytes=1024, sources=sources)
+    pack_test_shards(root / "jpg", val, fmt="jpg", sources=sources)
+    shutil.copytree(root / "mp4", root / "corrupt")
+    damage = {train[1].key: "garbage_mp4", train[6].key: "truncated_mp4", val[0].key: "no_cls",
+              val[3].key: "bad_label", val[4].key: "garbage_mp4"}
+    corrupt_samples(root / "corrupt", damage)
+    return {"root": root, "frames": {v.key: v.num_frames for v in train + val}, "val_keys": [v.key for v in val],
+            "corrupt_val_keys": {v.key for v in val if v.key in damage}}
+
+
+def _collect(loader):
+    return [batch for batch in loader]
+
+
+def test_train_batches_have_contract_shapes_and_the_sampled_frames(shard_sets):
+    loader = build_train_loader(shard_sets["root"] / "mp4", clip=CLIP, batch_size=3, num_workers=2,
+                                batches_per_epoch=4, seed=0, rank=0, world_size=1)
+    batches = _collect(loader)
+    assert len(batches) == len(loader) == 4
+    for batch in batches:
+        assert batch["video"].dtype == torch.uint8 and batch["video"].shape == (3, 3, 4, 32, 32)
+        assert batch["label"].dtype == torch.int64 and set(batch["label"].tolist()) <= {0, 1, 2}
+        assert int(batch["skipped"]) == 0
+        for video, key, indices in zip(batch["video"], batch["key"], batch["frame_index"]):
+            n = shard_sets["frames"][key]
+            # the pixels say which frames were decoded: exactly the sampled ones, one per TSN segment
+            assert index_from_pixels(video) == indices.tolist()
+            assert all(int(t * n / 4) <= i < (t + 1) * n / 4 + 1 for t, i in enumerate(indices.tolist()))
+
+
+def test_eval_multiview_yields_every_video_view_once_with_evenly_spaced_frames(shard_sets):
+    loader = build_eval_loader(shard_sets["root"] / "mp4", clip=CLIP, batch_size=4, num_workers=2,
+                               temporal_clips=2, spatial_crops=3, rank=0, world_size=1)
+    seen = collections.Counter()
+    for batch in loader:
+        for video, key, view, indices in zip(batch["video"], batch["key"], batch["view"].tolist(), batch["frame_index"]):
+            seen[(key, view)] += 1
+            expected = eval_frame_indices(CLIP, shard_sets["frames"][key], view // 3, 2).tolist()
+            assert indices.tolist() == expected and index_from_pixels(video) == expected
+    assert seen == collections.Counter({(k, v): 1 for k in shard_sets["val_keys"] for v in range(6)})
+
+
+def test_jpg_shards_decode_the_same_frames_as_mp4_shards(shard_sets):
+    def views(fmt):
+        loader = build_eval_loader(shard_sets["root"] / fmt, clip=CLIP, batch_size=5, num_workers=0, rank=0, world_size=1)
+        return {key: index_from_pixels(video) for b in loader for key, video in zip(b["key"], b["video"])}
+
+    jpg, mp4 = views("jpg"), views("mp4")
+    assert jpg == mp4 and len(jpg) == len(shard_sets["val_keys"])
+
+
+def _noisy_video(num_frames=70, gop=12):
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.options = {"crf": "28", "preset": "veryfast"}
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 2 * i, axis=1), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_gop_skipping_decode_matches_decoding_every_frame_and_torchcodec():
+    data = _noisy_video()
+    with av.open(io.BytesIO(data)) as container:
+        every_frame = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)])
+    every_frame = every_frame.permute(0, 3, 1, 2)  # (N, 3, H, W)
+    index_sets = [[0], [69], [5, 6, 7], [11, 12], [3, 30, 31, 68], [40, 10, 10, 55], list(range(0, 70, 9))]
+    for indices in index_sets:
+        reader = PyAVFrameReader(data)
+        assert reader.num_frames == 70
+        assert torch.equal(reader.read(indices), every_frame[indices]), indices
+    if torchcodec_load_error() is not None:
+        pytest.skip(f"torchcodec does not load here: {torchcodec_load_error()}")
+    for indices in index_sets:
+        assert torch.equal(TorchCodecFrameReader(data).read(indices), every_frame[indices]), indices
+
+
+@pytest.mark.skipif(torchcodec_load_error() is not None, reason="torchcodec's FFmpeg libraries do not load here")
+def test_pyav_and_torchcodec_loaders_give_identical_batches(shard_sets):
+    def run(decoder):
+        loader = build_train_loader(shard_sets["root"] / "mp4", clip=CLIP, batch_size=4, num_workers=0,
+                                    batches_per_epoch=3, seed=5, rank=0, world_size=1, decoder=decoder)
+        return _collect(loader)
+
+    for a, b in zip(run("pyav"), run("torchcodec"), strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["video"], b["video"])
+
+
+def test_train_is_deterministic_resumable_and_differs_across_ranks_epochs_and_seeds(shard_sets):
+    def loader(**kw):
+        args = dict(clip=CLIP, batch_size=2, num_workers=2, batches_per_epoch=5, seed=0, rank=0, world_size=2,
+                    augment=TrainAugment(short_side_range=(36, 40), hflip=True, color_jitter=0.2))
+        return build_train_loader(shard_sets["root"] / "mp4", **(args | kw))
+
+    def signature(batches):
+        return [(b["key"], b["frame_index"].tolist(), b["video"].sum().item()) for b in batches]
+
+    first = loader()
+    epoch0, epoch1 = signature(_collect(first)), signature(_collect(first))
+    assert len(epoch0) == len(epoch1) == 5 and first.epoch == 2
+    assert signature(_collect(loader())) == epoch0  # same seed, rank, epoch -> same batches
+    assert epoch1 != epoch0
+    resumed = loader(start_batch=7)  # epoch 1, batch 2
+    assert len(resumed) == 3 and signature(_collect(resumed)) == epoch1[2:]
+    assert len(resumed) == 5 and resumed.epoch == 2
+    assert signature(_collect(loader(rank=1))) != epoch0
+    assert signature(_collect(loader(seed=1))) != epoch0
+
+
+def test_fewer_shards_than_workers_still_gives_every_epoch_its_batches(shard_sets, tmp_path):
+    one_shard = ShardSet.open(shard_sets["root"] / "mp4").urls("train")[:1]
+    loader = build_train_loader(one_shard, clip=CLIP, batch_size=2, num_workers=3, batches_per_epoch=5,
+                                rank=1, world_size=4)
+    assert [len(_collect(loader)) for _ in range(2)] == [5, 5]
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(shard_sets, caplog):
+    source = shard_sets["root"] / "corrupt"
+    with caplog.at_level(logging.WARNING, logger="actionrec.data"):
+        loader = build_eval_loader(source, clip=CLIP, batch_size=2, num_workers=0, rank=0, world_size=1)
+        batches = _collect(loader)
+    keys = [k for b in batches for k in b["key"]]
+    corrupt = shard_sets["corrupt_val_keys"]
+    assert sorted(keys) == sorted(set(shard_sets["val_keys"]) - corrupt)
+    assert sum(int(b["skipped"]) for b in batches) == loader.skipped_in_last_pass == len(corrupt)
+    logged = [r.getMessage() for r in caplog.records if "skipping corrupt sample" in r.getMessage()]
+    assert len(logged) == len(corrupt) and all(any(k in line for line in logged) for k in corrupt)
+    assert any("no cls field" in line for line in logged) and any("outside the 3 classes" in line for line in logged)
+
+    train = build_train_loader(source, clip=CLIP, batch_size=3, num_workers=2, batches_per_epoch=8, seed=2)
+    train_batches = _collect(train)
+    assert len(train_batches) == 8 and all(len(b["key"]) == 3 for b in train_batches)
+    assert sum(int(b["skipped"]) for b in train_batches) > 0
+
+
+def _peak_traced_bytes(source, batches):
+    loader = build_train_loader(source, clip=CLIP, batch_size=2, num_workers=0, batches_per_epoch=batches,
+                                shuffle_buffer=4, rank=0, world_size=1)
+    tracemalloc.start()
+    try:
+        for _ in loader:
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_is_bounded_by_the_shuffle_buffer_not_the_data_set(shard_sets, tmp_path):
+    small = shard_sets["root"] / "mp4"  # 12 training videos
+    large = replicate_shards(small, tmp_path / "large", copies=10)  # 120
+    # a pass over 12 vs 120 videos: the loader holds at most the shuffle buffer of compressed samples
+    peak_small = _peak_traced_bytes(small, batches=6)
+    peak_large = _peak_traced_bytes(large, batches=60)
+    assert peak_large < 1.5 * peak_small
+    assert peak_large * 5 < sum(f.stat().st_size for f in large.glob("*.tar"))
+
+
+def test_shardset_opens_directories_manifests_patterns_lists_and_pipe_urls(shard_sets):
+    root = shard_sets["root"] / "mp4"
+    by_dir = ShardSet.open(root)
+    assert by_dir.classes == CLASSES and by_dir.num_samples("val") == 6 and len(by_dir.urls("train")) == 12
+    assert ShardSet.open(root / "dataset.json").urls("val") == by_dir.urls("val")
+    pattern = ShardSet.open(f"{root}/train-{{000000..000011}}.tar")
+    assert pattern.urls("train") == by_dir.urls("train") and pattern.classes is None
+    piped = ShardSet.open([f"pipe:cat {url}" for url in by_dir.urls("val")])
+    loader = build_eval_loader(piped, clip=CLIP, batch_size=4, num_workers=0, rank=0, world_size=1)
+    assert sorted(k for b in loader for k in b["key"]) == sorted(shard_sets["val_keys"])
+
+
+def test_bad_sources_and_settings_fail_with_one_clear_message(shard_sets, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no dataset.json"):
+        ShardSet.open(tmp_path)
+    (tmp_path / "dataset.json").write_text('{"format_version": 2}')
+    with pytest.raises(ValueError, match="format_version 2"):
+        ShardSet.open(tmp_path / "dataset.json")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ShardSet.open(str(tmp_path / "train-000000.tar"))
+    root = shard_sets["root"] / "mp4"
+    with pytest.raises(KeyError, match="no shards for split 'test'"):
+        build_eval_loader(root, split="test", clip=CLIP)
+    with pytest.raises(ValueError, match="spatial_crops"):
+        build_eval_loader(root, clip=CLIP, spatial_crops=2)
+    with pytest.raises(ValueError, match="short_side_range"):
+        build_train_loader(root, clip=CLIP, augment=TrainAugment(short_side_range=(20, 30)))
+
+
+def test_batches_per_epoch_defaults_to_one_pass_over_the_split(shard_sets):
+    loader = build_train_loader(shard_sets["root"] / "mp4", clip=CLIP, batch_size=2, num_workers=0, rank=0, world_size=2)
+    assert len(loader) == 12 // (2 * 2)
