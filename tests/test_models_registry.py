@@ -149,3 +149,19 @@ def test_incompatible_sizes_are_explained():
     cnn = build_model("r3d_18_transformer", 10, **TINY["r3d_18_transformer"], token_frames=2)
     with pytest.raises(ValueError, match="4x32x32 .* gives a 1x2x2 r3d_18 feature map, smaller than the 2x2x2 token grid"):
         cnn(torch.randn(1, 3, 4, 32, 32))
+
+
+@pytest.mark.parametrize("scheme", ATTENTION_TYPES)
+def test_every_scheme_learns_a_fixed_batch(scheme):
+    torch.manual_seed(0)
+    model = build_model("timesformer_tiny", 3, **TINY_TIMESFORMER, attention_type=scheme).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    clips, labels = torch.randn(4, 3, 4, 32, 32), torch.tensor([0, 1, 2, 0])
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.cross_entropy(model(clips), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
