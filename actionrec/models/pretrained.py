@@ -67,21 +67,21 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.shape_mismatch)
 
     def describe(self) -> str:
-        parts = [f"{len(self.loaded)} tensors loaded from a {self.source_format} checkpoint"]
+        parts = [f"{len(self.loaded)} tensors fit ({self.source_format} checkpoint)"]
         for label, names in (
-            ("missing (left at initialisation)", self.missing),
-            ("unexpected (ignored)", self.unexpected),
-            ("shape mismatch (ignored)", self.shape_mismatch),
+            ("missing from the checkpoint", self.missing),
+            ("unexpected (not in the model)", self.unexpected),
+            ("shape mismatch", self.shape_mismatch),
             ("resampled", self.resized),
-            ("initialised from the image model's attention", self.from_image),
-            ("source classifier not loaded (model head left at initialisation)", self.dropped_head),
+            ("copied from the image model's attention", self.from_image),
+            ("source classifier not used (model head keeps its initialisation)", self.dropped_head),
         ):
             if names:
                 parts.append(f"{label}: {_name_list(names)}")
         return "; ".join(parts)
 
 
-def _name_list(names: list[str], limit: int = 40) -> str:
+def _name_list(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -321,7 +321,13 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
             f"Build the model that matches the checkpoint, or pass strict=False to load the matching part"
         )
     model.load_state_dict(fitting, strict=False)
-    if not report.complete or report.dropped_head:
+    if not report.complete:
+        warnings.warn(
+            f"load_pretrained({path}) loaded partially (strict=False), missing parameters keep their "
+            f"initialisation: {report.describe()}",
+            stacklevel=2,
+        )
+    elif report.dropped_head:
         warnings.warn(f"load_pretrained({path}): {report.describe()}", stacklevel=2)
     return report
 

@@ -38,6 +38,7 @@ class EncodeSettings:
     jpeg_quality: int = 90
 
     def __post_init__(self):
+        object.__setattr__(self, "fps", float(self.fps))  # 30 and 30.0 are the same setting on resume
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.short_side < 2 or self.fps <= 0 or self.gop < 1:
@@ -262,7 +263,7 @@ def _frames_from_folder(folder: str, rate: Fraction):
             elif image.size != size:  # the filter graph has one input size; extraction tools rarely vary
                 image = image.resize(size, Image.BICUBIC)
             frame = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
-            frame.pts = index
+            frame.pts, frame.duration = index, 1  # the duration lets the fps filter keep the last frame
             frame.time_base = 1 / rate
             yield frame
 

@@ -167,13 +167,13 @@ def _read_class_tree(src: Path, frames_only: bool = False) -> Listing:
             is_dir = entry.is_dir()
             if is_dir and not is_video_name(entry.name) and _has_images(entry.path):
                 sources.append(Source(relpath, entry.path, class_dir.name, kind="frames"))
+            elif is_dir and (frames_only or not is_video_name(entry.name)):
+                unusable.append(Unusable(relpath, "folder without frame images"))
             elif frames_only:
                 unusable.append(Unusable(relpath, "not a folder of frame images"))
             elif is_video_name(entry.name):
                 # also directories named like videos and dangling links: the encoder reports why they fail
                 sources.append(Source(relpath, entry.path, class_dir.name))
-            elif is_dir:
-                unusable.append(Unusable(relpath, "folder without frame images"))
             else:
                 unusable.append(Unusable(relpath, f"not a video file (extension {Path(entry.name).suffix!r})"))
     classes = sorted({s.label for s in sources} | {u.relpath.split("/")[0] for u in unusable})

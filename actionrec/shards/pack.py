@@ -8,6 +8,7 @@ packed is recorded with its reason and the pack goes on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -47,6 +48,16 @@ class PackOptions:
     shard_bytes: int = 256 * 1024 * 1024
     workers: int = 1  # worker processes; 0 encodes in this process (debugging)
 
+    def __post_init__(self):
+        if not (0 <= self.val < 1 and 0 <= self.test < 1 and self.val + self.test < 1):
+            raise ValueError(f"--val and --test must be fractions in [0, 1) summing to < 1, got {self.val} and {self.test}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.shard_bytes < 1024:
+            raise ValueError(f"--shard-size must be at least 1 KB, got {self.shard_bytes} bytes")
+        if self.split_csv is not None and not os.path.isfile(self.split_csv):
+            raise ValueError(f"--split-csv {self.split_csv} is not a file")
+
 
 @dataclass
 class Skipped:
@@ -73,10 +84,6 @@ class PackResult:
 def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOptions = PackOptions(),
                 progress: bool = True, log=print) -> PackResult:
     src, out = Path(src), Path(out)
-    if options.workers < 0:
-        raise PackError(f"--workers must be >= 0, got {options.workers}")
-    if options.shard_bytes < 1024:
-        raise PackError(f"--shard-size must be at least 1 KB, got {options.shard_bytes} bytes")
     try:
         listing = list_sources(src, options.layout, options.fold)
     except LayoutError as err:
@@ -98,8 +105,10 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
         log(f"removed {len(removed)} incomplete shard(s) of an interrupted run; their videos are packed again")
     published, next_index = read_published_shards(out)
     done = {s.key for s in published}
+    # Shards hold samples in a seeded random order, not grouped by class: a streaming reader's shuffle
+    # buffer only mixes neighbours, and a class-sorted shard would give it batches of one class.
     todo = sorted((s for s in listing.sources if sample_key(s.relpath) not in done),
-                  key=lambda s: (SPLITS.index(split_of[s.relpath]), sample_key(s.relpath)))
+                  key=lambda s: (SPLITS.index(split_of[s.relpath]), _shuffled_rank(options.seed, s.relpath)))
     if published:
         log(f"resuming: {len(published)} videos already in {len({s.shard for s in published})} shard(s), "
             f"{len(todo)} to go")
@@ -107,24 +116,31 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
     writers = {split: SplitShardWriter(out, split, options.shard_bytes, next_index[split]) for split in SPLITS}
     skipped = [Skipped(u.relpath, u.reason) for u in listing.unusable]
     newly_packed = 0
+    executor = _start_pool(options.workers) if todo else None
     bar = tqdm(total=len(todo), unit="video", desc="packing", disable=not progress, dynamic_ncols=True)
     try:
-        for source, result in _encode_all(todo, options.encode, options.workers):
+        for source, result in _encode_all(todo, options.encode, options.workers, executor):
             if isinstance(result, str):
                 skipped.append(Skipped(source.relpath, result))
             else:
                 split = split_of[source.relpath]
                 key = sample_key(source.relpath)
                 meta = _sample_meta(source, result, options.encode.format)
-                writers[split].write({"__key__": key, **result.fields, "cls": class_index[source.label],
-                                      "json": meta})
+                writers[split].write(key, {**result.fields, "cls": str(class_index[source.label]).encode("ascii"),
+                                           "json": json.dumps(meta).encode("utf-8")})
                 newly_packed += 1
             bar.update(1)
             bar.set_postfix(packed=newly_packed, skipped=len(skipped), refresh=False)
+    except BaseException:
+        # Ctrl-C or an error mid-write: an open shard may end in half a sample, so it stays a temp file
+        # (removed and redone by the next run) instead of being published.
+        for writer in writers.values():
+            writer.abandon()
+        raise
     finally:
         bar.close()
-        for writer in writers.values():
-            writer.close()
+    for writer in writers.values():
+        writer.close()
 
     samples, _ = read_published_shards(out)
     shards = {split: sorted({s.shard for s in samples if s.split == split}) for split in SPLITS}
@@ -132,6 +148,10 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
     packed = Counter(s.split for s in samples)
     return PackResult(out, listing.layout, classes, {split: packed[split] for split in SPLITS},
                       newly_packed, len(published), skipped, shards)
+
+
+def _shuffled_rank(seed: int, relpath: str) -> str:
+    return hashlib.sha1(f"{seed}:{relpath}".encode()).hexdigest()
 
 
 def _sample_meta(source: Source, video: EncodedVideo, fmt: str) -> dict:
@@ -181,17 +201,28 @@ def _encode_or_reason(source: Source, settings: EncodeSettings) -> EncodedVideo 
         return f"failed to convert: {type(err).__name__}: {err}"
 
 
-def _encode_all(sources: list[Source], settings: EncodeSettings, workers: int):
+def _start_pool(workers: int) -> ProcessPoolExecutor | None:
+    """Worker processes, forked now: before tqdm starts its monitor thread (forking a process with running
+    threads can deadlock the child), and without re-importing the caller's __main__ as spawn/forkserver
+    would (an unguarded script calling pack_videos would start over in every worker)."""
+    if workers == 0:
+        return None
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    for started in [executor.submit(os.getpid) for _ in range(workers)]:
+        started.result()
+    return executor
+
+
+def _encode_all(sources: list[Source], settings: EncodeSettings, workers: int,
+                executor: ProcessPoolExecutor | None):
     """Yield (source, EncodedVideo | reason) in input order, with at most 2 videos per worker in flight
     (memory stays bounded whatever the data set size, unlike Pool.imap which queues every result)."""
-    if workers == 0:
+    if executor is None:
         for source in sources:
             yield source, _encode_or_reason(source, settings)
         return
-    context = multiprocessing.get_context("forkserver")
     pending = iter(sources)
     in_flight: deque[tuple[Source, Future]] = deque()
-    executor = ProcessPoolExecutor(workers, mp_context=context)
     try:
         while True:
             while len(in_flight) < 2 * workers:
@@ -211,14 +242,14 @@ def _encode_all(sources: list[Source], settings: EncodeSettings, workers: int):
                 retry = [source] + [s for s, _ in in_flight]
                 in_flight.clear()
                 for suspect in retry:
-                    yield suspect, _encode_isolated(suspect, settings, context)
-                executor = ProcessPoolExecutor(workers, mp_context=context)
+                    yield suspect, _encode_isolated(suspect, settings)
+                executor = _start_pool(workers)
     finally:
         executor.shutdown(cancel_futures=True)
 
 
-def _encode_isolated(source: Source, settings: EncodeSettings, context) -> EncodedVideo | str:
-    with ProcessPoolExecutor(1, mp_context=context) as single:
+def _encode_isolated(source: Source, settings: EncodeSettings) -> EncodedVideo | str:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as single:
         try:
             return single.submit(_encode_or_reason, source, settings).result()
         except BrokenProcessPool:

@@ -102,7 +102,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     direction = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:size, 0:size] / size - 0.5
     gradient = (xs * math.cos(direction) + ys * math.sin(direction))[..., None] * rng.uniform(0, 0.4, 3)
-    coarse = rng.normal(0, rng.uniform(0.02, 0.1), (size // 8 + 1, size // 8 + 1, 3))
+    coarse = rng.normal(0, rng.uniform(0.02, 0.06), (size // 8 + 1, size // 8 + 1, 3))
     texture = np.kron(coarse, np.ones((8, 8, 1)))[:size, :size]
     return np.clip(base + gradient + texture, 0, 1)
 
@@ -110,23 +110,25 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 def _forward_motion(name: str, rng: np.random.Generator, frames: int, size: int):
     """Per-frame (cx, cy, radius, angle, opacity) of the main object for the *forward* class of a pair."""
     t = np.arange(frames, dtype=np.float64)
-    radius = np.full(frames, rng.uniform(0.09, 0.16) * size)
+    radius = np.full(frames, rng.uniform(0.1, 0.16) * size)
     opacity = np.ones(frames)
     angle = np.full(frames, rng.uniform(0, 2 * math.pi))
     r = radius[0]
     if name in ("move_left", "move_up"):
-        travel = min(rng.uniform(0.8, 2.0) * size / 64 * (frames - 1), size - 2.4 * r)
-        along = rng.uniform(r * 1.2 + travel, size - r * 1.2) - travel * t / (frames - 1)
-        across = rng.uniform(r * 1.2, size - r * 1.2) + rng.normal(0, 0.3, frames).cumsum() * size / 64
+        travel = min(rng.uniform(1.5, 3.0) * size / 64 * (frames - 1), size - 2.4 * r)
+        start = rng.uniform(min(r * 1.2 + travel, size - r * 1.2), size - r * 1.2)
+        along = start - travel * t / (frames - 1)
+        wobble = rng.normal(0, 0.3, frames).cumsum() * size / 64
+        across = np.clip(rng.uniform(r * 1.2, size - r * 1.2) + wobble, r, size - r)
         cx, cy = (along, across) if name == "move_left" else (across, along)
     elif name == "rotate_ccw":
         radius[:] = rng.uniform(0.14, 0.22) * size
         r = radius[0]
         cx = np.full(frames, rng.uniform(r, size - r))
         cy = np.full(frames, rng.uniform(r, size - r))
-        angle = angle[0] - np.radians(rng.uniform(6, 15)) * t  # image y points down: -angle is counter-clockwise
+        angle = angle[0] - np.radians(rng.uniform(10, 20)) * t  # image y points down: -angle is counter-clockwise
     elif name == "grow":
-        ratio = rng.uniform(1.8, 2.8)
+        ratio = rng.uniform(2.0, 3.0)
         r0 = rng.uniform(0.06, 0.3 / ratio) * size
         radius = r0 * ratio ** (t / (frames - 1))
         r = radius[-1]
@@ -137,7 +139,7 @@ def _forward_motion(name: str, rng: np.random.Generator, frames: int, size: int)
         orbit = rng.uniform(0.15, 0.25) * size
         margin = orbit + radius[0]
         ox, oy = rng.uniform(margin, size - margin, 2)
-        phase = rng.uniform(0, 2 * math.pi) - np.radians(rng.uniform(10, 20)) * t
+        phase = rng.uniform(0, 2 * math.pi) - np.radians(rng.uniform(12, 24)) * t
         cx, cy = ox + orbit * np.cos(phase), oy + orbit * np.sin(phase)
     elif name == "fade_in":
         cx = np.full(frames, rng.uniform(r, size - r))
@@ -160,13 +162,13 @@ def render_video(class_name: str, rng: np.random.Generator, frames: int, size: i
     colour = _random_colour(rng, background.mean(axis=(0, 1)))
     cx, cy, radius, angle, opacity = _forward_motion(pair[0], rng, frames, size)
     distractors = []
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(1, 3)):
         d_radius = rng.uniform(0.04, 0.08) * size
         start = rng.uniform(d_radius, size - d_radius, 2)
-        walk = np.cumsum(rng.normal(0, 0.5 * size / 64, (frames, 2)), axis=0) + start  # undirected jitter
+        walk = np.cumsum(rng.normal(0, 0.3 * size / 64, (frames, 2)), axis=0) + start  # undirected jitter
         distractors.append((SHAPES[rng.choice(list(SHAPES))], _random_colour(rng), d_radius, walk,
                             rng.uniform(0, 2 * math.pi)))
-    noise = rng.uniform(0.01, 0.05)
+    noise = rng.uniform(0.01, 0.03)
     video = np.empty((frames, size, size, 3), dtype=np.uint8)
     for i in range(frames):
         frame = background.copy()
@@ -175,7 +177,7 @@ def render_video(class_name: str, rng: np.random.Generator, frames: int, size: i
             frame = frame * (1 - mask) + d_colour * mask
         mask = _rasterize(shape, (cx[i], cy[i]), radius[i], angle[i], grid)[..., None] * opacity[i]
         frame = frame * (1 - mask) + colour * mask
-        frame = frame * rng.uniform(0.95, 1.05) + rng.normal(0, noise, frame.shape)
+        frame = frame * rng.uniform(0.98, 1.02) + rng.normal(0, noise, frame.shape)
         video[i] = np.clip(frame * 255, 0, 255).astype(np.uint8)
     return video[::-1] if reverse else video
 

@@ -1,0 +1,70 @@
+"""Classify one video file with a trained checkpoint: multi-view clips, mean of the view probabilities.
+
+The clips are made exactly as the evaluation loader makes them (same frame indices, same crops, same
+normalisation), so a video's prediction here equals its video-level prediction in evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actionrec.config import Config, build_config
+from actionrec.engine.checkpoint import checkpoint_metadata, load_fp32_state_dict, resolve_checkpoint
+
+
+@dataclass
+class Classifier:
+    model: torch.nn.Module
+    cfg: Config
+    classes: list[str]
+    device: torch.device
+
+
+def load_classifier(checkpoint: str | Path, device: str = "auto") -> Classifier:
+    """A run dir, checkpoints/latest, a step dir (plain, DDP or DeepSpeed ZeRO) or an exported model."""
+    from actionrec.engine.trainer import build_model_for
+
+    resolved = resolve_checkpoint(checkpoint)
+    config, classes = checkpoint_metadata(resolved)
+    cfg = build_config(config, check_paths=False)
+    cfg.model.pretrained = ""  # the checkpoint holds all weights
+    model = build_model_for(cfg, len(classes))
+    model.load_state_dict(load_fp32_state_dict(resolved))
+    target = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    return Classifier(model.to(target).eval(), cfg, list(classes), target)
+
+
+@torch.no_grad()
+def predict_video(
+    classifier: Classifier, video: str | Path, temporal_clips: int, spatial_crops: int, batch_size: int = 8
+) -> torch.Tensor:
+    """Class probabilities (num_classes,) of one video file: the mean over temporal_clips x spatial_crops views."""
+    from actionrec.data import ClipSpec, eval_frame_indices, normalize_on_device
+    from actionrec.data.decode import PyAVFrameReader
+    from actionrec.data.transforms import eval_views
+
+    cfg = classifier.cfg
+    spec = ClipSpec(num_frames=cfg.data.num_frames, sampling=cfg.data.sampling,
+                    frame_stride=cfg.data.frame_stride, size=cfg.data.size)
+    reader = PyAVFrameReader(Path(video).read_bytes())  # raises CorruptSample for an unreadable file
+    try:
+        t = spec.num_frames
+        indices = [eval_frame_indices(spec, reader.num_frames, k, temporal_clips) for k in range(temporal_clips)]
+        frames = reader.read(np.concatenate(indices))  # (temporal_clips * T, 3, H, W) uint8
+    finally:
+        reader.close()
+    views = [view.permute(1, 0, 2, 3)  # (T, 3, S, S) -> (3, T, S, S)
+             for k in range(temporal_clips) for view in eval_views(frames[k * t:(k + 1) * t], spec, spatial_crops)]
+    clips = torch.stack(views)  # (V, 3, T, S, S)
+    use_bf16 = classifier.device.type == "cuda" and cfg.train.precision != "fp32"
+    probs = []
+    for start in range(0, len(clips), batch_size):
+        batch = normalize_on_device(clips[start:start + batch_size].to(classifier.device), cfg.data.mean, cfg.data.std)
+        with torch.autocast(classifier.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = classifier.model(batch)
+        probs.append(logits.float().softmax(dim=1).cpu())
+    return torch.cat(probs).mean(dim=0)

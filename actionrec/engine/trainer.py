@@ -1,0 +1,567 @@
+"""The training loop: setup -> data -> model -> optimiser -> resume -> loop (eval, checkpoints) -> export.
+
+Runs in whatever process group the environment describes (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT from `accelerate launch`, `torchrun` or the SLURM launcher; none = one process). DeepSpeed ZeRO
+comes from `accelerate launch --config_file configs/accelerate/zero*.yaml` or from `deepspeed_config` in the
+run config. The WebDataset loaders are iterated here, never handed to `accelerator.prepare` (that would
+drop data, see ENVIRONMENT.md); batches are moved and normalised on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
+from tqdm.auto import tqdm
+
+from actionrec.config import (
+    Config,
+    config_to_dict,
+    derive_accumulation,
+    save_config,
+    world_size_from_env,
+)
+from actionrec.engine.checkpoint import (
+    CheckpointManager,
+    TrainProgress,
+    fp32_cpu_state_dict,
+    load_fp32_state_dict,
+    resolve_checkpoint,
+)
+from actionrec.engine.evaluation import EvalResult, evaluate
+from actionrec.logging import RunMonitor, get_logger
+
+# DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the warning repeats on every rank and step.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+# --- setup ------------------------------------------------------------------------------------------------
+
+
+def build_accelerator(cfg: Config, accumulation: int) -> Accelerator:
+    on_gpu = torch.cuda.is_available()
+    ds_plugin = None
+    if cfg.deepspeed_config:
+        ds_plugin = DeepSpeedPlugin(hf_ds_config=json.loads(Path(cfg.deepspeed_config).read_text()))
+    use_deepspeed = ds_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    precision = {"auto": "bf16" if on_gpu else "no", "bf16": "bf16", "fp32": "no"}[cfg.train.precision]
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=30))]
+    kwargs: dict[str, Any] = {}
+    if not on_gpu:
+        if use_deepspeed:
+            # DeepSpeed on CPU: gloo explicitly, and never cpu=True (Accelerate would silently drop DeepSpeed).
+            handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))]
+        else:
+            kwargs["cpu"] = True  # makes Accelerate join the env's process group with gloo
+    accelerator = Accelerator(
+        gradient_accumulation_steps=accumulation,
+        mixed_precision=precision,
+        deepspeed_plugin=ds_plugin,
+        kwargs_handlers=handlers,
+        # The cosine schedule is in optimizer steps: step it once per optimizer step, not once per process.
+        step_scheduler_with_optimizer=False,
+        **kwargs,
+    )
+    # `accelerate launch` may carry its own accumulation in the env; the run config is the source of truth.
+    accelerator.gradient_accumulation_steps = accumulation
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        # We iterate the loader ourselves, so Accelerate cannot infer these from a DataLoader.
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.train.per_device_batch_size
+        ds_config["gradient_accumulation_steps"] = accumulation
+        ds_config["train_batch_size"] = cfg.train.global_batch_size
+        ds_config["gradient_clipping"] = cfg.optim.grad_clip
+        if ds_config.get("zero_optimization", {}).get("stage") == 3:
+            ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return accelerator
+
+
+def input_dtype(accelerator: Accelerator) -> torch.dtype:
+    """DeepSpeed bf16 holds bf16 weights and does not autocast: inputs must be cast by us."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def is_zero3(accelerator: Accelerator) -> bool:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases, norms and embeddings-like 1-d parameters (the ViT/DeiT convention).
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(("pos_embed", "time_embed", "cls_token")) else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.momentum > 0)
+
+
+def cosine_with_warmup(cfg: Config):
+    """LR multiplier per optimizer step: linear warmup to 1, then cosine down to min_lr / lr."""
+    warmup, total = cfg.optim.warmup_steps, cfg.train.max_steps
+    floor = cfg.optim.min_lr / cfg.optim.lr
+
+    def multiplier(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def build_mixing(cfg: Config, num_classes: int):
+    """MixUp / CutMix on the device batch (torchvision v2), or None. Returns (video, soft targets)."""
+    if cfg.optim.mixup_alpha <= 0 and cfg.optim.cutmix_alpha <= 0:
+        return None
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    choices = []
+    if cfg.optim.mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=cfg.optim.mixup_alpha, num_classes=num_classes))
+    if cfg.optim.cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=cfg.optim.cutmix_alpha, num_classes=num_classes))
+    mix = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+    def apply(video: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # torchvision's Video layout is (B, T, C, H, W); ours is (B, C, T, H, W).
+        mixed, targets = mix(tv_tensors.Video(video.transpose(1, 2)), labels)
+        return mixed.as_subclass(torch.Tensor).transpose(1, 2), targets
+
+    return apply
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSetup:
+    shardset: Any
+    classes: list[str]
+    clip: Any
+    train_samples: int
+    batches_per_epoch: int  # micro batches per rank per epoch
+
+
+def open_data(cfg: Config, world_size: int) -> DataSetup:
+    from actionrec.data import ClipSpec, ShardSet
+
+    shardset = ShardSet.open(cfg.data.shards)
+    clip = ClipSpec(
+        num_frames=cfg.data.num_frames,
+        sampling=cfg.data.sampling,
+        frame_stride=cfg.data.frame_stride,
+        size=cfg.data.size,
+    )
+    train_samples = shardset.num_samples(cfg.data.train_split) if cfg.data.train_split else 0
+    per_rank_epoch = max(1, train_samples // (cfg.train.per_device_batch_size * world_size))
+    return DataSetup(shardset, list(shardset.classes), clip, train_samples, per_rank_epoch)
+
+
+def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: int, world_size: int) -> Iterator[dict]:
+    """Endless train batches of this rank from data position `start_micro_batch` (micro batches consumed
+    per rank). The loader is deterministic given (seed, rank, epoch, workers) and skips to the position,
+    so a resumed run sees the batches the uninterrupted run would have seen."""
+    from actionrec.data import build_train_loader
+
+    extra = {"shuffle_buffer": cfg.data.shuffle_buffer} if cfg.data.shuffle_buffer else {}
+    loader = build_train_loader(
+        data.shardset,
+        split=cfg.data.train_split,
+        clip=data.clip,
+        batch_size=cfg.train.per_device_batch_size,
+        num_workers=cfg.data.num_workers,
+        batches_per_epoch=data.batches_per_epoch,
+        seed=cfg.train.seed,
+        start_batch=start_micro_batch,
+        rank=rank,
+        world_size=world_size,
+        **extra,
+    )
+    while True:
+        yield from loader  # each pass is one epoch; the loader advances its epoch itself
+
+
+def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size: int):
+    from actionrec.data import build_eval_loader
+
+    return build_eval_loader(
+        data.shardset,
+        split=split,
+        clip=data.clip,
+        batch_size=cfg.data.eval_batch_size or cfg.train.per_device_batch_size,
+        num_workers=cfg.data.num_workers,
+        temporal_clips=cfg.data.eval_temporal_clips,
+        spatial_crops=cfg.data.eval_spatial_crops,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def build_model_for(cfg: Config, num_classes: int) -> torch.nn.Module:
+    import dataclasses
+
+    from actionrec.models import build_model, model_config_class
+
+    # Clip geometry comes from the data config, for the model families whose config has these fields.
+    fields = {f.name for f in dataclasses.fields(model_config_class(cfg.model.name))}
+    from_data = {"num_frames": cfg.data.num_frames, "img_size": cfg.data.size}
+    model = build_model(
+        cfg.model.name,
+        num_classes=num_classes,
+        **{k: v for k, v in from_data.items() if k in fields},
+        **cfg.model.options,
+    )
+    if cfg.model.pretrained:
+        from actionrec.models import load_pretrained
+
+        load_pretrained(model, cfg.model.pretrained)
+    return model
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the prepared objects of one run; `train()` below builds it and runs it."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, data: DataSetup, model: torch.nn.Module,
+                 flops_per_clip: float, logger) -> None:
+        self.cfg = cfg
+        self.acc = accelerator
+        self.data = data
+        self.logger = logger
+        self.device = accelerator.device
+        self.rank = accelerator.process_index
+        self.world_size = accelerator.num_processes
+        self.num_classes = len(data.classes)
+        self.flops_per_clip = flops_per_clip
+        self.dtype = input_dtype(accelerator)
+        self.mixing = build_mixing(cfg, self.num_classes)
+
+        optimizer = build_optimizer(cfg, model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg))
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.progress = TrainProgress()
+        accelerator.register_for_checkpointing(self.progress)
+        self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last)
+
+    def to_inputs(self, video_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, T, H, W) on the host -> normalised float (B, C, T, H, W) on the device."""
+        from actionrec.data import normalize_on_device
+
+        video = video_uint8.to(self.device, non_blocking=True)
+        return normalize_on_device(video, mean=self.cfg.data.mean, std=self.cfg.data.std, dtype=self.dtype)
+
+    def checkpoint_files(self) -> dict[str, str]:
+        return {
+            "config.yaml": yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+            "classes.json": json.dumps(self.data.classes),
+        }
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.progress.step, self.checkpoint_files())
+
+    def evaluate(self, split: str) -> EvalResult:
+        zero3 = is_zero3(self.acc)
+        dummy = None
+        if zero3:
+            shape = (1, 3, self.cfg.data.num_frames, self.cfg.data.size, self.cfg.data.size)
+            dummy = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        show = self.acc.is_main_process and self.cfg.log.progress_bar
+        # Outside ZeRO-3 the bare module evaluates on its own: the DDP wrapper's forward can broadcast buffers
+        # (BatchNorm statistics), a collective that would hang ranks with different numbers of eval batches.
+        model = self.model if zero3 else self.acc.unwrap_model(self.model)
+        return evaluate(
+            model,
+            eval_batches(self.cfg, self.data, split, self.rank, self.world_size),
+            num_classes=self.num_classes,
+            device=self.device,
+            to_inputs=self.to_inputs,
+            autocast=self.acc.autocast,
+            dummy_input=dummy,
+            progress=(lambda it: tqdm(it, desc=f"eval {split}", leave=False, dynamic_ncols=True)) if show else None,
+        )
+
+    def train_step(self, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor | None, float, int]:
+        """One optimizer step over `accumulation` micro batches.
+        Returns (mean loss on device, grad norm, seconds waiting for data, skipped samples)."""
+        accumulation = self.acc.gradient_accumulation_steps
+        loss_sum = torch.zeros((), device=self.device)
+        grad_norm = None
+        waited = 0.0
+        skipped = 0
+        for _ in range(accumulation):
+            start = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - start
+            self.progress.micro_batches += 1
+            skipped += int(batch["skipped"]) if "skipped" in batch else 0
+            video = self.to_inputs(batch["video"])
+            targets = batch["label"].to(self.device, non_blocking=True)
+            if self.mixing is not None:
+                video, targets = self.mixing(video, targets)
+            with self.acc.accumulate(self.model):
+                with self.acc.autocast():
+                    logits = self.model(video)  # (B, num_classes)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.optim.label_smoothing)
+                self.acc.backward(loss)
+                if self.acc.sync_gradients:
+                    max_norm = self.cfg.optim.grad_clip or float("inf")
+                    grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                self.optimizer.step()
+                if self.acc.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        self.progress.step += 1
+        return loss_sum / accumulation, grad_norm, waited, skipped
+
+
+def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -> dict[str, Any]:
+    """Train (or with eval_only, evaluate `checkpoint`) in the process group the environment describes.
+    Returns the final metrics (the same on every rank)."""
+    # Everything that can be wrong with the request is checked before a process group exists.
+    world_size = world_size_from_env()
+    accumulation = derive_accumulation(cfg, world_size)
+    weights_from = resolve_checkpoint(checkpoint) if checkpoint else None
+
+    accelerator = build_accelerator(cfg, accumulation)
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but Accelerate joined {accelerator.num_processes} process(es): "
+            "on CPU launch with `accelerate launch --multi_gpu --num_processes N` or torchrun"
+        )
+    logger = get_logger(accelerator.is_main_process)
+    set_seed(cfg.train.seed)  # identical initial weights on every rank
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = cfg.run_dir
+    data = open_data(cfg, world_size)
+    logger.info(
+        "run %s: %d process(es) (%s%s), global batch %d = %d per device x %d accumulation x %d, %d classes",
+        run_dir, world_size, accelerator.device.type,
+        ", DeepSpeed ZeRO-%s" % accelerator.state.deepspeed_plugin.zero_stage
+        if accelerator.distributed_type == DistributedType.DEEPSPEED else "",
+        cfg.train.global_batch_size, cfg.train.per_device_batch_size, accumulation, world_size, len(data.classes),
+    )
+
+    model = build_model_for(cfg, len(data.classes))
+    if weights_from is not None:
+        model.load_state_dict(load_fp32_state_dict(weights_from))
+        logger.info("weights from %s", weights_from)
+    flops_per_clip = 0.0  # forward + backward of one training clip, for the MFU estimate
+    if cfg.log.peak_tflops_per_device > 0 and not eval_only:
+        from actionrec.models import count_flops_per_clip
+
+        clip_shape = (3, cfg.data.num_frames, cfg.data.size, cfg.data.size)
+        flops_per_clip = float(count_flops_per_clip(model, clip_shape, include_backward=True))
+    if cfg.train.compile:
+        model = torch.compile(model)
+    trainer = Trainer(cfg, accelerator, data, model, flops_per_clip, logger)
+
+    if eval_only:
+        results = run_evaluations(trainer, None, [cfg.data.val_split, cfg.data.test_split], step=0)
+        accelerator.end_training()
+        return results
+
+    latest = trainer.checkpoints.latest()
+    if latest is not None:
+        trainer.checkpoints.load(latest)
+        logger.info("resumed from %s (step %d)", latest, trainer.progress.step)
+        warn_config_changes(run_dir, cfg, logger)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "classes.json").write_text(json.dumps(data.classes))
+    monitor = RunMonitor(
+        run_dir,
+        is_main_process=accelerator.is_main_process,
+        config=config_to_dict(cfg),
+        wandb_mode=cfg.log.wandb_mode,
+        project=cfg.log.wandb_project,
+        entity=cfg.log.wandb_entity,
+        resume_step=trainer.progress.step,
+    )
+    shards_dir = Path(cfg.data.shards)
+    frames_plot = (shards_dir.parent if shards_dir.suffix == ".json" else shards_dir) / "frames_per_category.png"
+    if trainer.progress.step == 0:
+        monitor.log_image("data/frames_per_category", frames_plot, step=0)
+
+    results = run_loop(trainer, monitor)
+    results.update(run_evaluations(trainer, monitor, [cfg.data.val_split, cfg.data.test_split], trainer.progress.step))
+    final_dir = trainer.save_checkpoint()
+    export_model(trainer, final_dir)
+    monitor.finish()
+    logger.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
+    accelerator.end_training()
+    return results
+
+
+def run_loop(trainer: Trainer, monitor: RunMonitor) -> dict[str, Any]:
+    cfg, acc, progress = trainer.cfg, trainer.acc, trainer.progress
+    batches = train_batches(cfg, trainer.data, progress.micro_batches, trainer.rank, trainer.world_size)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=progress.step,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not (acc.is_main_process and cfg.log.progress_bar),
+    )
+    trainer.model.train()
+    window_loss = torch.zeros((), device=trainer.device)
+    window_steps, window_wait, window_skipped = 0, 0.0, 0
+    window_start = time.perf_counter()
+    last: dict[str, Any] = {}
+    while progress.step < cfg.train.max_steps:
+        loss, grad_norm, waited, skipped = trainer.train_step(batches)
+        window_loss += loss
+        window_steps += 1
+        window_wait += waited
+        window_skipped += skipped
+        step = progress.step
+        bar.update(1)
+        if step % cfg.log.log_every == 0 or step == cfg.train.max_steps:
+            # One all-reduce per log window (not per step): [loss, data wait, skipped], summed over ranks.
+            packed = torch.stack([
+                window_loss / window_steps,
+                torch.tensor(window_wait, device=trainer.device),
+                torch.tensor(float(window_skipped), device=trainer.device),
+            ]).float()
+            packed = acc.reduce(packed, reduction="sum")
+            elapsed = time.perf_counter() - window_start
+            clips_per_device = window_steps * cfg.train.global_batch_size / trainer.world_size / elapsed
+            progress.skipped += int(packed[2])
+            last = {
+                "train/loss": float(packed[0]) / trainer.world_size,
+                "train/lr": trainer.scheduler.get_last_lr()[0],
+                "train/clips_per_s_per_device": clips_per_device,
+                "train/data_wait_fraction": float(packed[1]) / trainer.world_size / elapsed,
+                "train/skipped_samples": float(progress.skipped),
+                "train/epoch": progress.micro_batches / trainer.data.batches_per_epoch,
+            }
+            if grad_norm is not None:
+                last["train/grad_norm"] = float(grad_norm)
+            if trainer.flops_per_clip > 0:
+                achieved = trainer.flops_per_clip * clips_per_device
+                last["train/mfu"] = achieved / (cfg.log.peak_tflops_per_device * 1e12)
+            monitor.log_scalars(last, step)
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}", lr=f"{last['train/lr']:.2e}")
+            window_loss.zero_()
+            window_steps, window_wait, window_skipped = 0, 0.0, 0
+            window_start = time.perf_counter()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            run_evaluations(trainer, monitor, [cfg.data.val_split], step)
+            window_start = time.perf_counter()  # eval time is not training throughput
+        if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
+            trainer.save_checkpoint()
+            window_start = time.perf_counter()
+    bar.close()
+    return {"step": progress.step, **last}
+
+
+def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[str], step: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for split in splits:
+        if not split:
+            continue
+        if trainer.data.shardset.num_samples(split) == 0:
+            trainer.logger.info("no %s split in %s: not evaluated", split, trainer.cfg.data.shards)
+            continue
+        result = trainer.evaluate(split)
+        scalars = {f"{split}/{k}": v for k, v in result.scalars().items()}
+        results.update(scalars)
+        trainer.logger.info(
+            "step %d %s: video top-1 %.4f top-5 %.4f mean-class %.4f | clip top-1 %.4f | loss %.4f (%d videos, %d clips)",
+            step, split, result.video.top1, result.video.top5, result.video.mean_class_accuracy,
+            result.clip.top1, result.loss, result.video.count, result.clip.count,
+        )
+        if monitor is not None:
+            monitor.log_eval(result, split, step, trainer.data.classes)
+        elif trainer.acc.is_main_process:
+            write_eval_report(trainer, result, split)
+    return results
+
+
+def write_eval_report(trainer: Trainer, result: EvalResult, split: str) -> None:
+    """--eval-only: metrics JSON and the two plots into {run_dir}/eval/."""
+    from actionrec.logging import plot_confusion_matrix, plot_pr_curves
+
+    out = trainer.cfg.run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    classes = trainer.data.classes
+    report = {
+        **result.scalars(),
+        "per_class_accuracy": {
+            level: dict(zip(classes, getattr(result, level).per_class_accuracy)) for level in ("clip", "video")
+        },
+        "confusion_matrix_video": result.video.confusion_matrix.tolist(),
+    }
+    (out / f"{split}_metrics.json").write_text(json.dumps(report, indent=1))
+    plot_confusion_matrix(result.video.confusion_matrix, classes, out / f"confusion_matrix_{split}.png", f"{split} (video level)")
+    plot_pr_curves(result.video.pr_precision, result.video.pr_recall, classes, out / f"pr_curves_{split}.png", f"{split} (video level)")
+
+
+def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
+    """Plain fp32 model.safetensors + classes.json + config.yaml in the run dir (any backend, ZeRO-3 too)."""
+    from safetensors.torch import save_file
+
+    acc = trainer.acc
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        state = None  # rank 0 reads the fp32 master weights back from the ZeRO shards just written
+    else:
+        state = acc.get_state_dict(trainer.model)
+    if acc.is_main_process:
+        if state is None:
+            state = load_fp32_state_dict(final_checkpoint)
+        else:
+            state = fp32_cpu_state_dict(state)
+        run_dir = trainer.cfg.run_dir
+        tmp = run_dir / ".model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name})
+        os.replace(tmp, run_dir / "model.safetensors")
+        trainer.logger.info("exported %s (fp32, %d tensors)", run_dir / "model.safetensors", len(state))
+    acc.wait_for_everyone()
+
+
+def warn_config_changes(run_dir: Path, cfg: Config, logger) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    current = config_to_dict(cfg)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    before, after = flat(saved), flat(current)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if changed:
+        logger.info("resuming with a changed config: %s", ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed))

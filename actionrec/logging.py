@@ -1,0 +1,312 @@
+"""Rank-0 monitoring: one logger, WandB (online / offline / disabled), metrics.jsonl and PNG plots.
+
+Only the main process writes or prints; every method is a no-op elsewhere, so callers reduce first and then
+log unconditionally. WandB is optional at run time: any failure to start it warns once and the run goes on
+with the local metrics.jsonl and plots, which are always written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import string
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from actionrec.engine.evaluation import EvalResult
+
+LOGGER_NAME = "actionrec"
+
+
+def get_logger(is_main_process: bool) -> logging.Logger:
+    """The one run logger: INFO to stdout on the main process, silent on the others."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    if is_main_process:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.CRITICAL + 1)
+    return logger
+
+
+class RunMonitor:
+    """Scalars, eval results and images of one run, to metrics.jsonl + plots/ and (if it starts) WandB."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        is_main_process: bool,
+        config: dict[str, Any],
+        wandb_mode: str,
+        project: str,
+        entity: str = "",
+        resume_step: int = 0,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.is_main = is_main_process
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.plots_dir = self.run_dir / "plots"
+        self.logger = logging.getLogger(LOGGER_NAME)
+        self.wandb_run = None
+        if not self.is_main:
+            return
+        self.plots_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._start_wandb(config, os.environ.get("WANDB_MODE") or wandb_mode, project, entity)
+
+    # --- local records -------------------------------------------------------------------------------
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run replays the steps after its checkpoint: drop their old records so each step is
+        in metrics.jsonl once (the replayed values are the same, the duplicates would break the curves)."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # --- WandB ---------------------------------------------------------------------------------------
+
+    def _start_wandb(self, config: dict[str, Any], mode: str, project: str, entity: str) -> None:
+        if mode == "disabled":
+            return
+        id_path = self.run_dir / "wandb_run_id"
+        run_id = ""
+        try:
+            import wandb
+
+            # The id lives in the run dir so a requeued or resumed job continues the same WandB run.
+            run_id = id_path.read_text().strip() if id_path.exists() else _new_run_id()
+            id_path.write_text(run_id)
+            self.wandb_run = self._init_wandb(wandb, run_id, config, mode, project, entity)
+        except Exception as exc:  # noqa: BLE001 — monitoring must never stop training
+            warnings.warn(f"WandB ({mode}) did not start: {exc!r}; continuing with metrics.jsonl and plots only")
+            if mode == "online":
+                try:
+                    import wandb
+
+                    self.wandb_run = self._init_wandb(wandb, run_id, config, "offline", project, entity)
+                    self.logger.info("WandB continues offline in %s (sync later with `wandb sync`)", self.run_dir)
+                except Exception as offline_exc:  # noqa: BLE001
+                    warnings.warn(f"WandB offline did not start either: {offline_exc!r}")
+                    self.wandb_run = None
+        if self.wandb_run is not None:
+            self.wandb_run.define_metric("step")
+            # Our step is the x axis (not wandb's own counter): a resumed run re-logs steps after its checkpoint.
+            self.wandb_run.define_metric("*", step_metric="step")
+
+    def _init_wandb(self, wandb: Any, run_id: str, config: dict, mode: str, project: str, entity: str) -> Any:
+        return wandb.init(
+            project=project,
+            entity=entity or None,
+            name=self.run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            config=config,
+            mode=mode,
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
+
+    def _wandb_log(self, payload: dict[str, Any]) -> None:
+        if self.wandb_run is None:
+            return
+        try:
+            self.wandb_run.log(payload)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"WandB log failed ({exc!r}); WandB is off for the rest of this run")
+            self.wandb_run = None
+
+    # --- public --------------------------------------------------------------------------------------
+
+    def log_scalars(self, metrics: dict[str, float], step: int) -> None:
+        if not self.is_main:
+            return
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self._append(record)
+        self._wandb_log(record)
+
+    def log_eval(self, result: EvalResult, split: str, step: int, class_names: list[str]) -> None:
+        """Scalars of both levels, per-class accuracy, confusion matrix and PR curve plots (video level)."""
+        if not self.is_main:
+            return
+        scalars = {f"{split}/{k}": v for k, v in result.scalars().items()}
+        per_class = {
+            f"{split}/per_class_accuracy/{level}": dict(zip(class_names, getattr(result, level).per_class_accuracy))
+            for level in ("clip", "video")
+        }
+        self._append({"step": step, **scalars, **per_class})
+        cm_png = self.plots_dir / f"confusion_matrix_{split}.png"
+        pr_png = self.plots_dir / f"pr_curves_{split}.png"
+        plot_confusion_matrix(result.video.confusion_matrix, class_names, cm_png, f"{split} (video level), step {step}")
+        plot_pr_curves(result.video.pr_precision, result.video.pr_recall, class_names, pr_png, f"{split} (video level), step {step}")
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        payload: dict[str, Any] = {"step": step, **scalars}
+        try:
+            payload[f"{split}/confusion_matrix"] = wandb.plot.confusion_matrix(
+                y_true=result.video.labels.tolist(),
+                preds=result.video.probs.argmax(dim=1).tolist(),
+                class_names=class_names,
+                title=f"{split} confusion matrix (video level)",
+            )
+            payload[f"{split}/pr_curve"] = wandb.plot.pr_curve(
+                result.video.labels.numpy(), result.video.probs.numpy(), labels=class_names,
+                title=f"{split} PR curves (video level)",
+            )
+            payload[f"{split}/confusion_matrix_png"] = wandb.Image(str(cm_png))
+            payload[f"{split}/pr_curves_png"] = wandb.Image(str(pr_png))
+        except Exception as exc:  # noqa: BLE001 — e.g. a missing optional plotting dependency
+            warnings.warn(f"WandB eval plots skipped: {exc!r}")
+        self._wandb_log(payload)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        if not self.is_main or self.wandb_run is None or not Path(path).is_file():
+            return
+        import wandb
+
+        self._wandb_log({"step": step, key: wandb.Image(str(path))})
+
+    def plot_loss_curve(self) -> None:
+        if self.is_main:
+            plot_loss_curve(self.metrics_path, self.plots_dir / "loss.png")
+
+    def finish(self) -> None:
+        if not self.is_main:
+            return
+        self.plot_loss_curve()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(f"WandB finish failed: {exc!r}")
+            self.wandb_run = None
+
+
+def _new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+# --- PNG plots ---------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curve(metrics_path: Path, out: Path) -> None:
+    if not Path(metrics_path).exists():
+        return
+    steps, losses, lrs, eval_steps, eval_acc = [], [], [], [], []
+    for line in Path(metrics_path).read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            steps.append(record["step"])
+            losses.append(record["train/loss"])
+            lrs.append(record.get("train/lr", np.nan))
+        for key, value in record.items():
+            if key.endswith("/video/top1") and not key.startswith("test"):
+                eval_steps.append(record["step"])
+                eval_acc.append(value)
+    if not steps:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, label="train loss", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if eval_steps:
+        acc_ax = ax.twinx()
+        acc_ax.plot(eval_steps, eval_acc, "o-", color="tab:green", label="val video top-1")
+        acc_ax.set_ylabel("accuracy")
+        acc_ax.set_ylim(0, 1)
+        acc_ax.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.set_title("training loss")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(matrix: Any, class_names: list[str], out: Path, title: str) -> None:
+    matrix = np.asarray(matrix, dtype=np.float64)
+    # Row-normalised: each row shows where the videos of one true class went.
+    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    n = len(class_names)
+    plt = _pyplot()
+    side = min(4 + 0.35 * n, 30)
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    if n <= 50:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), class_names, fontsize=8)
+        if n <= 20:
+            for i in range(n):
+                for j in range(n):
+                    if matrix[i, j]:
+                        ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if normalised[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_pr_curves(precision: Any, recall: Any, class_names: list[str], out: Path, title: str) -> None:
+    """One precision-recall curve per class (the 20 with the lowest average precision when there are more)."""
+    precision = np.asarray(precision)  # (C, thresholds)
+    recall = np.asarray(recall)
+    # Area under the step curve per class, to pick which classes to draw.
+    ap = -np.sum(np.diff(recall, axis=1) * precision[:, 1:], axis=1)
+    order = np.argsort(ap)[:20] if len(class_names) > 20 else np.arange(len(class_names))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for c in order:
+        ax.plot(recall[c], precision[c], label=f"{class_names[c]} (AP {ap[c]:.2f})", linewidth=1)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower left", ncol=2 if len(order) > 10 else 1)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

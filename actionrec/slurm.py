@@ -1,0 +1,332 @@
+"""Training on SLURM through submitit: the requeue-safe job, the executor, and following a job to its end.
+
+`launch/slurm.py` is the command line; this module is what runs on the cluster, so it must be importable
+there (a class defined in the launcher's `__main__` would be pickled by value and break on code changes).
+
+How a job survives preemption and time limits: the training loop writes checkpoints periodically
+(`train.checkpoint_every`) and resumes from `{run_dir}/checkpoints/latest` by itself. When SLURM signals the
+job (USR2, `signal_delay_s` before the time limit, or at preemption), submitit calls
+`SlurmTrainingJob.checkpoint()` on global rank 0 inside the signal handler. That handler only hands back
+the job for requeueing: a collective there would deadlock (the other ranks are mid-step or already
+signalled), and a checkpoint written from a signal handler could capture a half-updated optimizer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import submitit
+
+if TYPE_CHECKING:
+    from actionrec.config import Config
+
+# Where a run's SLURM files go when --output-dir is not given (relative to the run dir).
+DEFAULT_LOG_SUBDIR = "slurm"
+# The checkout this module was imported from: jobs import the same code as the launcher that submitted them.
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _preemption_signal() -> signal.Signals:
+    # submitit's choice of signal (env SUBMITIT_PREEMPT_SIGNAL, default USR2), read the way submitit reads it
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+def _ignore_preemption_signal_in_child() -> None:
+    # SLURM delivers the signal to every process of the step, data-loader workers included. A forked worker
+    # inherits submitit's handler and would requeue the job a second time and dump a stale state; the main
+    # task process handles the signal for all of them.
+    try:
+        signal.signal(_preemption_signal(), signal.SIG_IGN)
+    except ValueError:  # forked from a non-main thread: Python handlers never run there anyway
+        pass
+
+
+def _write_from_signal_handler(message: str) -> None:
+    # print() here could hit "reentrant call" if the signal arrived while the main thread was printing
+    os.write(1, (message + "\n").encode())
+
+
+def _exit_now() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+class SlurmTrainingJob(submitit.helpers.Checkpointable):
+    """One SLURM task = one training process. Requeued (at most `max_requeues` times) on timeout/preemption."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        eval_only: bool = False,
+        checkpoint: str | None = None,
+        max_requeues: int = 10,
+        cpu: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.eval_only = eval_only
+        self.checkpoint_path = checkpoint
+        self.max_requeues = max_requeues
+        self.cpu = cpu
+        self.requeues = 0  # how many times this job was handed back to SLURM; pickled with the job
+
+    def __call__(self) -> dict[str, Any]:
+        dist_env = submitit.helpers.TorchDistributedEnvironment()
+        # Every GPU of the node stays visible: Accelerate picks cuda:LOCAL_RANK itself.
+        dist_env.export(set_cuda_visible_devices=False, overwrite=True)
+        if self.cpu:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.register_at_fork(after_in_child=_ignore_preemption_signal_in_child)
+        self._limit_threads_to_allocation()
+
+        checkpoint = self.checkpoint_path
+        latest = Path(self.cfg.run_dir) / "checkpoints" / "latest"
+        if self.requeues and latest.exists():
+            checkpoint = None  # a requeued job continues from its own latest checkpoint (auto-resume)
+        if dist_env.rank == 0:
+            attempt = f"attempt {self.requeues + 1} (requeued {self.requeues} of at most {self.max_requeues} times)"
+            resume = f"resuming from {latest}" if latest.exists() else "no checkpoint yet: starting fresh"
+            print(
+                f"actionrec.slurm: job {os.environ.get('SLURM_JOB_ID')} {attempt}: world size {dist_env.world_size} "
+                f"on {os.environ.get('SLURM_JOB_NODELIST')}, master {dist_env.master_addr}:{dist_env.master_port}; "
+                f"{resume}",
+                flush=True,
+            )
+
+        from actionrec.engine.trainer import train  # heavy import, only inside the job
+
+        result = train(self.cfg, eval_only=self.eval_only, checkpoint=checkpoint)
+        # submitit writes the result file after this returns, then the interpreter exits; that exit can
+        # abort in gloo/DeepSpeed teardown ("terminate called without an active exception", ENVIRONMENT.md),
+        # which SLURM would record as a failed task. Leave without running those destructors, as train.py does.
+        atexit.register(_exit_now)
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        # Runs inside submitit's signal handler on rank 0: no collectives, no model I/O (see module docstring).
+        if self.requeues >= self.max_requeues:
+            _write_from_signal_handler(
+                f"actionrec.slurm: not requeueing: already requeued {self.requeues} times (--max-requeues); "
+                f"resubmit the same command to continue from {Path(self.cfg.run_dir) / 'checkpoints' / 'latest'}"
+            )
+            return None
+        self.requeues += 1
+        _write_from_signal_handler(
+            f"actionrec.slurm: signalled on {socket.gethostname()}: requeueing (requeue {self.requeues})"
+        )
+        return super().checkpoint(*args, **kwargs)
+
+    @staticmethod
+    def _limit_threads_to_allocation() -> None:
+        # torch sizes its intra-op pool by the machine's cores, not by the CPUs SLURM gave this task: several
+        # tasks per node would oversubscribe the node.
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus:
+            import torch
+
+            os.environ.setdefault("OMP_NUM_THREADS", cpus)
+            torch.set_num_threads(int(cpus))
+
+
+@dataclass
+class SlurmResources:
+    """What to ask SLURM for. `tasks_per_node` = GPUs per node, or CPU processes per node with `cpu`."""
+
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem: str | None = None  # SLURM syntax: "64G", "500M", "0" = all of the node's memory
+    time_min: int = 1440
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    job_name: str = "actionrec"
+    max_requeues: int = 10
+    # USR2 this long before the time limit; the handler only requeues, so it needs seconds, not minutes
+    signal_delay_s: int = 90
+
+    def sbatch_parameters(self) -> dict[str, Any]:
+        """The parameters of submitit's SlurmExecutor (sbatch flags, plus submitit's own few)."""
+        params: dict[str, Any] = {
+            "job_name": self.job_name,
+            "nodes": self.nodes,
+            "ntasks_per_node": self.tasks_per_node,
+            "cpus_per_task": self.cpus_per_task,
+            "time": self.time_min,
+            "signal_delay_s": self.signal_delay_s,
+            # one log per task, stdout and stderr interleaved in the order they happened
+            "stderr_to_stdout": True,
+            # one task failing ends the step: the others would otherwise wait in a collective until the
+            # process-group timeout
+            "srun_args": ["--kill-on-bad-exit=1"],
+            "setup": [f"export PYTHONPATH={shlex.quote(str(CODE_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        }
+        if self.gpus_per_node:
+            params["gpus_per_node"] = self.gpus_per_node
+        optional = {
+            "mem": self.mem,
+            "partition": self.partition,
+            "account": self.account,
+            "qos": self.qos,
+            "constraint": self.constraint,
+            "exclude": self.exclude,
+        }
+        params.update({k: v for k, v in optional.items() if v is not None})
+        return params
+
+
+def build_executor(folder: Path, resources: SlurmResources) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=resources.max_requeues)
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in resources.sbatch_parameters().items()})
+    return executor
+
+
+def sbatch_script(folder: Path, resources: SlurmResources) -> str:
+    """The sbatch script submitit would submit, without needing SLURM installed (for --dry-run)."""
+    # submitit has no public "render without submitting"; this is the function its SlurmExecutor calls.
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+    return _make_sbatch_string(command=command, folder=folder, **resources.sbatch_parameters())
+
+
+def submit(executor: submitit.AutoExecutor, job: SlurmTrainingJob) -> submitit.Job:
+    # submitit.helpers.clean_env keeps an enclosing allocation's SLURM_*/RANK variables out of the new job,
+    # but it also hides SLURM_CONF, which says which cluster to talk to.
+    slurm_conf = os.environ.get("SLURM_CONF")
+    with submitit.helpers.clean_env():
+        if slurm_conf:
+            os.environ["SLURM_CONF"] = slurm_conf
+        return executor.submit(job)
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    state: str  # SLURM's final state (COMPLETED, FAILED, CANCELLED, ...)
+    ok: bool
+    result: Any  # rank 0's return value when ok
+    error: str  # one line when not ok
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip() and not set(line.strip()) <= {"-"}]
+    return lines[-1] if lines else text.strip()
+
+
+# SLURM states of a job that is not over yet (result files can appear before the job has ended)
+UNFINISHED_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
+                     "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "UNKNOWN"}
+
+
+def final_state(job: submitit.Job, timeout_s: float = 60.0, poll_s: float = 1.0) -> str:
+    """SLURM's final state of a job (or the last one seen after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        # sacct writes e.g. "CANCELLED by 0"
+        state = job.get_info(mode="force").get("State", "UNKNOWN").split()[0]
+        if state not in UNFINISHED_STATES or time.monotonic() > deadline:
+            return state
+        time.sleep(poll_s)
+
+
+def job_outcome(job: submitit.Job) -> JobOutcome:
+    """Rank 0's result, or the first failing rank's error as one line. Call once the job is done."""
+    from submitit.core.utils import pickle_load
+
+    state = final_state(job)
+    num_tasks = len(job._tasks) if hasattr(job, "_tasks") else 1
+    outcomes: dict[int, tuple[str, Any]] = {}
+    for task in range(num_tasks):
+        path = job.task(task).paths.result_pickle
+        if path.exists():
+            outcomes[task] = pickle_load(path)
+    for task in sorted(outcomes):
+        outcome, value = outcomes[task]
+        if outcome == "error":
+            return JobOutcome(job.job_id, state, False, None, f"rank {task}: {_last_line(str(value))}")
+    if 0 in outcomes:
+        return JobOutcome(job.job_id, state, True, outcomes[0][1], "")
+    log = job.task(0).paths.stdout
+    tail = _last_line(log.read_text(errors="replace")) if log.exists() else "no log written"
+    return JobOutcome(job.job_id, state, False, None, f"ended {state} without a result; last log line: {tail}")
+
+
+def pending_reason(job_id: str) -> str:
+    """' (Resources)', ' (Priority)', ... for a job waiting in the queue, else ''."""
+    try:
+        reason = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "PD", "-o", "%r"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return f" ({reason})" if reason and reason != "None" else ""
+
+
+def follow(job: submitit.Job, log_path: Path, out: IO[str] = sys.stdout, poll_s: float = 2.0) -> JobOutcome:
+    """Stream `log_path` (rank 0's log) to `out` until the job is over, through requeues, then its outcome."""
+    position = 0
+    last_state = ""
+
+    def pump() -> None:
+        nonlocal position
+        if log_path.exists():
+            with log_path.open("r", errors="replace") as log:
+                log.seek(position)
+                chunk = log.read()
+                position = log.tell()
+            if chunk:
+                out.write(chunk)
+                out.flush()
+
+    while True:
+        state = job.get_info(mode="force").get("State", "")
+        if state and state != last_state and state != "RUNNING":
+            out.write(f"[launch/slurm.py] job {job.job_id}: {state}{pending_reason(job.job_id)}\n")
+            out.flush()
+        last_state = state or last_state
+        pump()
+        if job.done():
+            break
+        time.sleep(poll_s)
+    # a finished job's last lines may land just after the result file
+    time.sleep(0.5)
+    pump()
+    return job_outcome(job)
+
+
+def parse_time_minutes(text: str) -> int:
+    """SLURM --time syntax -> whole minutes (submitit needs minutes to tell a timeout from a preemption).
+
+    Accepts MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+    """
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise ValueError(f"--time {text!r} is not SLURM time syntax (e.g. 90, 4:00:00, 2-00:00:00)")
+    days, first, second, third = match.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = int(days) * 86400 + int(first) * 3600 + int(second or 0) * 60 + int(third or 0)
+    elif third is not None:  # HH:MM:SS
+        seconds = int(first) * 3600 + int(second) * 60 + int(third)
+    elif second is not None:  # MM:SS
+        seconds = int(first) * 60 + int(second)
+    else:  # MM
+        seconds = int(first) * 60
+    minutes = -(-seconds // 60)
+    if minutes < 1:
+        raise ValueError(f"--time {text!r} must be at least one minute")
+    return minutes

@@ -1,0 +1,228 @@
+"""The packing workflow end to end: round trip through WebDataset, a split that never moves, resume after
+a real SIGKILL, byte-sized shards, the inspection script."""
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from actionrec.shards import (EncodeSettings, PackOptions, SyntheticSpec, generate_synthetic, pack_videos,
+                              sample_key)
+from tests.shards_media import decode_video
+from tests.shards_scripts import ROOT, run_script
+
+SPEC = SyntheticSpec(classes=4, videos_per_class=6, frames=8, size=32, seed=3)
+
+
+def quiet(_message):
+    pass
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    src = tmp_path_factory.mktemp("synth")
+    generate_synthetic(src, SPEC, progress=False)
+    return src
+
+
+def read_all(out: Path, manifest: dict) -> list[dict]:
+    urls = [str(out / shard) for split in ("train", "val", "test") for shard in manifest["splits"][split]["shards"]]
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def split_rows(out: Path) -> dict[str, tuple[str, str]]:
+    with open(out / "split.csv", newline="") as f:
+        return {row["source"]: (row["label"], row["split"]) for row in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "jpg"])
+def test_round_trip_every_sample_comes_back_once(synth, tmp_path, fmt):
+    out = tmp_path / "out"
+    options = PackOptions(encode=EncodeSettings(format=fmt), workers=2, val=0.2, test=0.2, seed=1)
+    result = pack_videos(synth, out, options, progress=False, log=quiet)
+    manifest = json.loads((out / "dataset.json").read_text())
+    samples = read_all(out, manifest)
+    sources = sorted(p.relative_to(synth).as_posix() for p in synth.rglob("*.mp4"))
+    assert len(samples) == len(sources) == 24 and result.skipped == []
+    assert sorted(s["__key__"] for s in samples) == sorted(sample_key(r) for r in sources)
+    splits = split_rows(out)
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        label = meta["source"].split("/")[0]
+        assert meta["label"] == label and manifest["classes"][int(sample["cls"])] == label
+        if fmt == "mp4":
+            frames = decode_video(sample["mp4"])
+        else:
+            names = sorted(k for k in sample if k.endswith(".jpg"))
+            assert names == [f"{i:03d}.jpg" for i in range(SPEC.frames)]
+            frames = np.stack([np.asarray(Image.open(io.BytesIO(sample[n]))) for n in names])
+        assert len(frames) == meta["num_frames"] == SPEC.frames
+        assert frames.shape[1:3] == (meta["height"], meta["width"]) == (SPEC.size, SPEC.size)
+        assert meta["format"] == fmt and meta["fps"] == 30.0
+    for split in ("train", "val", "test"):
+        in_split = [s for s in samples if json.loads(s["json"])["source"] in
+                    {r for r, (_, sp) in splits.items() if sp == split}]
+        assert manifest["splits"][split]["num_samples"] == len(in_split)
+        assert manifest["splits"][split]["num_frames"] == len(in_split) * SPEC.frames
+        assert all(n == (4 if split == "train" else 1) for n in manifest["per_class_counts"][split].values())
+    assert manifest["frames_per_category"]["move_left"] == {"videos": 6, "frames": 48, "mean": 8.0, "min": 8, "max": 8}
+    assert manifest["format_version"] == 1 and manifest["pack"]["format"] == fmt
+    assert (out / "frames_per_category.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_split_is_written_once_and_never_reshuffled(synth, tmp_path):
+    base = PackOptions(workers=0, encode=EncodeSettings(short_side=16))
+    pack_videos(synth, tmp_path / "a", base, progress=False, log=quiet)
+    pack_videos(synth, tmp_path / "b", base, progress=False, log=quiet)
+    first = (tmp_path / "a" / "split.csv").read_text()
+    assert first == (tmp_path / "b" / "split.csv").read_text(), "same seed, same split"
+    other_seed = PackOptions(workers=0, seed=99, encode=EncodeSettings(short_side=16))
+    pack_videos(synth, tmp_path / "c", other_seed, progress=False, log=quiet)
+    assert (tmp_path / "c" / "split.csv").read_text() != first
+
+    # Re-running into an existing OUT with another seed keeps the split; new videos are added, old rows stay.
+    extra = tmp_path / "grown"
+    generate_synthetic(extra, SyntheticSpec(classes=4, videos_per_class=9, frames=8, size=32, seed=3), progress=False)
+    notes = []
+    pack_videos(extra, tmp_path / "a2", base, progress=False, log=quiet)
+    before = split_rows(tmp_path / "a2")
+    pack_videos(synth, tmp_path / "a2", other_seed, progress=False, log=notes.append)
+    assert split_rows(tmp_path / "a2") == before
+    assert any("split.csv already exists" in n for n in notes)
+    old = split_rows(tmp_path / "a")
+    small_then_grown = tmp_path / "d"
+    pack_videos(synth, small_then_grown, base, progress=False, log=quiet)
+    result = pack_videos(extra, small_then_grown, PackOptions(workers=0, encode=EncodeSettings(short_side=16)),
+                         progress=False, log=quiet)
+    grown = split_rows(small_then_grown)
+    assert {k: grown[k] for k in old} == old and len(grown) == 36
+    assert result.resumed == 24 and result.newly_packed == 12
+
+
+def test_user_split_csv_is_used(synth, tmp_path):
+    sources = sorted(p.relative_to(synth).as_posix() for p in synth.rglob("*.mp4"))
+    user = tmp_path / "my_split.csv"
+    with open(user, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["source", "label", "split"])
+        for i, relpath in enumerate(sources):
+            writer.writerow([relpath, relpath.split("/")[0], "test" if i % 3 == 0 else "train"])
+    result = pack_videos(synth, tmp_path / "out", PackOptions(workers=0, split_csv=str(user),
+                                                                encode=EncodeSettings(short_side=16)),
+                         progress=False, log=quiet)
+    assert result.packed == {"train": 16, "val": 0, "test": 8}
+    assert split_rows(tmp_path / "out") == {r: (r.split("/")[0], "test" if i % 3 == 0 else "train")
+                                            for i, r in enumerate(sources)}
+
+
+def test_shards_are_byte_sized_and_settings_are_checked_on_rerun(synth, tmp_path):
+    out = tmp_path / "out"
+    options = PackOptions(workers=0, val=0.0, test=0.0, shard_bytes=20_000)
+    result = pack_videos(synth, out, options, progress=False, log=quiet)
+    shards = result.shards["train"]
+    assert len(shards) > 2 and shards == [f"train-{i:06d}.tar" for i in range(len(shards))]
+    sizes = [(out / s).stat().st_size for s in shards]
+    largest_sample = max(m.size for s in shards for m in tarfile.open(out / s) if m.name.endswith(".mp4"))
+    assert all(size <= 20_000 + largest_sample + 3 * 512 + 10240 for size in sizes)  # + headers, tar record
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(Exception, match="other settings.*fps: 30.0 -> 15.0"):
+        pack_videos(synth, out, PackOptions(workers=0, encode=EncodeSettings(fps=15)), progress=False, log=quiet)
+
+
+def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
+    src = tmp_path / "src"
+    generate_synthetic(src, SyntheticSpec(classes=4, videos_per_class=10, frames=8, size=32, seed=5), progress=False)
+    out = tmp_path / "out"
+    command = [sys.executable, "shards/pack.py", str(src), "--out", str(out), "--workers", "1",
+               "--shard-size", "6KB", "--no-progress"]
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(out.glob("train-*.tar"))) < 3:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the packer and its worker processes, mid-run
+    process.wait()
+    published_before = {p.name: p.read_bytes() for p in out.glob("*-*.tar")}
+    assert len(published_before) >= 3 and not (out / "dataset.json").exists(), "killed before it finished"
+
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stdout
+    manifest = json.loads((out / "dataset.json").read_text())
+    for name, data in published_before.items():
+        assert (out / name).read_bytes() == data, "published shards are never rewritten"
+    keys = [s["__key__"] for s in read_all(out, manifest)]
+    expected = sorted(sample_key(p.relative_to(src).as_posix()) for p in src.rglob("*.mp4"))
+    assert sorted(keys) == expected, "nothing lost, nothing duplicated"
+    assert sum(manifest["splits"][s]["num_samples"] for s in ("train", "val", "test")) == 40
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_show_prints_summary_lists_keys_and_dumps_frames(synth, tmp_path, capsys):
+    out = tmp_path / "out"
+    pack_videos(synth, out, PackOptions(workers=0), progress=False, log=quiet)
+    code, summary, _ = run_script(capsys, "show.py", str(out))
+    assert code == 0 and "train" in summary and "move_left" in summary and "skipped 0" in summary
+    code, keys, _ = run_script(capsys, "show.py", str(out), "--keys")
+    rows = [line.split("\t") for line in keys.strip().split("\n")]
+    assert code == 0 and len(rows) == 24 and {label for _, _, label in rows} == set(SPEC.class_names)
+    split, key, label = rows[0]
+    code, _, err = run_script(capsys, "show.py", str(out), "--dump", key, "--to", str(tmp_path / "png"))
+    assert code == 0, err
+    pngs = sorted((tmp_path / "png").glob("frame_*.png"))
+    assert len(pngs) == SPEC.frames and Image.open(pngs[0]).size == (SPEC.size, SPEC.size)
+    code, _, err = run_script(capsys, "show.py", str(out), "--dump", "no/such-key")
+    assert code == 1 and err.startswith("error: no sample with key 'no/such-key'")
+    code, _, err = run_script(capsys, "show.py", str(tmp_path))
+    assert code == 2 and "no dataset.json" in err
+
+
+def test_shards_mix_classes_for_streaming_shuffle(synth, tmp_path):
+    """A streaming reader's shuffle buffer only mixes neighbours: samples must not come grouped by class."""
+    out = tmp_path / "out"
+    pack_videos(synth, out, PackOptions(workers=0, val=0.0, test=0.0, encode=EncodeSettings(short_side=16)),
+                progress=False, log=quiet)
+    labels = [int(s["cls"]) for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False)]
+    assert len(labels) == 24 and len(set(labels[:8])) >= 3
+    changes = sum(a != b for a, b in zip(labels, labels[1:]))
+    assert changes > 12, f"labels in shard order look grouped: {labels}"
+
+
+def test_error_mid_pack_publishes_no_open_shard_and_rerun_completes(synth, tmp_path, monkeypatch):
+    """An exception while packing (here: the disk 'fills' on the 5th sample) must not publish the open
+    shard, whose last sample may be cut; the next run removes the temp file and finishes."""
+    import actionrec.shards.writer as writer_module
+
+    out = tmp_path / "out"
+    options = PackOptions(workers=0, val=0.0, test=0.0, shard_bytes=10_000, encode=EncodeSettings(short_side=16))
+    original = writer_module.SplitShardWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self, key, fields):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(28, "No space left on device")
+        return original(self, key, fields)
+
+    monkeypatch.setattr(writer_module.SplitShardWriter, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        pack_videos(synth, out, options, progress=False, log=quiet)
+    published = {p.name for p in out.glob("train-*.tar")}
+    held = [s for p in out.glob("train-*.tar") for s in wds.WebDataset(str(p), shardshuffle=False)]
+    assert len(held) < 4 and not (out / "dataset.json").exists()
+    monkeypatch.undo()
+    result = pack_videos(synth, out, options, progress=False, log=quiet)
+    assert result.total_packed == 24 and result.resumed == len(held)
+    assert published <= set(result.shards["train"])
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

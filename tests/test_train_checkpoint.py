@@ -1,0 +1,155 @@
+"""Checkpoints (atomic step dirs, `latest`, keep-last-K, resolve) and the evaluation arithmetic, in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+
+from actionrec.engine.checkpoint import (
+    CheckpointManager, CheckpointNotFound, TrainProgress, checkpoint_metadata, load_fp32_state_dict, resolve_checkpoint,
+)
+from actionrec.engine.evaluation import _VideoAccumulator, evaluate
+from actionrec.models import build_model
+
+
+@pytest.fixture
+def accelerator():
+    acc = Accelerator(cpu=True)
+    yield acc
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def tiny_setup(acc):
+    torch.manual_seed(0)
+    model = build_model("timesformer_tiny", num_classes=3, num_frames=2, img_size=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = acc.prepare(model, optimizer)
+    progress = TrainProgress()
+    acc.register_for_checkpointing(progress)
+    return model, optimizer, progress
+
+
+def take_step(model, optimizer):
+    loss = model(torch.randn(2, 3, 2, 32, 32)).square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+FILES = {"config.yaml": "name: t\nmodel:\n  name: timesformer_tiny\n", "classes.json": json.dumps(["a", "b", "c"])}
+
+
+def test_save_keeps_last_k_and_points_latest_at_the_newest(tmp_path, accelerator):
+    model, optimizer, progress = tiny_setup(accelerator)
+    manager = CheckpointManager(tmp_path, accelerator, keep_last=2)
+    for step in range(1, 5):
+        take_step(model, optimizer)
+        progress.step, progress.micro_batches = step, 3 * step
+        manager.save(step, FILES)
+    assert [p.name for p in manager.step_dirs()] == ["step_0000003", "step_0000004"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    assert resolve_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_0000004"
+    assert resolve_checkpoint(tmp_path / "checkpoints" / "latest") == tmp_path / "checkpoints" / "step_0000004"
+    config, classes = checkpoint_metadata(manager.latest())
+    assert config["name"] == "t" and classes == ["a", "b", "c"]
+
+
+def test_load_restores_weights_optimizer_and_progress(tmp_path, accelerator):
+    model, optimizer, progress = tiny_setup(accelerator)
+    manager = CheckpointManager(tmp_path, accelerator, keep_last=3)
+    take_step(model, optimizer)
+    progress.step, progress.micro_batches, progress.skipped = 1, 2, 5
+    saved = manager.save(1, FILES)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    exp_avg = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
+    take_step(model, optimizer)
+    progress.step, progress.micro_batches, progress.skipped = 9, 9, 9
+    manager.load(saved)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(exp_avg[k], v["exp_avg"]) for k, v in optimizer.state_dict()["state"].items())
+    assert (progress.step, progress.micro_batches, progress.skipped) == (1, 2, 5)
+    bare = load_fp32_state_dict(saved)
+    assert set(bare) == set(weights) and all(torch.equal(bare[k], weights[k].float()) for k in bare)
+
+
+def test_a_kill_mid_write_leaves_the_previous_checkpoint_usable(tmp_path, accelerator):
+    model, optimizer, progress = tiny_setup(accelerator)
+    manager = CheckpointManager(tmp_path, accelerator, keep_last=3)
+    progress.step = 2
+    manager.save(2, FILES)
+    # Killed while writing step 3: a partial temp dir, no rename, `latest` untouched.
+    partial = tmp_path / "checkpoints" / ".tmp-step_0000003"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert manager.latest().name == "step_0000002"
+    assert resolve_checkpoint(tmp_path).name == "step_0000002"
+    # Killed between the rename of step 4 and the pointer update: the complete dir is found anyway.
+    progress.step = 4
+    manager.save(4, FILES)
+    (tmp_path / "checkpoints" / "latest").write_text("step_0000002\n")
+    (tmp_path / "checkpoints" / "step_0000002").rename(tmp_path / "checkpoints" / "gone")
+    assert manager.latest().name == "step_0000004"
+    assert not partial.exists()  # the next save cleared the leftover
+
+
+def test_resolve_rejects_what_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointNotFound, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(CheckpointNotFound, match="is not a checkpoint"):
+        resolve_checkpoint(tmp_path / "empty_run")
+
+
+class LogitsInTheClip(torch.nn.Module):
+    """The 'model' reads its logits from the first pixels of the clip: evaluation arithmetic on known numbers."""
+
+    def forward(self, x):  # (B, C, T, H, W) -> (B, 3)
+        return x[:, 0, 0, 0, :3]
+
+
+def clip_batch(rows, labels, keys, views):
+    video = torch.zeros(len(rows), 3, 1, 1, 3)
+    video[:, 0, 0, 0, :] = torch.tensor(rows)
+    return {"video": video, "label": torch.tensor(labels), "key": keys, "view": torch.tensor(views),
+            "skipped": torch.tensor(1)}
+
+
+def test_video_level_averages_view_probabilities_per_key():
+    batches = [
+        # video A (class 0): view 0 says class 1 weakly, view 1 says class 0 strongly -> video right, 1 of 2 clips right
+        clip_batch([[0.0, 1.0, 0.0], [5.0, 0.0, 0.0]], [0, 0], ["a", "a"], [0, 1]),
+        # video B (class 2): both views say class 1 -> wrong; video C (class 1) one view, right
+        clip_batch([[0.0, 2.0, 1.0], [0.0, 3.0, 0.0]], [2, 2], ["b", "b"], [1, 0]),
+        clip_batch([[0.0, 4.0, 0.0]], [1], ["c"], [0]),
+    ]
+    result = evaluate(LogitsInTheClip(), batches, num_classes=3, device=torch.device("cpu"),
+                      to_inputs=lambda v: v, autocast=contextlib.nullcontext)
+    assert result.clip.count == 5 and result.video.count == 3
+    assert result.clip.top1 == pytest.approx(2 / 5)
+    assert result.video.top1 == pytest.approx(2 / 3)
+    assert result.video.per_class_accuracy == [1.0, 1.0, 0.0]
+    assert result.video.mean_class_accuracy == pytest.approx(2 / 3)
+    assert result.video.confusion_matrix.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
+    assert result.video.keys == ["a", "b", "c"]
+    torch.testing.assert_close(result.video.probs.sum(dim=1), torch.ones(3))
+    assert result.skipped == 3
+    # Binned PR curves: one curve per class over fixed thresholds, bounded whatever the number of clips.
+    assert result.video.pr_precision.shape == (3, 102) and result.video.pr_recall.shape == (3, 102)
+
+
+def test_a_view_seen_twice_is_an_error_not_a_double_count():
+    acc = _VideoAccumulator()
+    acc.add(["a"], torch.tensor([0]), torch.tensor([0]), torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(RuntimeError, match="view 0 of video a twice"):
+        acc.add(["a"], torch.tensor([0]), torch.tensor([0]), torch.tensor([[1.0, 0.0]]))
+    other = _VideoAccumulator()
+    other.add(["a"], torch.tensor([0]), torch.tensor([0]), torch.tensor([[0.0, 1.0]]))
+    with pytest.raises(RuntimeError, match="evaluated on two ranks"):
+        acc.merge(other.payload())
