@@ -79,6 +79,7 @@ class ClipStream(IterableDataset):
         self._worker = (0, 1)
         self._skipped = 0
         self._failures_in_a_row = 0
+        self._heap = _HeapTrimmer()
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -106,15 +107,15 @@ class ClipStream(IterableDataset):
         skipped_samples = plan.skip_batches * self.batch_size
         for _ in islice(samples, skipped_samples):
             pass
-        items = self._train_items(samples, first_position=skipped_samples, plan_worker=plan.logical_worker)
+        items = self._train_items(samples, first_position=skipped_samples, logical_worker=plan.logical_worker)
         yield from self._batches(items, max_batches=plan.num_batches)
 
-    def _train_items(self, samples: Iterator[dict], first_position: int, plan_worker: int) -> Iterator[dict]:
+    def _train_items(self, samples: Iterator[dict], first_position: int, logical_worker: int) -> Iterator[dict]:
         for position, sample in enumerate(samples, start=first_position):
             self._heap.tick()
             # Per-sample generator: the clip and augmentation of a sample do not depend on what came before
             # (so fast-forwarding skips samples without replaying their random draws).
-            rng = np.random.default_rng([self.seed, self.rank, self.epoch, plan_worker, position])
+            rng = np.random.default_rng([self.seed, self.rank, self.epoch, logical_worker, position])
             try:
                 label = self._label(sample)
                 with open_frame_reader(sample, self.backend) as reader:
