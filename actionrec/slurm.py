@@ -123,7 +123,9 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
             )
             return None
         self.requeues += 1
-        _write_from_signal_handler(f"actionrec.slurm: signalled on {socket.gethostname()}: requeueing (requeue {self.requeues})")
+        _write_from_signal_handler(
+            f"actionrec.slurm: signalled on {socket.gethostname()}: requeueing (requeue {self.requeues})"
+        )
         return super().checkpoint(*args, **kwargs)
 
     @staticmethod

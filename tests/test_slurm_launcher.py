@@ -13,8 +13,6 @@ from types import SimpleNamespace
 import cloudpickle
 import pytest
 
-pytest.importorskip("actionrec.config", reason="the training stream's config module has not been merged yet")
-
 from actionrec.slurm import SlurmResources, SlurmTrainingJob, parse_time_minutes, sbatch_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +149,8 @@ def test_global_batch_must_split_over_the_allocation(run_launcher, tmp_path, sha
         (["--cpu", "--gpus-per-node", "8"], "--gpus-per-node and --cpu exclude each other"),
         (["--procs-per-node", "2"], "--procs-per-node is for CPU-only jobs"),
         (["--nodes", "0"], "--nodes must be at least 1"),
+        (["--cpu", "--procs-per-node", "0"], "--procs-per-node must be at least 1"),
+        (["--max-requeues", "-1"], "--max-requeues must be 0 or more"),
         (["--mem", "lots"], "--mem 'lots' is not SLURM memory syntax"),
         (["--time", "tomorrow"], "--time 'tomorrow' is not SLURM time syntax"),
         (["--dry-run", "--wait"], "nothing to --wait for"),
