@@ -140,6 +140,14 @@ def wandb_run_line(cfg, run_dir: Path, dry_run: bool) -> str:
     return path
 
 
+def final_metrics_line(result) -> str:
+    """The headline numbers of rank 0's train() result: step, losses and top-1 accuracies."""
+    if not isinstance(result, dict):
+        return "no metrics returned"
+    keys = [k for k in result if k == "step" or k.endswith("/loss") or k.endswith("top1")]
+    return ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}" for k in keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
@@ -204,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nstopped following; job {submitted.job_id} keeps running (scancel {submitted.job_id} stops it)")
         return 130
     if outcome.ok:
-        print(f"job {outcome.job_id} finished ({outcome.state}); run dir {run_dir}")
+        print(f"job {outcome.job_id} finished ({outcome.state}): {outcome.ranks_finished}/{outcome.num_ranks} ranks "
+              f"returned; {final_metrics_line(outcome.result)}; run dir {run_dir}")
         return 0
     print(f"job {outcome.job_id} failed ({outcome.state}): {outcome.error}", file=sys.stderr)
     print(f"full logs: {folder}/{outcome.job_id}_<rank>_log.out", file=sys.stderr)

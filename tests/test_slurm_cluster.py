@@ -128,6 +128,7 @@ def test_two_node_cpu_job_trains_with_world_size_two(slurm_cluster, tiny_shards,
     assert f"rank-0 log:   {run_dir}/slurm/{job_id}_0_log.out" in run.stdout
     assert "world size 2 on node[1-2]" in run.stdout  # the job's own report, streamed from rank 0's log
     assert re.search(r"run \S+: 2 process\(es\) \(cpu\)", run.stdout)  # the trainer's process group has 2 ranks
+    assert f"job {job_id} finished (COMPLETED): 2/2 ranks returned; step 4" in run.stdout
     assert [m["step"] for m in metrics(run_dir) if "train/loss" in m] == [1, 2, 3, 4]
     assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "model.safetensors").is_file()
     assert sacct_state(job_id) == "COMPLETED"
