@@ -22,6 +22,7 @@ def packed(tmp_path_factory):
     bad = src / "bad"
     for i in range(3):
         write_video(good / f"plain_{i}.mp4")
+    write_video(good / f"Long Name {'x' * 140}.v2.mp4")  # key > 100 chars, spaces and dots: PAX tar members
     full = write_video(bad / "full.mp4", n=30).read_bytes()
     (bad / "full.mp4").unlink()
     (bad / "empty.mp4").write_bytes(b"")
@@ -106,6 +107,8 @@ def test_pack_completes_and_counts_add_up(packed):
     assert sources == on_disk, "every entry in SRC is either packed or listed as skipped"
     assert manifest["splits"]["train"]["num_samples"] == len(samples) == result.total_packed
     assert len(result.skipped) == len(manifest["skipped"]) == 10 + (os.geteuid() != 0)
+    long_key = sample_key(f"good/Long Name {'x' * 140}.v2.mp4")
+    assert long_key in samples and len(long_key) > 100 and "." not in long_key
 
 
 def test_odd_size_becomes_even_and_small_videos_are_not_upscaled(packed):

@@ -142,7 +142,7 @@ def test_shards_are_byte_sized_and_settings_are_checked_on_rerun(synth, tmp_path
 
 def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     src = tmp_path / "src"
-    generate_synthetic(src, SyntheticSpec(classes=4, videos_per_class=15, frames=12, size=48, seed=5), progress=False)
+    generate_synthetic(src, SyntheticSpec(classes=4, videos_per_class=10, frames=8, size=32, seed=5), progress=False)
     out = tmp_path / "out"
     command = [sys.executable, "shards/pack.py", str(src), "--out", str(out), "--workers", "1",
                "--shard-size", "6KB", "--no-progress"]
@@ -165,7 +165,7 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     keys = [s["__key__"] for s in read_all(out, manifest)]
     expected = sorted(sample_key(p.relative_to(src).as_posix()) for p in src.rglob("*.mp4"))
     assert sorted(keys) == expected, "nothing lost, nothing duplicated"
-    assert sum(manifest["splits"][s]["num_samples"] for s in ("train", "val", "test")) == 60
+    assert sum(manifest["splits"][s]["num_samples"] for s in ("train", "val", "test")) == 40
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -197,3 +197,32 @@ def test_shards_mix_classes_for_streaming_shuffle(synth, tmp_path):
     assert len(labels) == 24 and len(set(labels[:8])) >= 3
     changes = sum(a != b for a, b in zip(labels, labels[1:]))
     assert changes > 12, f"labels in shard order look grouped: {labels}"
+
+
+def test_error_mid_pack_publishes_no_open_shard_and_rerun_completes(synth, tmp_path, monkeypatch):
+    """An exception while packing (here: the disk 'fills' on the 5th sample) must not publish the open
+    shard, whose last sample may be cut; the next run removes the temp file and finishes."""
+    import actionrec.shards.writer as writer_module
+
+    out = tmp_path / "out"
+    options = PackOptions(workers=0, val=0.0, test=0.0, shard_bytes=10_000, encode=EncodeSettings(short_side=16))
+    original = writer_module.SplitShardWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self, key, fields):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(28, "No space left on device")
+        return original(self, key, fields)
+
+    monkeypatch.setattr(writer_module.SplitShardWriter, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        pack_videos(synth, out, options, progress=False, log=quiet)
+    published = {p.name for p in out.glob("train-*.tar")}
+    held = [s for p in out.glob("train-*.tar") for s in wds.WebDataset(str(p), shardshuffle=False)]
+    assert len(held) < 4 and not (out / "dataset.json").exists()
+    monkeypatch.undo()
+    result = pack_videos(synth, out, options, progress=False, log=quiet)
+    assert result.total_packed == 24 and result.resumed == len(held)
+    assert published <= set(result.shards["train"])
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

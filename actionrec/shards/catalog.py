@@ -8,7 +8,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from actionrec.shards.layouts import SPLITS
@@ -49,6 +48,8 @@ def describe(out: str | Path) -> str:
 
 def find_sample(out: str | Path, key: str) -> dict:
     """The raw fields of the sample with this key (searches every shard of every split)."""
+    import webdataset as wds  # here: it imports torch, which the summary and --keys do not need
+
     out = Path(out)
     manifest = load_manifest(out)
     urls = [str(out / shard) for split in SPLITS for shard in manifest["splits"][split]["shards"]]

@@ -126,15 +126,21 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
                 split = split_of[source.relpath]
                 key = sample_key(source.relpath)
                 meta = _sample_meta(source, result, options.encode.format)
-                writers[split].write({"__key__": key, **result.fields, "cls": class_index[source.label],
-                                      "json": meta})
+                writers[split].write(key, {**result.fields, "cls": str(class_index[source.label]).encode("ascii"),
+                                           "json": json.dumps(meta).encode("utf-8")})
                 newly_packed += 1
             bar.update(1)
             bar.set_postfix(packed=newly_packed, skipped=len(skipped), refresh=False)
+    except BaseException:
+        # Ctrl-C or an error mid-write: an open shard may end in half a sample, so it stays a temp file
+        # (removed and redone by the next run) instead of being published.
+        for writer in writers.values():
+            writer.abandon()
+        raise
     finally:
         bar.close()
-        for writer in writers.values():
-            writer.close()
+    for writer in writers.values():
+        writer.close()
 
     samples, _ = read_published_shards(out)
     shards = {split: sorted({s.shard for s in samples if s.split == split}) for split in SPLITS}
