@@ -13,9 +13,7 @@ import argparse
 import dataclasses
 import os
 import re
-import secrets
 import shutil
-import string
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `python launch/slurm.py` from a checkout, installed or not
 
 from actionrec.config import ConfigError, build_arg_parser, config_from_args, derive_accumulation  # noqa: E402
+from actionrec.logging import _new_run_id as new_wandb_run_id  # noqa: E402  (the trainer's own id format)
 from actionrec.slurm import (  # noqa: E402
     DEFAULT_LOG_SUBDIR,
     SlurmResources,
@@ -129,15 +128,22 @@ def wandb_run_line(cfg, run_dir: Path, dry_run: bool) -> str:
     elif dry_run:
         return f"{mode}, a new run id is chosen at submission (written to {id_file})"
     else:
-        # chosen here so it can be printed now; the job (and every requeue of it) resumes this run id.
-        # wandb's own id generator is internal since wandb.util.generate_id went away; same alphabet/length.
-        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        # chosen here so it can be printed now; the job (and every requeue of it) resumes this run id
+        run_id = new_wandb_run_id()
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")
     path = "/".join(p for p in (cfg.log.wandb_entity, cfg.log.wandb_project, run_id) if p)
     if mode == "offline":
         return f"{path} (offline: upload later with `wandb sync {run_dir}/wandb/offline-run-*`)"
     return path
+
+
+def final_metrics_line(result) -> str:
+    """The headline numbers of rank 0's train() result: step, losses and top-1 accuracies."""
+    if not isinstance(result, dict):
+        return "no metrics returned"
+    keys = [k for k in result if k == "step" or k.endswith("/loss") or k.endswith("top1")]
+    return ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}" for k in keys)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nstopped following; job {submitted.job_id} keeps running (scancel {submitted.job_id} stops it)")
         return 130
     if outcome.ok:
-        print(f"job {outcome.job_id} finished ({outcome.state}); run dir {run_dir}")
+        print(f"job {outcome.job_id} finished ({outcome.state}): {outcome.ranks_finished}/{outcome.num_ranks} ranks "
+              f"returned; {final_metrics_line(outcome.result)}; run dir {run_dir}")
         return 0
     print(f"job {outcome.job_id} failed ({outcome.state}): {outcome.error}", file=sys.stderr)
     print(f"full logs: {folder}/{outcome.job_id}_<rank>_log.out", file=sys.stderr)

@@ -128,6 +128,7 @@ def test_two_node_cpu_job_trains_with_world_size_two(slurm_cluster, tiny_shards,
     assert f"rank-0 log:   {run_dir}/slurm/{job_id}_0_log.out" in run.stdout
     assert "world size 2 on node[1-2]" in run.stdout  # the job's own report, streamed from rank 0's log
     assert re.search(r"run \S+: 2 process\(es\) \(cpu\)", run.stdout)  # the trainer's process group has 2 ranks
+    assert f"job {job_id} finished (COMPLETED): 2/2 ranks returned; step 4" in run.stdout
     assert [m["step"] for m in metrics(run_dir) if "train/loss" in m] == [1, 2, 3, 4]
     assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "model.safetensors").is_file()
     assert sacct_state(job_id) == "COMPLETED"
@@ -186,14 +187,20 @@ def test_training_that_raises_is_reported_failed_without_hanging(slurm_cluster, 
 
 def test_plain_sbatch_template_trains_on_two_nodes(slurm_cluster, tiny_shards, tmp_path):
     log = tmp_path / "train.sbatch.out"
-    run = subprocess.run(
-        ["sbatch", "--wait", "--nodes", "2", "--cpus-per-task", "1", "--output", str(log),
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--nodes", "2", "--cpus-per-task", "1", "--output", str(log),
          "--export", f"ALL,PYTHON={sys.executable}", str(REPO / "slurm" / "train.sbatch"),
          *tiny_run(tiny_shards, tmp_path, "template", "train.max_steps=2", *NO_EVAL)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
     )
+    job_id = submit.stdout.strip().split(";")[0]
+    # polled here rather than with `sbatch --wait`, whose back-off can add half a minute after the job ends
+    deadline = time.monotonic() + 300
+    while sacct_state(job_id) in {"", "PENDING", "RUNNING", "COMPLETING", "REQUEUED"}:
+        assert time.monotonic() < deadline, f"job {job_id} did not finish"
+        time.sleep(1)
     text = log.read_text() if log.exists() else ""
-    assert run.returncode == 0, run.stderr + text[-4000:]
+    assert sacct_state(job_id) == "COMPLETED", text[-4000:]
     assert "2 node(s) x 1 process(es), rendezvous node1:" in text
     assert re.search(r"run \S+: 2 process\(es\) \(cpu\)", text)  # both accelerate launchers joined one group
     assert [m["step"] for m in metrics(tmp_path / "template") if "train/loss" in m] == [1, 2]

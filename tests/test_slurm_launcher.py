@@ -10,8 +10,8 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
-import cloudpickle
 import pytest
+from submitit.helpers import DelayedSubmission
 
 from actionrec.slurm import SlurmResources, SlurmTrainingJob, parse_time_minutes, sbatch_script
 
@@ -60,8 +60,9 @@ def test_requeues_are_bounded_and_the_count_survives_the_resubmission(tmp_path):
     for expected in (1, 2):
         delayed = job.checkpoint()
         assert delayed is not None
-        # what submitit dumps and the requeued job loads
-        job = cloudpickle.loads(cloudpickle.dumps(delayed)).function
+        # what submitit dumps from the signal handler and the requeued job loads
+        delayed.dump(tmp_path / "submitted.pkl")
+        job = DelayedSubmission.load(tmp_path / "submitted.pkl").function
         assert job.requeues == expected
     assert job.checkpoint() is None  # a third signal ends the job instead of requeueing it
 
