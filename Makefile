@@ -23,3 +23,13 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The embedded demo: synthetic videos -> shards -> divided space-time TimeSformer on 2 CPU processes.
+# Each step reuses what is already there (generated videos, packed shards, the run's latest checkpoint).
+DEMO_VIDEOS := data/videos/synth
+DEMO_SHARDS := data/shards/synth
+
+demo: $(STAMP)
+	@test -f $(DEMO_VIDEOS)/.complete || { $(PY) shards/synthetic.py --out $(DEMO_VIDEOS) && touch $(DEMO_VIDEOS)/.complete; }
+	$(PY) shards/pack.py $(DEMO_VIDEOS) --out $(DEMO_SHARDS)
+	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml train.py --config configs/demo.yaml

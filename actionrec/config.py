@@ -194,10 +194,6 @@ def save_config(cfg: Config, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_config_file(path: Path) -> Config:
-    return build_config(yaml.safe_load(Path(path).read_text()) or {})
-
-
 def world_size_from_env() -> int:
     """World size as set by accelerate launch / torchrun / the SLURM launcher, readable before init."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -123,7 +123,9 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
             )
             return None
         self.requeues += 1
-        _write_from_signal_handler(f"actionrec.slurm: signalled on {socket.gethostname()}: requeueing (requeue {self.requeues})")
+        _write_from_signal_handler(
+            f"actionrec.slurm: signalled on {socket.gethostname()}: requeueing (requeue {self.requeues})"
+        )
         return super().checkpoint(*args, **kwargs)
 
     @staticmethod
@@ -220,6 +222,8 @@ class JobOutcome:
     ok: bool
     result: Any  # rank 0's return value when ok
     error: str  # one line when not ok
+    ranks_finished: int = 0  # ranks whose training returned
+    num_ranks: int = 1
 
 
 def _last_line(text: str) -> str:
@@ -248,21 +252,24 @@ def job_outcome(job: submitit.Job) -> JobOutcome:
     from submitit.core.utils import pickle_load
 
     state = final_state(job)
-    num_tasks = len(job._tasks) if hasattr(job, "_tasks") else 1
+    num_tasks = job.num_tasks
     outcomes: dict[int, tuple[str, Any]] = {}
     for task in range(num_tasks):
         path = job.task(task).paths.result_pickle
         if path.exists():
             outcomes[task] = pickle_load(path)
+    finished = sum(outcome == "success" for outcome, _ in outcomes.values())
     for task in sorted(outcomes):
         outcome, value = outcomes[task]
         if outcome == "error":
-            return JobOutcome(job.job_id, state, False, None, f"rank {task}: {_last_line(str(value))}")
+            error = f"rank {task}: {_last_line(str(value))}"
+            return JobOutcome(job.job_id, state, False, None, error, finished, num_tasks)
     if 0 in outcomes:
-        return JobOutcome(job.job_id, state, True, outcomes[0][1], "")
+        return JobOutcome(job.job_id, state, True, outcomes[0][1], "", finished, num_tasks)
     log = job.task(0).paths.stdout
     tail = _last_line(log.read_text(errors="replace")) if log.exists() else "no log written"
-    return JobOutcome(job.job_id, state, False, None, f"ended {state} without a result; last log line: {tail}")
+    error = f"ended {state} without a result; last log line: {tail}"
+    return JobOutcome(job.job_id, state, False, None, error, finished, num_tasks)
 
 
 def pending_reason(job_id: str) -> str:

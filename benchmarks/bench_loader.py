@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     n = copies * args.videos
     memory = {"n": n, "pss_n": peak_pss_mib(n_set, 2, n // BATCH),
               "pss_10n": peak_pss_mib(replicate(mp4, work / "mem_10n", 10 * copies), 2, 10 * n // BATCH)}
-    default_key = max((f"loader_{d}" for d in decoders), key=lambda k: clips[k][str(max(args.worker_counts))])
+    default_key = "loader_pyav"  # the loader's default decoder
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, load {os.getloadavg()[0]:.1f}",

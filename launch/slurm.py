@@ -13,9 +13,7 @@ import argparse
 import dataclasses
 import os
 import re
-import secrets
 import shutil
-import string
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `python launch/slurm.py` from a checkout, installed or not
 
 from actionrec.config import ConfigError, build_arg_parser, config_from_args, derive_accumulation  # noqa: E402
+from actionrec.logging import _new_run_id as new_wandb_run_id  # noqa: E402  (the trainer's own id format)
 from actionrec.slurm import (  # noqa: E402
     DEFAULT_LOG_SUBDIR,
     SlurmResources,
@@ -54,34 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
         "A job signalled for its time limit or for preemption requeues itself and resumes from latest.",
     )
     slurm = parser.add_argument_group("SLURM")
-    slurm.add_argument("--nodes", type=int, default=1, help="nodes to allocate (default 1)")
-    slurm.add_argument(
-        "--gpus-per-node", type=int, default=None, help="GPUs per node, one task (training process) each (default 8)"
-    )
-    slurm.add_argument("--cpu", action="store_true", help="CPU-only cluster: no GPUs, --procs-per-node tasks per node")
-    slurm.add_argument("--procs-per-node", type=int, default=None, help="with --cpu: training processes per node (default 1)")
-    slurm.add_argument(
-        "--cpus-per-task", type=int, default=None, help="CPU cores per task (default: data.num_workers + 1)"
-    )
-    slurm.add_argument("--mem", default=None, help="memory per node in SLURM syntax: 64G, 500M, 0 = all (default: cluster's)")
-    slurm.add_argument("--partition", default=None, help="partition (default: cluster's default)")
-    slurm.add_argument("--account", default=None, help="account to charge")
-    slurm.add_argument("--qos", default=None, help="quality of service")
-    slurm.add_argument(
-        "--time", default="1-00:00:00", help="time limit per allocation: minutes, HH:MM:SS or D-HH:MM:SS (default 1 day); "
-        "the job requeues itself when it runs out",
-    )
-    slurm.add_argument("--constraint", default=None, help="node features required, e.g. a100")
-    slurm.add_argument("--exclude", default=None, help="nodes not to use, e.g. node[07-09]")
-    slurm.add_argument("--job-name", default=None, help="SLURM job name (default: the config's name)")
-    slurm.add_argument(
-        "--output-dir", default=None, help=f"folder for submitit's job files and per-rank logs (default: <run dir>/{DEFAULT_LOG_SUBDIR})"
-    )
-    slurm.add_argument(
-        "--max-requeues", type=int, default=10, help="how often the job may requeue itself on timeout/preemption (default 10)"
-    )
-    slurm.add_argument("--dry-run", action="store_true", help="validate and print the sbatch script; submit nothing")
-    slurm.add_argument("--wait", action="store_true", help="follow the job to its end, streaming rank 0's log; exit 1 if it fails")
+    add = slurm.add_argument
+    add("--nodes", type=int, default=1, help="nodes to allocate (default 1)")
+    add("--gpus-per-node", type=int, default=None, help="GPUs per node, one task (training process) each (default 8)")
+    add("--cpu", action="store_true", help="CPU-only cluster: no GPUs, --procs-per-node tasks per node")
+    add("--procs-per-node", type=int, default=None, help="with --cpu: training processes per node (default 1)")
+    add("--cpus-per-task", type=int, default=None, help="CPU cores per task (default: data.num_workers + 1)")
+    add("--mem", default=None, help="memory per node, SLURM syntax: 64G, 500M, 0 = all (default: the cluster's)")
+    add("--partition", default=None, help="partition (default: the cluster's default)")
+    add("--account", default=None, help="account to charge")
+    add("--qos", default=None, help="quality of service")
+    add("--time", default="1-00:00:00", help="time limit of each allocation: minutes, HH:MM:SS or D-HH:MM:SS "
+        "(default 1 day); the job requeues itself when it runs out")
+    add("--constraint", default=None, help="node features required, e.g. a100")
+    add("--exclude", default=None, help="nodes not to use, e.g. node[07-09]")
+    add("--job-name", default=None, help="SLURM job name (default: the config's name)")
+    add("--output-dir", default=None,
+        help=f"folder for submitit's job files and per-rank logs (default: <run dir>/{DEFAULT_LOG_SUBDIR})")
+    add("--max-requeues", type=int, default=10,
+        help="how often the job may requeue itself on timeout or preemption (default 10)")
+    add("--dry-run", action="store_true", help="validate and print the sbatch script; submit nothing")
+    add("--wait", action="store_true", help="follow the job to its end, streaming rank 0's log; exit 1 if it fails")
     return parser
 
 
@@ -90,12 +82,17 @@ def resources_from_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         parser.error("--gpus-per-node and --cpu exclude each other: --cpu runs --procs-per-node CPU processes per node")
     if args.procs_per_node is not None and not args.cpu:
         parser.error("--procs-per-node is for CPU-only jobs: add --cpu, or use --gpus-per-node for GPU jobs")
-    tasks_per_node = (args.procs_per_node or 1) if args.cpu else (8 if args.gpus_per_node is None else args.gpus_per_node)
-    for flag, value in (("--nodes", args.nodes), ("tasks per node", tasks_per_node), ("--max-requeues", args.max_requeues + 1)):
-        if value < 1:
+    if args.cpu:
+        tasks_per_node = 1 if args.procs_per_node is None else args.procs_per_node
+    else:
+        tasks_per_node = 8 if args.gpus_per_node is None else args.gpus_per_node
+    flag_for_tasks = "--procs-per-node" if args.cpu else "--gpus-per-node"
+    counts = (("--nodes", args.nodes), (flag_for_tasks, tasks_per_node), ("--cpus-per-task", args.cpus_per_task))
+    for flag, value in counts:
+        if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
-    if args.cpus_per_task is not None and args.cpus_per_task < 1:
-        parser.error(f"--cpus-per-task must be at least 1, got {args.cpus_per_task}")
+    if args.max_requeues < 0:
+        parser.error(f"--max-requeues must be 0 or more, got {args.max_requeues}")
     if args.mem is not None and not re.fullmatch(r"\d+[KMGT]?", args.mem):
         parser.error(f"--mem {args.mem!r} is not SLURM memory syntax (e.g. 64G, 500M, 0 for all of the node's memory)")
     try:
@@ -131,15 +128,22 @@ def wandb_run_line(cfg, run_dir: Path, dry_run: bool) -> str:
     elif dry_run:
         return f"{mode}, a new run id is chosen at submission (written to {id_file})"
     else:
-        # chosen here so it can be printed now; the job (and every requeue of it) resumes this run id.
-        # wandb's own id generator is internal since wandb.util.generate_id went away; same alphabet/length.
-        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        # chosen here so it can be printed now; the job (and every requeue of it) resumes this run id
+        run_id = new_wandb_run_id()
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")
     path = "/".join(p for p in (cfg.log.wandb_entity, cfg.log.wandb_project, run_id) if p)
     if mode == "offline":
         return f"{path} (offline: upload later with `wandb sync {run_dir}/wandb/offline-run-*`)"
     return path
+
+
+def final_metrics_line(result) -> str:
+    """The headline numbers of rank 0's train() result: step, losses and top-1 accuracies."""
+    if not isinstance(result, dict):
+        return "no metrics returned"
+    keys = [k for k in result if k == "step" or k.endswith("/loss") or k.endswith("top1")]
+    return ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}" for k in keys)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         derive_accumulation(cfg, world_size)  # the global batch must split over the world size
     except ConfigError as exc:
-        parser.error(f"{exc} (world size {world_size} = {resources.nodes} nodes x {resources.tasks_per_node} tasks per node)")
+        shape = f"{resources.nodes} nodes x {resources.tasks_per_node} tasks per node"
+        parser.error(f"{exc} (world size {world_size} = {shape})")
     if not args.dry_run and shutil.which("sbatch") is None:
-        parser.error("sbatch not found: run this on a SLURM login node (or start a local one: slurm/local_cluster.sh start)")
+        parser.error("sbatch not found: run this on a SLURM login node "
+                     "(or start a local cluster: slurm/local_cluster.sh start)")
 
     # absolute, so the job finds its run dir whatever directory SLURM starts it in
     cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()))
@@ -187,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     wandb_line = wandb_run_line(cfg, run_dir, dry_run=False)
     submitted = submit(build_executor(folder, resources), job)
     rank0_log = submitted.task(0).paths.stdout
-    print(f"submitted job {submitted.job_id}: {shape}, time limit {resources.time_min} min, up to {args.max_requeues} requeues")
+    print(f"submitted job {submitted.job_id}: {shape}, "
+          f"time limit {resources.time_min} min, up to {args.max_requeues} requeues")
     print(f"run dir:      {run_dir}  (checkpoints/latest, metrics.jsonl, plots/)")
     print(f"rank-0 log:   {rank0_log}")
     print(f"all logs:     {folder}/{submitted.job_id}_<rank>_log.out")
@@ -203,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nstopped following; job {submitted.job_id} keeps running (scancel {submitted.job_id} stops it)")
         return 130
     if outcome.ok:
-        print(f"job {outcome.job_id} finished ({outcome.state}); run dir {run_dir}")
+        print(f"job {outcome.job_id} finished ({outcome.state}): {outcome.ranks_finished}/{outcome.num_ranks} ranks "
+              f"returned; {final_metrics_line(outcome.result)}; run dir {run_dir}")
         return 0
     print(f"job {outcome.job_id} failed ({outcome.state}): {outcome.error}", file=sys.stderr)
     print(f"full logs: {folder}/{outcome.job_id}_<rank>_log.out", file=sys.stderr)

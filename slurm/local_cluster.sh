@@ -98,11 +98,19 @@ install_packages() {
     command -v apt-get >/dev/null || die "missing Debian packages (${missing[*]}) and no apt-get to install them"
     say "installing ${missing[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
+    # Installing must not start the packages' own system services (munge, mariadb, slurm*): this script
+    # runs private instances and leaves everything else alone. policy-rc.d is Debian's switch for that.
+    local policy=/usr/sbin/policy-rc.d
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     # the package lists may be stale or absent on a fresh machine: refresh once if the install fails
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
         apt-get update -qq >/dev/null
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     }
+    if [[ "$(trap -p EXIT)" == *policy-rc.d* ]]; then rm -f "$policy"; trap - EXIT; fi
 }
 
 add_hosts_entries() {

@@ -1,9 +1,12 @@
-"""The streaming loader on real shards (H.264 mp4 and jpg samples written in shard format v1)."""
+"""The streaming loader on real shards packed by the packer (H.264 mp4 and jpg samples, shard format v1)."""
 
 import collections
+import functools
+import http.server
 import io
-import shutil
 import logging
+import shutil
+import threading
 import tracemalloc
 
 import av
@@ -80,6 +83,16 @@ def test_eval_multiview_yields_every_video_view_once_with_evenly_spaced_frames(s
             expected = eval_frame_indices(CLIP, shard_sets["frames"][key], view // 3, 2).tolist()
             assert indices.tolist() == expected and index_from_pixels(video) == expected
     assert seen == collections.Counter({(k, v): 1 for k in shard_sets["val_keys"] for v in range(6)})
+
+
+def test_dense_eval_clips_hold_strided_frames_from_evenly_spaced_windows(shard_sets):
+    dense = ClipSpec(num_frames=4, sampling="dense", frame_stride=3, size=32)
+    loader = build_eval_loader(shard_sets["root"] / "mp4", clip=dense, batch_size=6, num_workers=0,
+                               temporal_clips=3, rank=0, world_size=1)
+    for batch in loader:
+        for video, key, view in zip(batch["video"], batch["key"], batch["view"].tolist()):
+            expected = eval_frame_indices(dense, shard_sets["frames"][key], view, 3).tolist()
+            assert index_from_pixels(video) == expected and expected[1] - expected[0] == 3
 
 
 def test_jpg_shards_decode_the_same_frames_as_mp4_shards(shard_sets):
@@ -159,7 +172,7 @@ def test_train_is_deterministic_resumable_and_differs_across_ranks_epochs_and_se
 
 def test_fewer_shards_than_workers_still_gives_every_epoch_its_batches(shard_sets, tmp_path):
     one_shard = ShardSet.open(shard_sets["root"] / "mp4").urls("train")[:1]
-    loader = build_train_loader(one_shard, clip=CLIP, batch_size=2, num_workers=3, batches_per_epoch=5,
+    loader = build_train_loader(one_shard, clip=CLIP, batch_size=2, num_workers=2, batches_per_epoch=5,
                                 rank=1, world_size=4)
     assert [len(_collect(loader)) for _ in range(2)] == [5, 5]
 
@@ -215,6 +228,22 @@ def test_shardset_opens_directories_manifests_patterns_lists_and_pipe_urls(shard
     piped = ShardSet.open([f"pipe:cat {url}" for url in by_dir.urls("val")])
     loader = build_eval_loader(piped, clip=CLIP, batch_size=4, num_workers=0, rank=0, world_size=1)
     assert sorted(k for b in loader for k in b["key"]) == sorted(shard_sets["val_keys"])
+
+
+def test_shardset_reads_a_manifest_and_its_shards_over_http(shard_sets):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shard_sets["root"] / "mp4"))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        shards = ShardSet.open(f"http://127.0.0.1:{server.server_address[1]}/dataset.json")
+        assert shards.urls("val")[0].startswith("http://127.0.0.1") and shards.classes == CLASSES
+        loader = build_eval_loader(shards, clip=CLIP, batch_size=4, num_workers=0, rank=0, world_size=1)
+        assert sorted(k for b in loader for k in b["key"]) == sorted(shard_sets["val_keys"])
+    finally:
+        server.shutdown()
+        thread.join()
 
 
 def test_bad_sources_and_settings_fail_with_one_clear_message(shard_sets, tmp_path):

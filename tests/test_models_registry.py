@@ -45,9 +45,7 @@ def test_forward_backward_and_checkpointing(case):
 
     model.train()
     checkpointed = copy.deepcopy(model)
-    checkpointed.config.grad_checkpointing = True
-    if hasattr(checkpointed, "head") and hasattr(checkpointed.head, "grad_checkpointing"):
-        checkpointed.head.grad_checkpointing = True
+    checkpointed.set_grad_checkpointing(True)
 
     torch.manual_seed(1)
     logits = model(clip)
@@ -95,6 +93,12 @@ def test_frozen_trunk_is_not_trained(name):
     assert all(p.grad is not None for p in model.head.parameters())
     for key, value in model.trunk.named_buffers():
         torch.testing.assert_close(value, stats_before[key])  # BatchNorm stays in eval mode
+
+
+def test_grad_checkpointing_config_field_reaches_every_part():
+    model = build_model("r3d_18_transformer", 3, **TINY["r3d_18_transformer"], grad_checkpointing=True)
+    assert model.config.grad_checkpointing and model.head.grad_checkpointing
+    assert build_model("timesformer_tiny", 3, grad_checkpointing=True).config.grad_checkpointing
 
 
 def test_config_class_is_the_override_schema():
@@ -145,3 +149,19 @@ def test_incompatible_sizes_are_explained():
     cnn = build_model("r3d_18_transformer", 10, **TINY["r3d_18_transformer"], token_frames=2)
     with pytest.raises(ValueError, match="4x32x32 .* gives a 1x2x2 r3d_18 feature map, smaller than the 2x2x2 token grid"):
         cnn(torch.randn(1, 3, 4, 32, 32))
+
+
+@pytest.mark.parametrize("scheme", ATTENTION_TYPES)
+def test_every_scheme_learns_a_fixed_batch(scheme):
+    torch.manual_seed(0)
+    model = build_model("timesformer_tiny", 3, **TINY_TIMESFORMER, attention_type=scheme).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    clips, labels = torch.randn(4, 3, 4, 32, 32), torch.tensor([0, 1, 2, 0])
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.cross_entropy(model(clips), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses

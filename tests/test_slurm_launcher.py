@@ -10,10 +10,8 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
-import cloudpickle
 import pytest
-
-pytest.importorskip("actionrec.config", reason="the training stream's config module has not been merged yet")
+from submitit.helpers import DelayedSubmission
 
 from actionrec.slurm import SlurmResources, SlurmTrainingJob, parse_time_minutes, sbatch_script
 
@@ -62,8 +60,9 @@ def test_requeues_are_bounded_and_the_count_survives_the_resubmission(tmp_path):
     for expected in (1, 2):
         delayed = job.checkpoint()
         assert delayed is not None
-        # what submitit dumps and the requeued job loads
-        job = cloudpickle.loads(cloudpickle.dumps(delayed)).function
+        # what submitit dumps from the signal handler and the requeued job loads
+        delayed.dump(tmp_path / "submitted.pkl")
+        job = DelayedSubmission.load(tmp_path / "submitted.pkl").function
         assert job.requeues == expected
     assert job.checkpoint() is None  # a third signal ends the job instead of requeueing it
 
@@ -151,6 +150,8 @@ def test_global_batch_must_split_over_the_allocation(run_launcher, tmp_path, sha
         (["--cpu", "--gpus-per-node", "8"], "--gpus-per-node and --cpu exclude each other"),
         (["--procs-per-node", "2"], "--procs-per-node is for CPU-only jobs"),
         (["--nodes", "0"], "--nodes must be at least 1"),
+        (["--cpu", "--procs-per-node", "0"], "--procs-per-node must be at least 1"),
+        (["--max-requeues", "-1"], "--max-requeues must be 0 or more"),
         (["--mem", "lots"], "--mem 'lots' is not SLURM memory syntax"),
         (["--time", "tomorrow"], "--time 'tomorrow' is not SLURM time syntax"),
         (["--dry-run", "--wait"], "nothing to --wait for"),

@@ -24,7 +24,7 @@ def build_tiny_shards(root: Path) -> Path:
 
     videos, shards = root / "videos", root / "shards"
     generate_synthetic(videos, SyntheticSpec(classes=3, videos_per_class=8, frames=8, size=32), progress=False)
-    options = PackOptions(encode=EncodeSettings(short_side=32), val=0.25, test=0.25, shard_bytes=4000, workers=0)
+    options = PackOptions(encode=EncodeSettings(short_side=32), val=0.25, test=0.25, shard_bytes=7000, workers=0)
     pack_videos(videos, shards, options, progress=False, log=lambda *a, **k: None)
     return shards
 

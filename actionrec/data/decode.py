@@ -1,7 +1,8 @@
 """Decode only the frames a clip needs, from the sample's in-memory bytes (never a temp file).
 
-Backends: PyAV (self-contained wheel with its own FFmpeg; the default where nothing else loads) and
-torchcodec (needs the system's FFmpeg shared libraries). jpg-format samples decode only the chosen frames.
+Backends: PyAV (self-contained wheel with its own FFmpeg; the default, fastest in benchmarks/bench_loader.py
+with 2 workers) and torchcodec (needs the system's FFmpeg shared libraries; `decoder="auto"` uses it when
+they load and falls back to PyAV with one log line). jpg-format samples decode only the chosen frames.
 Every decoder runs one FFmpeg thread: the loader's parallelism is its worker processes.
 """
 
@@ -12,7 +13,7 @@ import io
 import logging
 import re
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Literal
 
 import av
 import numpy as np
@@ -29,12 +30,23 @@ class CorruptSample(Exception):
     """A sample whose fields cannot be read; the loader skips and counts it."""
 
 
-class FrameReader(Protocol):
+class FrameReader:
+    """Frames of one sample; use as a context manager so decoder resources are freed with the sample."""
+
     num_frames: int
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
         """Frames at `indices` (sorted or not, repeats allowed) as uint8 (T, 3, H, W)."""
-        ...
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release decoder resources (nothing to release by default)."""
+
+    def __enter__(self) -> FrameReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 @functools.cache
@@ -65,7 +77,7 @@ def resolve_decoder(name: DecoderName) -> str:
     return "pyav"
 
 
-class PyAVFrameReader:
+class PyAVFrameReader(FrameReader):
     """H.264/mp4 bytes -> selected frames, decoding only the GOPs that hold a needed frame.
 
     The whole (compressed) sample is already in memory, so demuxing every packet up front is cheap
@@ -152,7 +164,7 @@ def _split_gops(packets: list[av.Packet]) -> list[list[av.Packet]]:
     return gops
 
 
-class TorchCodecFrameReader:
+class TorchCodecFrameReader(FrameReader):
     """torchcodec's decoder on the same bytes; it does its own keyframe-aware seeking."""
 
     def __init__(self, data: bytes):
@@ -180,11 +192,8 @@ class TorchCodecFrameReader:
         position = {index: k for k, index in enumerate(unique)}
         return batch[[position[int(i)] for i in indices]]
 
-    def close(self) -> None:
-        pass
 
-
-class JpegFrameReader:
+class JpegFrameReader(FrameReader):
     """Frames stored as `000.jpg`, `001.jpg`, ... fields: only the chosen ones are decoded."""
 
     def __init__(self, sample: dict):
@@ -209,9 +218,6 @@ class JpegFrameReader:
             raise CorruptSample(f"jpg frames differ in size: {sorted(shapes)[:3]}")
         position = {index: k for k, index in enumerate(unique)}
         return torch.stack([decoded[position[int(i)]] for i in indices])  # (T, 3, H, W)
-
-    def close(self) -> None:
-        pass
 
 
 def open_frame_reader(sample: dict, backend: str) -> FrameReader:

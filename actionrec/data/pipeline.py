@@ -9,6 +9,7 @@ re-shard an already sharded stream and drop data).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -78,12 +79,14 @@ class ClipStream(IterableDataset):
         self._worker = (0, 1)
         self._skipped = 0
         self._failures_in_a_row = 0
+        self._heap = _HeapTrimmer()
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         self._worker = (info.id, info.num_workers) if info is not None else (0, 1)
         self._skipped = 0
         self._failures_in_a_row = 0
+        self._heap = _HeapTrimmer()
         return self._train_batches() if self.train else self._eval_batches()
 
     # -- training: resampled, seeded per (seed, rank, epoch, logical worker) --------------------------------
@@ -104,19 +107,20 @@ class ClipStream(IterableDataset):
         skipped_samples = plan.skip_batches * self.batch_size
         for _ in islice(samples, skipped_samples):
             pass
-        items = self._train_items(samples, first_position=skipped_samples, plan_worker=plan.logical_worker)
+        items = self._train_items(samples, first_position=skipped_samples, logical_worker=plan.logical_worker)
         yield from self._batches(items, max_batches=plan.num_batches)
 
-    def _train_items(self, samples: Iterator[dict], first_position: int, plan_worker: int) -> Iterator[dict]:
+    def _train_items(self, samples: Iterator[dict], first_position: int, logical_worker: int) -> Iterator[dict]:
         for position, sample in enumerate(samples, start=first_position):
+            self._heap.tick()
             # Per-sample generator: the clip and augmentation of a sample do not depend on what came before
             # (so fast-forwarding skips samples without replaying their random draws).
-            rng = np.random.default_rng([self.seed, self.rank, self.epoch, plan_worker, position])
+            rng = np.random.default_rng([self.seed, self.rank, self.epoch, logical_worker, position])
             try:
-                reader = open_frame_reader(sample, self.backend)
                 label = self._label(sample)
-                indices = train_frame_indices(self.clip, reader.num_frames, rng)
-                frames = reader.read(indices)  # (T, 3, H, W)
+                with open_frame_reader(sample, self.backend) as reader:
+                    indices = train_frame_indices(self.clip, reader.num_frames, rng)
+                    frames = reader.read(indices)  # (T, 3, H, W)
                 clip = train_transform(frames, self.clip, self.augment, rng)
             except Exception as exc:  # noqa: BLE001 - any failure of one sample is that sample's corruption
                 self._skip(sample, exc)
@@ -142,11 +146,12 @@ class ClipStream(IterableDataset):
     def _eval_items(self, samples: Iterator[dict]) -> Iterator[dict]:
         t, n_t, n_s = self.clip.num_frames, self.temporal_clips, self.spatial_crops
         for sample in samples:
+            self._heap.tick()
             try:
-                reader = open_frame_reader(sample, self.backend)
                 label = self._label(sample)
-                indices = [eval_frame_indices(self.clip, reader.num_frames, k, n_t) for k in range(n_t)]
-                frames = reader.read(np.concatenate(indices))  # all temporal views in one decode pass
+                with open_frame_reader(sample, self.backend) as reader:
+                    indices = [eval_frame_indices(self.clip, reader.num_frames, k, n_t) for k in range(n_t)]
+                    frames = reader.read(np.concatenate(indices))  # all temporal views in one decode pass
                 views = [eval_views(frames[k * t : (k + 1) * t], self.clip, n_s) for k in range(n_t)]
             except Exception as exc:  # noqa: BLE001 - see _train_items
                 self._skip(sample, exc)
@@ -221,6 +226,31 @@ class ClipStream(IterableDataset):
                 f"{MAX_CONSECUTIVE_FAILURES} training samples in a row failed (last: {reason}); the shards are "
                 "unreadable or not shard format v1 - check them with shards/show.py"
             )
+
+
+class _HeapTrimmer:
+    """Every `every` samples, hand the freed parts of the C heap back to the OS (glibc malloc_trim).
+
+    Compressed samples (~0.5 MB) live on in the shuffle buffer while decode buffers come and go around
+    them; glibc keeps the holes, and a worker's memory crept from 200 to 500 MB over a few hundred samples
+    (benchmarks/bench_loader.py) instead of staying at its shuffle buffer. Trimming every 32 samples keeps
+    it flat at a cost too small to measure; forcing those buffers into their own mmaps instead (mallopt
+    M_MMAP_THRESHOLD) also kept it flat but cost 12-15 % CPU in page faults. No library exposes malloc_trim,
+    hence ctypes; a no-op where libc is not glibc.
+    """
+
+    def __init__(self, every: int = 32):
+        self.every = every
+        self.count = 0
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def tick(self) -> None:
+        self.count += 1
+        if self._trim is not None and self.count % self.every == 0:
+            self._trim(0)
 
 
 def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
@@ -309,8 +339,8 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return resolved
 
 
-def _as_shardset(shards: ShardSet | str | os.PathLike | list[str]) -> ShardSet:
-    return shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
+def _as_shardset(source: ShardSet | str | os.PathLike | list[str]) -> ShardSet:
+    return source if isinstance(source, ShardSet) else ShardSet.open(source)
 
 
 def _check_common(batch_size: int, num_workers: int) -> None:
@@ -321,7 +351,7 @@ def _check_common(batch_size: int, num_workers: int) -> None:
 
 
 def build_train_loader(
-    shards: ShardSet | str | os.PathLike | list[str],
+    shardset: ShardSet | str | os.PathLike | list[str],
     split: str = "train",
     clip: ClipSpec = ClipSpec(),
     batch_size: int = 8,
@@ -332,8 +362,8 @@ def build_train_loader(
     rank: int | None = None,
     world_size: int | None = None,
     augment: TrainAugment = TrainAugment(),
-    shuffle_buffer: int = 128,
-    decoder: DecoderName = "auto",
+    shuffle_buffer: int | None = None,
+    decoder: DecoderName = "pyav",
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
 ) -> ClipLoader:
@@ -341,11 +371,15 @@ def build_train_loader(
     (seed, rank, epoch, num_workers), resumable at global batch `start_batch` (= optimizer step x accumulation).
 
     batch_size is per process. batches_per_epoch defaults to the split's videos / (batch_size x world_size).
-    Memory per worker is bounded by `shuffle_buffer` compressed samples.
+    Memory per worker is bounded by `shuffle_buffer` compressed samples (default 128 for mp4 shards, 16 for
+    jpg shards, whose samples are about 15x larger). Workers restart each epoch and refill the buffer.
     """
     _check_common(batch_size, num_workers)
-    shardset = _as_shardset(shards)
+    shardset = _as_shardset(shardset)
     rank, world_size = resolve_rank(rank, world_size)
+    if shuffle_buffer is None:
+        # Compressed samples held per worker: ~1 MB per 10 s mp4 at 256p, ~15 MB as jpg frames.
+        shuffle_buffer = 16 if shardset.format == "jpg" else 128
     if batches_per_epoch is None:
         videos = shardset.num_samples(split)
         if not videos:
@@ -363,7 +397,7 @@ def build_train_loader(
 
 
 def build_eval_loader(
-    shards: ShardSet | str | os.PathLike | list[str],
+    shardset: ShardSet | str | os.PathLike | list[str],
     split: str = "val",
     clip: ClipSpec = ClipSpec(),
     batch_size: int = 8,
@@ -372,7 +406,7 @@ def build_eval_loader(
     spatial_crops: int = 1,
     rank: int | None = None,
     world_size: int | None = None,
-    decoder: DecoderName = "auto",
+    decoder: DecoderName = "pyav",
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
 ) -> ClipLoader:
@@ -385,7 +419,7 @@ def build_eval_loader(
     _check_common(batch_size, num_workers)
     if temporal_clips < 1 or spatial_crops not in (1, 3):
         raise ValueError(f"temporal_clips must be >= 1 and spatial_crops 1 or 3, got {temporal_clips}, {spatial_crops}")
-    shardset = _as_shardset(shards)
+    shardset = _as_shardset(shardset)
     rank, world_size = resolve_rank(rank, world_size)
     stream = ClipStream(
         shardset.urls(split), train=False, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),

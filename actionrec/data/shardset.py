@@ -45,9 +45,12 @@ class ShardSet:
                     f"{text} has no dataset.json: pack videos with shards/pack.py, or pass shard files/patterns"
                 )
             return cls._from_manifest(manifest.read_bytes(), base=text, where=str(manifest))
+        if text.startswith("pipe:") and ".json" in text:
+            raise ValueError("a pipe: command cannot say where its dataset.json's shards are; pass the shard URLs "
+                             "instead, e.g. 'pipe:aws s3 cp s3://bucket/set/train-{000000..000099}.tar -'")
         if text.endswith(".json"):
-            if "://" in text or text.startswith("pipe:"):
-                with wds.gopen(text) as stream:
+            if text.startswith(("http://", "https://")):
+                with wds.gopen(text) as stream:  # curl, like webdataset's own http shard URLs
                     data = stream.read()
                 base = text.rsplit("/", 1)[0]
             elif os.path.isfile(text):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,6 +43,9 @@ from actionrec.engine.checkpoint import (
 )
 from actionrec.engine.evaluation import EvalResult, evaluate
 from actionrec.logging import RunMonitor, get_logger
+
+# DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the warning repeats on every rank and step.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 # --- setup ------------------------------------------------------------------------------------------------
@@ -288,8 +292,11 @@ class Trainer:
             shape = (1, 3, self.cfg.data.num_frames, self.cfg.data.size, self.cfg.data.size)
             dummy = torch.zeros(shape, device=self.device, dtype=self.dtype)
         show = self.acc.is_main_process and self.cfg.log.progress_bar
+        # Outside ZeRO-3 the bare module evaluates on its own: the DDP wrapper's forward can broadcast buffers
+        # (BatchNorm statistics), a collective that would hang ranks with different numbers of eval batches.
+        model = self.model if zero3 else self.acc.unwrap_model(self.model)
         return evaluate(
-            self.model,
+            model,
             eval_batches(self.cfg, self.data, split, self.rank, self.world_size),
             num_classes=self.num_classes,
             device=self.device,
@@ -399,7 +406,8 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
         entity=cfg.log.wandb_entity,
         resume_step=trainer.progress.step,
     )
-    frames_plot = Path(cfg.data.shards) / "frames_per_category.png"
+    shards_dir = Path(cfg.data.shards)
+    frames_plot = (shards_dir.parent if shards_dir.suffix == ".json" else shards_dir) / "frames_per_category.png"
     if trainer.progress.step == 0:
         monitor.log_image("data/frames_per_category", frames_plot, step=0)
 

@@ -335,6 +335,10 @@ class TimeSformer(nn.Module):
             if isinstance(module, Attention):
                 module.fused = enabled
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in the backward pass (less activation memory, same outputs and gradients)."""
+        self.config.grad_checkpointing = enabled
+
     def _check_input(self, video: torch.Tensor) -> None:
         cfg = self.config
         if video.ndim != 5 or video.shape[1] != cfg.in_chans:

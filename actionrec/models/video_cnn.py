@@ -172,6 +172,11 @@ class VideoResNetTransformer(nn.Module):
         if config.freeze_trunk:
             self.trunk.requires_grad_(False)
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute trunk stages and encoder layers in the backward pass (same outputs and gradients)."""
+        self.config.grad_checkpointing = enabled
+        self.head.grad_checkpointing = enabled
+
     def train(self, mode: bool = True) -> "VideoResNetTransformer":
         super().train(mode)
         if self.config.freeze_trunk:
@@ -249,6 +254,11 @@ class FrameResNetTransformer(nn.Module):
         )
         if config.freeze_trunk:
             self.trunk.requires_grad_(False)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute trunk stages and encoder layers in the backward pass (same outputs and gradients)."""
+        self.config.grad_checkpointing = enabled
+        self.head.grad_checkpointing = enabled
 
     def train(self, mode: bool = True) -> "FrameResNetTransformer":
         super().train(mode)

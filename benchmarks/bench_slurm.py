@@ -8,7 +8,7 @@
    log: seconds from the preemption signal to the requeued job starting again, and to training resuming.
 
     sudo slurm/local_cluster.sh start
-    python benchmarks/slurm_overhead.py --repeats 3     # writes benchmarks/out/slurm_overhead.{json,md}
+    python benchmarks/bench_slurm.py --repeats 3     # writes benchmarks/out/bench_slurm.{json,md}
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def main() -> int:
     if not CONF.exists():
         parser.error(f"no local cluster config at {CONF}: start it first with `sudo slurm/local_cluster.sh start`")
     env = {**os.environ, "SLURM_CONF": str(CONF), "PYTHONPATH": str(REPO)}
-    work = OUT / "slurm_overhead"
+    work = OUT / "bench_slurm"
     shards = build_shards(work)
 
     direct, slurm = [], []
@@ -126,7 +126,7 @@ def main() -> int:
         **preemption,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "slurm_overhead.json").write_text(json.dumps(result, indent=2))
+    (OUT / "bench_slurm.json").write_text(json.dumps(result, indent=2))
     table = "\n".join([
         "| measurement | value |",
         "|---|---|",
@@ -136,7 +136,7 @@ def main() -> int:
         f"| preemption signal -> requeued job running again | {preemption['signal_to_restart_s']:.1f} s |",
         f"| preemption signal -> training resumed from checkpoint | {preemption['signal_to_training_resumed_s']:.1f} s |",
     ])
-    (OUT / "slurm_overhead.md").write_text(table + "\n")
+    (OUT / "bench_slurm.md").write_text(table + "\n")
     print(table)
     return 0
 

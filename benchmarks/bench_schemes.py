@@ -1,0 +1,125 @@
+"""The TimeSformer attention-scheme comparison (the paper's Table 1) on the synthetic motion set, on a CPU.
+
+    python benchmarks/bench_schemes.py                       # every model, the demo's size, 400 steps each
+    python benchmarks/bench_schemes.py --steps 100 --models timesformer_divided r3d_18
+
+Each model is trained by `train.py` itself (one process, same shards, clip size, global batch, optimiser,
+schedule and step budget as `configs/demo.yaml`; only the `model` section differs) and evaluated on the
+held-out test split. Writes benchmarks/out/schemes/table.md (+ .json) with parameters, clip- and video-level
+top-1 and train clips/s, and prints the table. The synthetic classes come in time-reversed pairs, so a model
+that ignores frame order (space-only) cannot beat about half of chance-pairs accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from actionrec.config import parse_config  # noqa: E402
+from actionrec.engine.trainer import build_model_for  # noqa: E402
+
+OUT = REPO / "benchmarks" / "out" / "schemes"
+
+TINY_TIMESFORMER = {"name": "timesformer_tiny", "embed_dim": 96, "depth": 4, "num_heads": 4}
+# Same trunk-free transformer width for the CNN heads, so the comparison is about the space-time modelling.
+CNN_HEAD = {"hidden_dim": 96, "num_layers": 2, "num_heads": 4}
+MODELS: dict[str, dict] = {
+    "timesformer_space_only": {**TINY_TIMESFORMER, "attention_type": "space_only"},
+    "timesformer_joint": {**TINY_TIMESFORMER, "attention_type": "joint_space_time"},
+    "timesformer_divided": {**TINY_TIMESFORMER, "attention_type": "divided_space_time"},
+    "timesformer_sparse_local_global": {**TINY_TIMESFORMER, "attention_type": "sparse_local_global"},
+    "timesformer_axial": {**TINY_TIMESFORMER, "attention_type": "axial"},
+    "r3d_18": {"name": "r3d_18_transformer", **CNN_HEAD},
+    "r2plus1d_18": {"name": "r2plus1d_18_transformer", **CNN_HEAD},
+    "resnet18_temporal": {"name": "resnet18_temporal", **CNN_HEAD},
+}
+
+
+def last_record_with(path: Path, key: str) -> dict:
+    found: dict = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            found = record
+    return found
+
+
+def mean_train_throughput(path: Path) -> float:
+    values = [json.loads(line).get("train/clips_per_s_per_device") for line in path.read_text().splitlines()]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def run_one(label: str, model: dict, base: dict, steps: int) -> dict:
+    cfg = json.loads(json.dumps(base))
+    cfg["name"] = f"scheme-{label}"
+    cfg["output_dir"] = str(OUT / "runs")
+    cfg["model"] = model
+    cfg["train"].update(max_steps=steps, eval_every=0, checkpoint_every=steps)
+    cfg["optim"]["warmup_steps"] = min(cfg["optim"].get("warmup_steps", 0), steps // 10)
+    cfg["log"].update(wandb_mode="disabled", progress_bar=False)
+    config_path = OUT / "configs" / f"{label}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run_dir = OUT / "runs" / cfg["name"]
+    print(f"== {label}: training {steps} steps", flush=True)
+    subprocess.run([sys.executable, "train.py", "--config", str(config_path)], cwd=REPO, check=True)
+
+    config, _ = parse_config(["--config", str(config_path)])
+    classes = json.loads((run_dir / "classes.json").read_text())
+    params = sum(p.numel() for p in build_model_for(config, len(classes)).parameters())
+    metrics = run_dir / "metrics.jsonl"
+    test = last_record_with(metrics, "test/video/top1")
+    return {
+        "model": label,
+        "params_m": params / 1e6,
+        "clip_top1": test.get("test/clip/top1", float("nan")),
+        "video_top1": test.get("test/video/top1", float("nan")),
+        "train_clips_per_s": mean_train_throughput(metrics),
+    }
+
+
+def write_table(rows: list[dict], steps: int) -> str:
+    lines = [
+        f"| model | params (M) | clip top-1 | video top-1 | train clips/s | ({steps} steps, 1 CPU process) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['params_m']:.2f} | {row['clip_top1']:.3f} | {row['video_top1']:.3f} "
+            f"| {row['train_clips_per_s']:.1f} | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml", help="base config (data, optimiser, batch)")
+    parser.add_argument("--steps", type=int, default=400, help="training steps per model")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    args = parser.parse_args()
+    base = yaml.safe_load((REPO / args.config).read_text())
+    shards = REPO / base["data"]["shards"]
+    if not (shards / "dataset.json").is_file():
+        print(f"error: {shards} has no dataset.json: run `make demo` (or shards/synthetic.py + shards/pack.py) first",
+              file=sys.stderr)
+        return 2
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows = [run_one(label, MODELS[label], base, args.steps) for label in args.models]
+    table = write_table(rows, args.steps)
+    (OUT / "table.md").write_text(table)
+    (OUT / "table.json").write_text(json.dumps(rows, indent=1))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Rank-0 monitoring: a WandB failure never stops a run, resumed runs do not duplicate records, plots exist."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import wandb
+
+from actionrec.engine.evaluation import build_metric_collection
+from actionrec.logging import RunMonitor, get_logger, plot_confusion_matrix, plot_pr_curves
+
+
+def test_wandb_that_cannot_start_online_warns_and_continues_offline(tmp_path, monkeypatch):
+    real_init = wandb.init
+
+    def no_network(*args, mode=None, **kwargs):
+        if mode == "online":
+            raise wandb.errors.CommError("could not reach api.wandb.ai")
+        return real_init(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", no_network)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    get_logger(True)
+    with pytest.warns(UserWarning, match="WandB \\(online\\) did not start"):
+        monitor = RunMonitor(tmp_path / "run", is_main_process=True, config={"a": 1}, wandb_mode="online", project="t")
+    assert monitor.wandb_run is not None and monitor.wandb_run.settings.mode == "offline"
+    monitor.log_scalars({"train/loss": 1.5}, step=1)
+    monitor.finish()
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": 1.5}
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monitor = RunMonitor(tmp_path / "run", is_main_process=True, config={}, wandb_mode="offline", project="t")
+    assert monitor.wandb_run is None and not (tmp_path / "run" / "wandb").exists()
+
+
+def test_a_resumed_run_replaces_the_records_after_its_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    first = RunMonitor(tmp_path, is_main_process=True, config={}, wandb_mode="disabled", project="t")
+    for step in range(1, 7):
+        first.log_scalars({"train/loss": float(step)}, step)
+    with (tmp_path / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 7, "train/lo')  # cut by the kill
+    resumed = RunMonitor(tmp_path, is_main_process=True, config={}, wandb_mode="disabled", project="t", resume_step=4)
+    resumed.log_scalars({"train/loss": 5.0}, 5)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    monitor = RunMonitor(tmp_path / "rank1", is_main_process=False, config={}, wandb_mode="offline", project="t")
+    monitor.log_scalars({"train/loss": 1.0}, 1)
+    monitor.finish()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_confusion_matrix_and_pr_plots_are_written(tmp_path):
+    metrics = build_metric_collection(4, sync=False)
+    metrics.update(torch.softmax(torch.randn(40, 4, generator=torch.Generator().manual_seed(0)), 1),
+                   torch.arange(40) % 4)
+    values = metrics.compute()
+    precision, recall, _ = values["pr_curve"]
+    classes = ["a", "b", "c", "d"]
+    plot_confusion_matrix(values["confusion_matrix"], classes, tmp_path / "cm.png", "val")
+    plot_pr_curves(precision, recall, classes, tmp_path / "pr.png", "val")
+    for name in ("cm.png", "pr.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
