@@ -198,16 +198,39 @@ class RunMonitor:
         if self.is_main:
             plot_loss_curve(self.metrics_path, self.plots_dir / "loss.png")
 
-    def finish(self) -> None:
+    def finish(self, results: dict[str, Any] | None = None) -> None:
+        """Final loss plot, close WandB, and print a summary: headline numbers and where everything is."""
         if not self.is_main:
             return
         self.plot_loss_curve()
+        wandb_dir, wandb_mode = None, None
         if self.wandb_run is not None:
+            wandb_dir = Path(self.wandb_run.dir).parent  # .../wandb/<offline-run-...>/files -> the run folder
+            wandb_mode = self.wandb_run.settings.mode
             try:
                 self.wandb_run.finish()
             except Exception as exc:  # noqa: BLE001
                 warnings.warn(f"WandB finish failed: {exc!r}")
             self.wandb_run = None
+        self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode))
+
+
+def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, wandb_mode: str | None) -> str:
+    lines = [f"summary of {run_dir}:"]
+    for split in ("test", "val"):
+        if f"{split}/video/top1" in results:
+            lines.append(
+                f"  {split}: video-level top-1 {results[f'{split}/video/top1']:.1%}, top-5 {results[f'{split}/video/top5']:.1%}, "
+                f"mean class {results[f'{split}/video/mean_class_accuracy']:.1%} "
+                f"({int(results[f'{split}/video/count'])} videos); clip-level top-1 {results[f'{split}/clip/top1']:.1%}"
+            )
+    lines.append(f"  metrics:  {run_dir / 'metrics.jsonl'}")
+    lines.append(f"  plots:    {run_dir / 'plots'} (loss.png, confusion_matrix_*.png, pr_curves_*.png)")
+    if wandb_dir is not None:
+        how = f"wandb sync {wandb_dir}" if wandb_mode == "offline" else "the WandB web page of this run"
+        lines.append(f"  WandB:    {wandb_dir} ({wandb_mode}; view with `{how}`)")
+    lines.append(f"  model:    {run_dir / 'model.safetensors'} (python predict.py VIDEO --checkpoint {run_dir})")
+    return "\n".join(lines)
 
 
 def _new_run_id() -> str:

@@ -69,3 +69,18 @@ def test_confusion_matrix_and_pr_plots_are_written(tmp_path):
     plot_pr_curves(precision, recall, classes, tmp_path / "pr.png", "val")
     for name in ("cm.png", "pr.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_run_ends_with_a_summary_of_accuracy_and_where_everything_is(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    get_logger(True)  # logs to the (captured) stdout
+    monitor = RunMonitor(tmp_path / "run", is_main_process=True, config={}, wandb_mode="offline", project="t")
+    monitor.log_scalars({"train/loss": 2.0}, step=1)
+    results = {"test/video/top1": 0.925, "test/video/top5": 1.0, "test/video/mean_class_accuracy": 0.9,
+               "test/video/count": 40.0, "test/clip/top1": 0.8875}
+    monitor.finish(results)
+    summary = capsys.readouterr().out
+    assert "test: video-level top-1 92.5%" in summary and "clip-level top-1 88.8%" in summary
+    offline_run = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert f"wandb sync {offline_run}" in summary
+    assert (tmp_path / "run" / "plots" / "loss.png").is_file() and str(tmp_path / "run" / "metrics.jsonl") in summary

@@ -415,8 +415,7 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
     results.update(run_evaluations(trainer, monitor, [cfg.data.val_split, cfg.data.test_split], trainer.progress.step))
     final_dir = trainer.save_checkpoint()
     export_model(trainer, final_dir)
-    monitor.finish()
-    logger.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
+    monitor.finish(results)
     accelerator.end_training()
     return results
 
