@@ -143,24 +143,25 @@ def _halve(size: int, times: int) -> int:
     return size
 
 
-class VideoResNetTransformer(nn.Module):
-    """Video ResNet-18 trunk -> (t, s, s) token grid -> transformer encoder -> logits."""
+class TrunkTransformer(nn.Module):
+    """What both CNN + transformer models share: ResNet-18 trunk stages (torchvision names under `trunk.`),
+    a projection to the head's width, the transformer head, trunk freezing and activation checkpointing."""
 
-    def __init__(self, config: VideoResNetTransformerConfig, num_classes: int) -> None:
+    def __init__(
+        self,
+        config: VideoResNetTransformerConfig | FrameResNetTransformerConfig,
+        num_classes: int,
+        trunk: nn.ModuleDict,
+        num_tokens: int,
+    ) -> None:
         super().__init__()
         self.config = config
         self.num_classes = num_classes
-        net = VIDEO_TRUNKS[config.trunk](weights=None)
-        # torchvision's pooling and classifier are replaced by the token grid + head below.
-        self.trunk = nn.ModuleDict(
-            dict(stem=net.stem, layer1=net.layer1, layer2=net.layer2, layer3=net.layer3, layer4=net.layer4)
-        )
-        self.token_grid = (config.token_frames, config.token_size, config.token_size)
-        self.pool = nn.AdaptiveAvgPool3d(self.token_grid)
+        self.trunk = trunk
         self.proj = nn.Identity() if config.hidden_dim == TRUNK_CHANNELS else nn.Linear(TRUNK_CHANNELS, config.hidden_dim)
         self.head = TransformerHead(
             config.hidden_dim,
-            config.token_frames * config.token_size**2,
+            num_tokens,
             config.num_layers,
             config.num_heads,
             config.mlp_ratio,
@@ -177,11 +178,32 @@ class VideoResNetTransformer(nn.Module):
         self.config.grad_checkpointing = enabled
         self.head.grad_checkpointing = enabled
 
-    def train(self, mode: bool = True) -> "VideoResNetTransformer":
+    def train(self, mode: bool = True) -> "TrunkTransformer":
         super().train(mode)
         if self.config.freeze_trunk:
             self.trunk.eval()
         return self
+
+    def run_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad() if self.config.freeze_trunk else nullcontext():
+            for stage in self.trunk.values():
+                checkpointed = self.config.grad_checkpointing and torch.is_grad_enabled()
+                x = run_checkpointed(stage, x) if checkpointed else stage(x)
+        return x
+
+
+class VideoResNetTransformer(TrunkTransformer):
+    """Video ResNet-18 trunk -> (t, s, s) token grid -> transformer encoder -> logits."""
+
+    def __init__(self, config: VideoResNetTransformerConfig, num_classes: int) -> None:
+        net = VIDEO_TRUNKS[config.trunk](weights=None)
+        # torchvision's pooling and classifier are replaced by the token grid + head.
+        trunk = nn.ModuleDict(
+            dict(stem=net.stem, layer1=net.layer1, layer2=net.layer2, layer3=net.layer3, layer4=net.layer4)
+        )
+        super().__init__(config, num_classes, trunk, config.token_frames * config.token_size**2)
+        self.token_grid = (config.token_frames, config.token_size, config.token_size)
+        self.pool = nn.AdaptiveAvgPool3d(self.token_grid)
 
     def trunk_output_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """(t, h, w) of the trunk's last feature map for a clip of that size."""
@@ -198,12 +220,7 @@ class VideoResNetTransformer(nn.Module):
                 f"{self.token_grid[0]}x{self.token_grid[1]}x{self.token_grid[2]} token grid: use more frames / "
                 f"larger clips or lower token_frames / token_size"
             )
-        x = video
-        with torch.no_grad() if self.config.freeze_trunk else nullcontext():
-            for stage in self.trunk.values():
-                checkpointed = self.config.grad_checkpointing and torch.is_grad_enabled()
-                x = run_checkpointed(stage, x) if checkpointed else stage(x)
-        tokens = rearrange(self.pool(x), "b c t h w -> b (t h w) c")  # (B, t*s*s, 512)
+        tokens = rearrange(self.pool(self.run_trunk(video)), "b c t h w -> b (t h w) c")  # (B, t*s*s, 512)
         return self.head(self.proj(tokens))
 
 
@@ -226,53 +243,22 @@ class FrameResNetTransformerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-class FrameResNetTransformer(nn.Module):
+class FrameResNetTransformer(TrunkTransformer):
     """ResNet-18 on every frame -> sequence of frame features -> temporal transformer encoder -> logits."""
 
     def __init__(self, config: FrameResNetTransformerConfig, num_classes: int) -> None:
-        super().__init__()
-        self.config = config
-        self.num_classes = num_classes
         net = resnet18(weights=None)
-        self.trunk = nn.ModuleDict(
+        trunk = nn.ModuleDict(
             dict(
                 stem=nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool),
                 layer1=net.layer1, layer2=net.layer2, layer3=net.layer3, layer4=net.layer4,
             )
         )
-        self.proj = nn.Identity() if config.hidden_dim == TRUNK_CHANNELS else nn.Linear(TRUNK_CHANNELS, config.hidden_dim)
-        self.head = TransformerHead(
-            config.hidden_dim,
-            config.num_frames,
-            config.num_layers,
-            config.num_heads,
-            config.mlp_ratio,
-            config.dropout,
-            config.head_dropout,
-            num_classes,
-            config.grad_checkpointing,
-        )
-        if config.freeze_trunk:
-            self.trunk.requires_grad_(False)
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute trunk stages and encoder layers in the backward pass (same outputs and gradients)."""
-        self.config.grad_checkpointing = enabled
-        self.head.grad_checkpointing = enabled
-
-    def train(self, mode: bool = True) -> "FrameResNetTransformer":
-        super().train(mode)
-        if self.config.freeze_trunk:
-            self.trunk.eval()
-        return self
+        super().__init__(config, num_classes, trunk, config.num_frames)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         _check_clip(video)
         batch = video.shape[0]
-        x = rearrange(video, "b c t h w -> (b t) c h w")
-        with torch.no_grad() if self.config.freeze_trunk else nullcontext():
-            for stage in self.trunk.values():
-                checkpointed = self.config.grad_checkpointing and torch.is_grad_enabled()
-                x = run_checkpointed(stage, x) if checkpointed else stage(x)
+        x = self.run_trunk(rearrange(video, "b c t h w -> (b t) c h w"))
         frame_features = rearrange(x.mean(dim=(-2, -1)), "(b t) c -> b t c", b=batch)  # (B, T, 512)
         return self.head(self.proj(frame_features))
