@@ -7,7 +7,11 @@ Each model is trained by `train.py` itself (one process, same shards, clip size,
 schedule and step budget as `configs/demo.yaml`; only the `model` section differs) and evaluated on the
 held-out test split. Writes benchmarks/out/schemes/table.md (+ .json) with parameters, clip- and video-level
 top-1 and train clips/s, and prints the table. The synthetic classes come in time-reversed pairs, so a model
-that ignores frame order (space-only) cannot beat about half of chance-pairs accuracy.
+that ignores frame order (space-only) can at best name the pair: 50% top-1.
+
+Runs live in benchmarks/out/schemes/runs/scheme-<model>-<steps>steps. Running the same model with the same
+step count again reuses that run (train.py resumes a finished run and evaluates it again); another step count
+trains a new one, so a table never mixes budgets. Delete the runs folder to retrain from scratch.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def mean_train_throughput(path: Path) -> float:
 
 def run_one(label: str, model: dict, base: dict, steps: int) -> dict:
     cfg = json.loads(json.dumps(base))
-    cfg["name"] = f"scheme-{label}"
+    cfg["name"] = f"scheme-{label}-{steps}steps"  # the budget in the name: a rerun never reuses another budget's run
     cfg["output_dir"] = str(OUT / "runs")
     cfg["model"] = model
     cfg["train"].update(max_steps=steps, eval_every=0, checkpoint_every=steps)
