@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from actionrec.shards import EncodeSettings, LayoutError, PackError, PackOptions, list_sources, pack_videos
+from actionrec.shards import (EncodeSettings, LayoutError, PackError, PackOptions, list_sources, pack_videos,
+                              read_split_csv)
 from tests.shards_media import decode_video, encode_video, marker_frames, write_frames_folder, write_video
 from tests.shards_scripts import run_script
 
@@ -32,11 +33,6 @@ def pack(src, out, **kwargs):
     options = PackOptions(encode=kwargs.pop("encode", FAST), workers=0, **kwargs)
     result = pack_videos(src, out, options, progress=False, log=lambda message: None)
     return result, json.loads((Path(out) / "dataset.json").read_text())
-
-
-def read_split_rows(out):
-    with open(Path(out) / "split.csv", newline="") as f:
-        return {row["source"]: (row["label"], row["split"]) for row in csv.DictReader(f)}
 
 
 def test_frames_folders_are_packed_in_frame_number_order(tmp_path):
@@ -80,7 +76,7 @@ def test_csv_manifest_with_partial_split_column(tmp_path, clip_bytes):
     listing = list_sources(src)
     assert listing.layout == "csv" and listing.classes == ["close", "open"]
     result, manifest = pack(src, tmp_path / "out", val=0.0, test=0.0)
-    split = read_split_rows(tmp_path / "out")
+    split = read_split_csv(tmp_path / "out" / "split.csv")
     assert split["videos/a1.mp4"] == ("open", "test") and split["videos/b1.mp4"] == ("close", "val")
     assert split["videos/a2.mp4"][1] == "train"  # rows without a split get the seeded split (here all train)
     assert result.packed == {"train": 3, "val": 1, "test": 1}
@@ -122,14 +118,14 @@ def test_ucf101_official_split_and_fold(tmp_path, clip_bytes):
     assert list_sources(src).layout == "ucf101"
     result, manifest = pack(src, tmp_path / "out1", val=0.0)
     assert result.classes == ["ApplyEyeMakeup", "Basketball"], "classInd.txt order defines the class indices"
-    split1 = read_split_rows(tmp_path / "out1")
+    split1 = read_split_csv(tmp_path / "out1" / "split.csv")
     assert split1["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi"][1] == "test"
     assert split1["ApplyEyeMakeup/v_ApplyEyeMakeup_g02_c01.avi"][1] == "train"
     assert result.packed == {"train": 6, "val": 0, "test": 2}
     assert manifest["skipped"][0]["source"] == "Basketball/v_Basketball_g09_c01.avi"
     assert "not found" in manifest["skipped"][0]["reason"]
     result2, _ = pack(src, tmp_path / "out2", fold=2, val=0.0)
-    split2 = read_split_rows(tmp_path / "out2")
+    split2 = read_split_csv(tmp_path / "out2" / "split.csv")
     assert split2["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi"][1] == "train"
     assert split2["ApplyEyeMakeup/v_ApplyEyeMakeup_g02_c01.avi"][1] == "test"
     # with a val fraction, val is carved out of the official train part only, per class

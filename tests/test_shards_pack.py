@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from actionrec.shards import (EncodeSettings, PackOptions, SyntheticSpec, generate_synthetic, pack_videos,
-                              sample_key)
+                              read_split_csv, sample_key)
 from tests.shards_media import decode_video
 from tests.shards_scripts import ROOT, run_script
 
@@ -41,11 +41,6 @@ def read_all(out: Path, manifest: dict) -> list[dict]:
     return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
 
 
-def split_rows(out: Path) -> dict[str, tuple[str, str]]:
-    with open(out / "split.csv", newline="") as f:
-        return {row["source"]: (row["label"], row["split"]) for row in csv.DictReader(f)}
-
-
 @pytest.mark.parametrize("fmt", ["mp4", "jpg"])
 def test_round_trip_every_sample_comes_back_once(synth, tmp_path, fmt):
     out = tmp_path / "out"
@@ -56,7 +51,7 @@ def test_round_trip_every_sample_comes_back_once(synth, tmp_path, fmt):
     sources = sorted(p.relative_to(synth).as_posix() for p in synth.rglob("*.mp4"))
     assert len(samples) == len(sources) == 24 and result.skipped == []
     assert sorted(s["__key__"] for s in samples) == sorted(sample_key(r) for r in sources)
-    splits = split_rows(out)
+    splits = read_split_csv(out / "split.csv")
     for sample in samples:
         meta = json.loads(sample["json"])
         label = meta["source"].split("/")[0]
@@ -96,16 +91,16 @@ def test_split_is_written_once_and_never_reshuffled(synth, tmp_path):
     generate_synthetic(extra, SyntheticSpec(classes=4, videos_per_class=9, frames=8, size=32, seed=3), progress=False)
     notes = []
     pack_videos(extra, tmp_path / "a2", base, progress=False, log=quiet)
-    before = split_rows(tmp_path / "a2")
+    before = read_split_csv(tmp_path / "a2" / "split.csv")
     pack_videos(synth, tmp_path / "a2", other_seed, progress=False, log=notes.append)
-    assert split_rows(tmp_path / "a2") == before
+    assert read_split_csv(tmp_path / "a2" / "split.csv") == before
     assert any("split.csv already exists" in n for n in notes)
-    old = split_rows(tmp_path / "a")
+    old = read_split_csv(tmp_path / "a" / "split.csv")
     small_then_grown = tmp_path / "d"
     pack_videos(synth, small_then_grown, base, progress=False, log=quiet)
     result = pack_videos(extra, small_then_grown, PackOptions(workers=0, encode=EncodeSettings(short_side=16)),
                          progress=False, log=quiet)
-    grown = split_rows(small_then_grown)
+    grown = read_split_csv(small_then_grown / "split.csv")
     assert {k: grown[k] for k in old} == old and len(grown) == 36
     assert result.resumed == 24 and result.newly_packed == 12
 
@@ -122,7 +117,7 @@ def test_user_split_csv_is_used(synth, tmp_path):
                                                                 encode=EncodeSettings(short_side=16)),
                          progress=False, log=quiet)
     assert result.packed == {"train": 16, "val": 0, "test": 8}
-    assert split_rows(tmp_path / "out") == {r: (r.split("/")[0], "test" if i % 3 == 0 else "train")
+    assert read_split_csv(tmp_path / "out" / "split.csv") == {r: (r.split("/")[0], "test" if i % 3 == 0 else "train")
                                             for i, r in enumerate(sources)}
 
 
