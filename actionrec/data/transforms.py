@@ -6,6 +6,7 @@ All functions take and return uint8 (T, C, H, W) clips and apply one set of para
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -112,6 +113,15 @@ def normalize_on_device(
     channels = video.shape[1]
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"mean/std need {channels} values (one per channel), got {len(mean)} and {len(std)}")
-    mean_t = torch.tensor(mean, device=video.device, dtype=torch.float32).view(1, channels, 1, 1, 1) * 255
-    std_t = torch.tensor(std, device=video.device, dtype=torch.float32).view(1, channels, 1, 1, 1) * 255
+    mean_t, std_t = _pixel_scale(tuple(mean), tuple(std), video.device)
     return ((video.float() - mean_t) / std_t).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, C, 1, 1, 1) mean and std in 0-255 units on `device`, built once per device: making them from Python
+    lists on every batch would be a blocking host-to-device copy before every forward pass on a GPU."""
+    shape = (1, len(mean), 1, 1, 1)
+    mean_t = torch.tensor(mean, device=device, dtype=torch.float32).view(shape) * 255
+    std_t = torch.tensor(std, device=device, dtype=torch.float32).view(shape) * 255
+    return mean_t, std_t
