@@ -79,7 +79,6 @@ class ClipStream(IterableDataset):
         self._worker = (0, 1)
         self._skipped = 0
         self._failures_in_a_row = 0
-        self._heap = _HeapTrimmer()
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -242,15 +241,21 @@ class _HeapTrimmer:
     def __init__(self, every: int = 32):
         self.every = every
         self.count = 0
-        try:
-            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            self._trim = None
 
     def tick(self) -> None:
         self.count += 1
-        if self._trim is not None and self.count % self.every == 0:
-            self._trim(0)
+        if self.count % self.every == 0 and (trim := _malloc_trim()) is not None:
+            trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once per process (None elsewhere). Not kept on the stream itself: a
+    ctypes function pointer cannot be pickled, and spawn/forkserver workers pickle the dataset."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
