@@ -24,9 +24,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from actionrec.data.assignment import eval_shard_parts, train_worker_plan
 from actionrec.data.decode import CorruptSample, DecoderName, open_frame_reader, resolve_decoder
-from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices
+from actionrec.data.sampling import ClipSpec, train_frame_indices
 from actionrec.data.shardset import ShardSet
-from actionrec.data.transforms import TrainAugment, eval_views, train_transform
+from actionrec.data.transforms import TrainAugment, read_eval_views, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -143,21 +143,19 @@ class ClipStream(IterableDataset):
                     yield sample
 
     def _eval_items(self, samples: Iterator[dict]) -> Iterator[dict]:
-        t, n_t, n_s = self.clip.num_frames, self.temporal_clips, self.spatial_crops
+        n_t, n_s = self.temporal_clips, self.spatial_crops
         for sample in samples:
             self._heap.tick()
             try:
                 label = self._label(sample)
                 with open_frame_reader(sample, self.backend) as reader:
-                    indices = [eval_frame_indices(self.clip, reader.num_frames, k, n_t) for k in range(n_t)]
-                    frames = reader.read(np.concatenate(indices))  # all temporal views in one decode pass
-                views = [eval_views(frames[k * t : (k + 1) * t], self.clip, n_s) for k in range(n_t)]
+                    indices, views = read_eval_views(reader, self.clip, n_t, n_s)
             except Exception as exc:  # noqa: BLE001 - see _train_items
                 self._skip(sample, exc)
                 continue
             for k in range(n_t):
                 for s in range(n_s):
-                    yield {"video": views[k][s].permute(1, 0, 2, 3), "label": label, "key": sample["__key__"],
+                    yield {"video": views[k][s], "label": label, "key": sample["__key__"],
                            "view": k * n_s + s, "frame_index": torch.from_numpy(indices[k])}
 
     # -- shared -------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from actionrec.data.sampling import ClipSpec
+from actionrec.data.sampling import ClipSpec, eval_frame_indices
 
 # Kinetics statistics used by TimeSformer / SlowFast (pixel values in [0, 1]).
 KINETICS_MEAN = (0.45, 0.45, 0.45)
@@ -125,3 +125,18 @@ def _pixel_scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.
     mean_t = torch.tensor(mean, device=device, dtype=torch.float32).view(shape) * 255
     std_t = torch.tensor(std, device=device, dtype=torch.float32).view(shape) * 255
     return mean_t, std_t
+
+
+def read_eval_views(reader, clip: ClipSpec, temporal_clips: int, spatial_crops: int):
+    """Every evaluation view of one video, all temporal clips decoded in one pass from a `FrameReader`.
+
+    Returns (frame indices of each temporal clip, views[k][s]: uint8 (C, T, S, S) of temporal clip k and
+    spatial crop s). The evaluation loader and `predict.py` both use it, so a prediction sees exactly the
+    views of evaluation.
+    """
+    t = clip.num_frames
+    indices = [eval_frame_indices(clip, reader.num_frames, k, temporal_clips) for k in range(temporal_clips)]
+    frames = reader.read(np.concatenate(indices))  # (temporal_clips * T, C, H, W)
+    views = [[view.permute(1, 0, 2, 3) for view in eval_views(frames[k * t : (k + 1) * t], clip, spatial_crops)]
+             for k in range(temporal_clips)]  # (T, C, S, S) -> (C, T, S, S)
+    return indices, views

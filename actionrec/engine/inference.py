@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from actionrec.config import Config, build_config
@@ -43,23 +42,16 @@ def predict_video(
     classifier: Classifier, video: str | Path, temporal_clips: int, spatial_crops: int, batch_size: int = 8
 ) -> torch.Tensor:
     """Class probabilities (num_classes,) of one video file: the mean over temporal_clips x spatial_crops views."""
-    from actionrec.data import ClipSpec, eval_frame_indices, normalize_on_device
+    from actionrec.data import ClipSpec, normalize_on_device
     from actionrec.data.decode import PyAVFrameReader
-    from actionrec.data.transforms import eval_views
+    from actionrec.data.transforms import read_eval_views
 
     cfg = classifier.cfg
     spec = ClipSpec(num_frames=cfg.data.num_frames, sampling=cfg.data.sampling,
                     frame_stride=cfg.data.frame_stride, size=cfg.data.size)
-    reader = PyAVFrameReader(Path(video).read_bytes())  # raises CorruptSample for an unreadable file
-    try:
-        t = spec.num_frames
-        indices = [eval_frame_indices(spec, reader.num_frames, k, temporal_clips) for k in range(temporal_clips)]
-        frames = reader.read(np.concatenate(indices))  # (temporal_clips * T, 3, H, W) uint8
-    finally:
-        reader.close()
-    views = [view.permute(1, 0, 2, 3)  # (T, 3, S, S) -> (3, T, S, S)
-             for k in range(temporal_clips) for view in eval_views(frames[k * t:(k + 1) * t], spec, spatial_crops)]
-    clips = torch.stack(views)  # (V, 3, T, S, S)
+    with PyAVFrameReader(Path(video).read_bytes()) as reader:  # raises CorruptSample for an unreadable file
+        _, views = read_eval_views(reader, spec, temporal_clips, spatial_crops)
+    clips = torch.stack([view for clip_views in views for view in clip_views])  # (V, 3, T, S, S)
     use_bf16 = classifier.device.type == "cuda" and cfg.train.precision != "fp32"
     probs = []
     for start in range(0, len(clips), batch_size):
