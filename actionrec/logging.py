@@ -157,19 +157,24 @@ class RunMonitor:
             return
         scalars = {f"{split}/{k}": v for k, v in result.scalars().items()}
         per_class = {
-            f"{split}/per_class_accuracy/{level}": dict(zip(class_names, getattr(result, level).per_class_accuracy))
+            f"{split}/{name}/{level}": dict(zip(class_names, getattr(getattr(result, level), field)))
             for level in ("clip", "video")
+            for name, field in (("per_class_accuracy", "per_class_accuracy"), ("per_class_ap", "average_precision"))
         }
         self._append({"step": step, **scalars, **per_class})
         cm_png = self.plots_dir / f"confusion_matrix_{split}.png"
         pr_png = self.plots_dir / f"pr_curves_{split}.png"
         plot_confusion_matrix(result.video.confusion_matrix, class_names, cm_png, f"{split} (video level), step {step}")
-        plot_pr_curves(result.video.pr_precision, result.video.pr_recall, class_names, pr_png, f"{split} (video level), step {step}")
+        plot_pr_curves(result.video.pr_precision, result.video.pr_recall, result.video.average_precision, class_names,
+                       pr_png, f"{split} (video level), step {step}")
         if self.wandb_run is None:
             return
         import wandb
 
         payload: dict[str, Any] = {"step": step, **scalars}
+        for level in ("clip", "video"):  # one WandB chart per class: AP over training
+            for name, ap in zip(class_names, getattr(result, level).average_precision):
+                payload[f"{split}/per_class_ap/{level}/{name}"] = ap
         try:
             payload[f"{split}/confusion_matrix"] = wandb.plot.confusion_matrix(
                 y_true=result.video.labels.tolist(),
@@ -312,13 +317,14 @@ def plot_confusion_matrix(matrix: Any, class_names: list[str], out: Path, title:
     plt.close(fig)
 
 
-def plot_pr_curves(precision: Any, recall: Any, class_names: list[str], out: Path, title: str) -> None:
-    """One precision-recall curve per class (the 20 with the lowest average precision when there are more)."""
+def plot_pr_curves(precision: Any, recall: Any, average_precision: list[float], class_names: list[str], out: Path,
+                   title: str) -> None:
+    """One precision-recall curve per class, labelled with its average precision (torchmetrics'), the 20
+    with the lowest AP when there are more."""
     precision = np.asarray(precision)  # (C, thresholds)
     recall = np.asarray(recall)
-    # Area under the step curve per class, to pick which classes to draw.
-    ap = -np.sum(np.diff(recall, axis=1) * precision[:, 1:], axis=1)
-    order = np.argsort(ap)[:20] if len(class_names) > 20 else np.arange(len(class_names))
+    ap = np.asarray(average_precision, dtype=np.float64)
+    order = np.argsort(np.nan_to_num(ap, nan=np.inf))[:20] if len(class_names) > 20 else np.arange(len(class_names))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     for c in order:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -66,9 +67,28 @@ def test_confusion_matrix_and_pr_plots_are_written(tmp_path):
     precision, recall, _ = values["pr_curve"]
     classes = ["a", "b", "c", "d"]
     plot_confusion_matrix(values["confusion_matrix"], classes, tmp_path / "cm.png", "val")
-    plot_pr_curves(precision, recall, classes, tmp_path / "pr.png", "val")
+    plot_pr_curves(precision, recall, values["average_precision"].tolist(), classes, tmp_path / "pr.png", "val")
     for name in ("cm.png", "pr.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_average_precision_is_a_number_per_class_and_perfect_for_a_perfect_ranking():
+    from actionrec.engine.evaluation import _level_metrics
+
+    labels = torch.arange(40) % 4
+    probs = torch.full((40, 4), 0.1).scatter_(1, labels[:, None], 0.7)  # every clip ranked right
+    probs[:10] = torch.softmax(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), 1)  # some noise
+    metrics = build_metric_collection(5, sync=False)  # class 4 never occurs
+    metrics.update(torch.cat([probs, torch.zeros(40, 1)], 1), labels)
+    level = _level_metrics(metrics.compute(), 40)
+    ap = level["average_precision"]
+    assert all(0.5 < value <= 1.0 for value in ap[:4]), ap  # was "AP nan" for every class
+    assert math.isnan(ap[4])  # absent class: no curve, not averaged in
+    assert level["mean_average_precision"] == pytest.approx(sum(ap[:4]) / 4)
+
+    perfect = build_metric_collection(4, sync=False)
+    perfect.update(torch.full((40, 4), 0.1).scatter_(1, labels[:, None], 0.7), labels)
+    assert _level_metrics(perfect.compute(), 40)["average_precision"] == pytest.approx([1.0] * 4)
 
 
 def test_the_run_ends_with_a_summary_of_accuracy_and_where_everything_is(tmp_path, monkeypatch, capsys):

@@ -20,7 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassPrecisionRecallCurve
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAveragePrecision,
+    MulticlassConfusionMatrix,
+    MulticlassPrecisionRecallCurve,
+)
 
 PR_THRESHOLDS = 101  # binned PR curve: memory C x 101 x 4 counters whatever the eval set size
 
@@ -37,6 +42,8 @@ class LevelMetrics:
     confusion_matrix: torch.Tensor  # (C, C) counts, rows = true class
     pr_precision: torch.Tensor  # (C, PR_THRESHOLDS + 1)
     pr_recall: torch.Tensor
+    average_precision: list[float]  # per class (one-vs-rest, binned like the PR curve); NaN for an absent class
+    mean_average_precision: float  # over the classes present in the split
 
 
 @dataclass
@@ -60,6 +67,7 @@ class EvalResult:
             out[f"{level}/top1"] = metrics.top1
             out[f"{level}/top5"] = metrics.top5
             out[f"{level}/mean_class_accuracy"] = metrics.mean_class_accuracy
+            out[f"{level}/mAP"] = metrics.mean_average_precision
             out[f"{level}/count"] = float(metrics.count)
         return out
 
@@ -72,6 +80,9 @@ def build_metric_collection(num_classes: int, sync: bool) -> MetricCollection:
             "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro", **kwargs),
             "confusion_matrix": MulticlassConfusionMatrix(num_classes, **kwargs),
             "pr_curve": MulticlassPrecisionRecallCurve(num_classes, thresholds=PR_THRESHOLDS, **kwargs),
+            "average_precision": MulticlassAveragePrecision(
+                num_classes, average=None, thresholds=PR_THRESHOLDS, **kwargs
+            ),
         },
         compute_groups=False,
     )
@@ -83,6 +94,8 @@ def _level_metrics(values: dict, count: int) -> dict:
     per_class = torch.where(support > 0, cm.diag().double() / support.clamp(min=1), torch.nan)
     present = per_class[support > 0]
     precision, recall, _ = values["pr_curve"]
+    # A class absent from the split has no precision-recall curve: NaN, left out of the mean.
+    average_precision = torch.where(support > 0, values["average_precision"].detach().cpu().double(), torch.nan)
     return {
         "count": count,
         "top1": float(values["top1"]),
@@ -92,6 +105,8 @@ def _level_metrics(values: dict, count: int) -> dict:
         "confusion_matrix": cm,
         "pr_precision": precision.detach().cpu(),
         "pr_recall": recall.detach().cpu(),
+        "average_precision": average_precision.tolist(),
+        "mean_average_precision": float(average_precision[support > 0].mean()) if len(present) else float("nan"),
     }
 
 

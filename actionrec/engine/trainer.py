@@ -517,11 +517,15 @@ def write_eval_report(trainer: Trainer, result: EvalResult, split: str) -> None:
         "per_class_accuracy": {
             level: dict(zip(classes, getattr(result, level).per_class_accuracy)) for level in ("clip", "video")
         },
+        "per_class_ap": {
+            level: dict(zip(classes, getattr(result, level).average_precision)) for level in ("clip", "video")
+        },
         "confusion_matrix_video": result.video.confusion_matrix.tolist(),
     }
     (out / f"{split}_metrics.json").write_text(json.dumps(report, indent=1))
     plot_confusion_matrix(result.video.confusion_matrix, classes, out / f"confusion_matrix_{split}.png", f"{split} (video level)")
-    plot_pr_curves(result.video.pr_precision, result.video.pr_recall, classes, out / f"pr_curves_{split}.png", f"{split} (video level)")
+    plot_pr_curves(result.video.pr_precision, result.video.pr_recall, result.video.average_precision, classes,
+                   out / f"pr_curves_{split}.png", f"{split} (video level)")
 
 
 def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
