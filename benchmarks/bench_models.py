@@ -60,7 +60,7 @@ def build_pair(args: argparse.Namespace, scheme: str):
     """(transformers model or None, our SDPA model, our eager model), all with the same weights."""
     from transformers import TimesformerConfig, TimesformerForVideoClassification
 
-    overrides = dict(drop_path_rate=0.0)
+    overrides = dict(drop_path_rate=0.0, init="vit")  # the HuggingFace layout
     if scheme not in HF_SCHEMES:
         ours = build_model(
             "timesformer_base", 100, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads,
@@ -128,7 +128,7 @@ def flops_table() -> list[dict]:
     rows = []
     for scheme in tqdm(ATTENTION_TYPES, desc="FLOPs (ViT-B/16 8x224^2)", leave=False):
         with torch.device("meta"):
-            model = build_model("timesformer_base", 400, attention_type=scheme)
+            model = build_model("timesformer_base", 400, attention_type=scheme, init="vit")
         rows.append(
             {
                 "scheme": scheme,

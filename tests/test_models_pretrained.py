@@ -17,7 +17,8 @@ from actionrec.models import (
     load_pretrained,
 )
 
-TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, num_frames=4)
+# The official set-up: the layout official, HuggingFace and ImageNet ViT weights load into.
+TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, num_frames=4, init="vit")
 
 
 def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -56,13 +57,31 @@ def test_huggingface_directory_gives_the_same_outputs_as_transformers(tmp_path, 
         assert model.config.attention_type == scheme and model.num_classes == 7
         torch.testing.assert_close(model(clip), expected, atol=1e-5, rtol=1e-5)
 
-        built = build_model(
-            "timesformer_base", 7, embed_dim=64, depth=2, num_heads=4, img_size=32, patch_size=8,
-            num_frames=4, attention_type=scheme,
-        ).eval()
+        geometry = dict(embed_dim=64, depth=2, num_heads=4, img_size=32, patch_size=8, num_frames=4)
+        built = build_model("timesformer_base", 7, **geometry, attention_type=scheme, init="vit").eval()
         report = load_pretrained(built, tmp_path)
         assert report.source_format == "huggingface" and report.complete
         torch.testing.assert_close(built(clip), expected, atol=1e-5, rtol=1e-5)
+
+        # Built without weights, a model has the from-scratch set-up, which ViT-layout weights do not fit.
+        scratch = build_model("timesformer_base", 7, **geometry, attention_type=scheme)
+        with pytest.raises(CheckpointMismatchError, match="from-scratch set-up .* build it with init='vit'"):
+            load_pretrained(scratch, tmp_path)
+
+
+def test_a_run_config_picks_the_set_up_by_whether_weights_are_loaded(tmp_path):
+    from actionrec.config import build_config
+    from actionrec.engine.trainer import build_model_for
+
+    official = build_model("timesformer_tiny", 5, **TINY)
+    export_official_checkpoint(official, tmp_path / "official.pth")
+    base = {"data": {"num_frames": 4, "size": 32}, "model": {"name": "timesformer_tiny", "embed_dim": 32, "depth": 2,
+                                                              "num_heads": 2, "patch_size": 8}}
+    fresh = build_model_for(build_config(base, check_paths=False), 5)
+    assert fresh.setup == "scratch" and fresh.time_embed.std() > 0.3  # time visible from the first step
+    loaded = build_model_for(build_config(base, [f"model.pretrained={tmp_path / 'official.pth'}"], check_paths=False), 5)
+    assert loaded.setup == "vit"
+    torch.testing.assert_close(loaded.state_dict(), official.state_dict())
 
 
 def test_huggingface_pytorch_model_bin_loads(tmp_path):

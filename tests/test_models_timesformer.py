@@ -19,7 +19,7 @@ TABLE_1_PARAMS = {
 
 def count_params(num_classes: int, scheme: str) -> int:
     with torch.device("meta"):  # no memory, no init cost
-        model = build_model("timesformer_base", num_classes, attention_type=scheme, num_frames=8, img_size=224)
+        model = build_model("timesformer_base", num_classes, attention_type=scheme, num_frames=8, img_size=224, init="vit")
     return sum(p.numel() for p in model.parameters())
 
 
@@ -69,7 +69,7 @@ def capture_attention_lengths(model, clip):
     ],
 )
 def test_each_scheme_attends_over_the_papers_neighbourhoods(scheme, expected):
-    model = build_model("timesformer_tiny", 3, attention_type=scheme, img_size=64, patch_size=8, depth=1).eval()
+    model = build_model("timesformer_tiny", 3, attention_type=scheme, img_size=64, patch_size=8, depth=1, init="vit").eval()
     assert capture_attention_lengths(model, torch.randn(1, 3, 4, 64, 64)) == expected
 
 
@@ -78,7 +78,7 @@ def test_sparse_global_step_connects_only_same_parity_tokens():
     # of patch (t=0, h=0, w=0) depends on every patch at even (t, h, w) and on no other patch.
     torch.manual_seed(0)
     model = build_model(
-        "timesformer_tiny", 3, attention_type="sparse_local_global", img_size=32, patch_size=8, depth=1
+        "timesformer_tiny", 3, attention_type="sparse_local_global", img_size=32, patch_size=8, depth=1, init="vit"
     ).eval()
     tokens = torch.randn(1, 1 + 4 * 16, 64, requires_grad=True)  # cls + (t=4, h=4, w=4) patches
     out = model.blocks[0](tokens, (4, 4, 4))
@@ -90,21 +90,21 @@ def test_sparse_global_step_connects_only_same_parity_tokens():
 
 
 def test_other_clip_lengths_and_sizes_run_with_resampled_embeddings():
-    model = build_model("timesformer_tiny", 3).eval()  # made for 4 x 64^2
+    model = build_model("timesformer_tiny", 3, init="vit").eval()  # made for 4 x 64^2
     with torch.no_grad():
         assert model(torch.randn(1, 3, 6, 96, 80)).shape == (1, 3)
 
 
 def test_loading_a_checkpoint_made_for_another_grid_resamples_embeddings(tmp_path):
     torch.manual_seed(0)
-    source = build_model("timesformer_tiny", 3, num_frames=4, img_size=32, patch_size=8)
+    source = build_model("timesformer_tiny", 3, num_frames=4, img_size=32, patch_size=8, init="vit")
     ramp = torch.linspace(-1, 1, 4)
     with torch.no_grad():  # a smooth position code: value grows along w, constant along h
         source.pos_embed[0, 1:] = ramp.repeat(4)[:, None].expand(16, 64)
         source.time_embed[0] = ramp[:, None].expand(4, 64)
     torch.save(source.state_dict(), tmp_path / "small.pt")
 
-    target = build_model("timesformer_tiny", 3, num_frames=8, img_size=64, patch_size=8)
+    target = build_model("timesformer_tiny", 3, num_frames=8, img_size=64, patch_size=8, init="vit")
     report = load_pretrained(target, tmp_path / "small.pt")
     assert [entry.split()[0] for entry in report.resized] == ["pos_embed", "time_embed"]
     torch.testing.assert_close(target.pos_embed[0, 0], source.pos_embed[0, 0])  # cls position kept
@@ -121,13 +121,13 @@ def test_flops_per_clip_at_vit_b():
     flops = {}
     for scheme in ("space_only", "divided_space_time"):
         with torch.device("meta"):
-            model = build_model("timesformer_base", 400, attention_type=scheme)
+            model = build_model("timesformer_base", 400, attention_type=scheme, init="vit")
         flops[scheme] = count_flops_per_clip(model, (3, 8, 224, 224))
     # The paper's 0.196 TFLOPs per 8 x 224^2 view of divided attention counts multiply-adds once.
     assert flops["divided_space_time"] / 2 == pytest.approx(196e9, rel=0.01)
     assert flops["space_only"] < flops["divided_space_time"]
     with torch.device("meta"):
-        model = build_model("timesformer_base", 400)
+        model = build_model("timesformer_base", 400, init="vit")
     assert count_flops_per_clip(model, (3, 8, 224, 224), include_backward=True) == pytest.approx(
         3 * flops["divided_space_time"], rel=0.02
     )

@@ -25,12 +25,14 @@ class Classifier:
 
 def load_classifier(checkpoint: str | Path, device: str = "auto") -> Classifier:
     """A run dir, checkpoints/latest, a step dir (plain, DDP or DeepSpeed ZeRO) or an exported model."""
-    from actionrec.engine.trainer import build_model_for
+    from actionrec.engine.trainer import build_model_for, resolved_model_options
 
     resolved = resolve_checkpoint(checkpoint)
     config, classes = checkpoint_metadata(resolved)
     cfg = build_config(config, check_paths=False)
-    cfg.model.pretrained = ""  # the checkpoint holds all weights
+    # Built with the set-up it was trained with; then the checkpoint holds all weights.
+    cfg.model.options = resolved_model_options(cfg)
+    cfg.model.pretrained = ""
     model = build_model_for(cfg, len(classes))
     model.load_state_dict(load_fp32_state_dict(resolved))
     target = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)

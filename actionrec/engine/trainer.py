@@ -221,6 +221,15 @@ def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size
     )
 
 
+def resolved_model_options(cfg: Config) -> dict:
+    """`model.options` with `init: auto` resolved: the official (ViT) set-up when `model.pretrained` loads
+    weights into the model, the from-scratch set-up when nothing is loaded."""
+    options = dict(cfg.model.options)
+    if options.get("init", "auto") == "auto":
+        options["init"] = "vit" if cfg.model.pretrained else "scratch"
+    return options
+
+
 def build_model_for(cfg: Config, num_classes: int) -> torch.nn.Module:
     import dataclasses
 
@@ -233,7 +242,7 @@ def build_model_for(cfg: Config, num_classes: int) -> torch.nn.Module:
         cfg.model.name,
         num_classes=num_classes,
         **{k: v for k, v in from_data.items() if k in fields},
-        **cfg.model.options,
+        **resolved_model_options(cfg),
     )
     if cfg.model.pretrained:
         from actionrec.models import load_pretrained

@@ -287,6 +287,12 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
     `weights_only=True`.
     """
     fmt, raw, _ = read_checkpoint(path)
+    if isinstance(model, TimeSformer) and model.setup == "scratch" and "stem.layers.0.weight" not in raw:
+        raise CheckpointMismatchError(
+            f"{path}: this TimeSformer was built with the from-scratch set-up (init='scratch': a conv stem before "
+            f"the patch projection), which {fmt} weights do not have; build it with init='vit' to load them "
+            f"(in a run config, model.pretrained does this by itself)"
+        )
     state, dropped = _to_model_names(fmt, raw)
     report = LoadReport(source_format=fmt, dropped_head=dropped)
     target = model.state_dict()
@@ -360,6 +366,7 @@ def config_from_huggingface(hf: dict) -> tuple[TimeSformerConfig, int]:
         attn_drop_rate=hf.get("attention_probs_dropout_prob", 0.0),
         drop_path_rate=hf.get("drop_path_rate", 0.0),
         layer_norm_eps=hf.get("layer_norm_eps", 1e-6),
+        init="vit",
     )
     num_classes = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
     return config, num_classes
@@ -386,17 +393,23 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[TimeSformerC
         attention_type = "joint_space_time"
     else:
         attention_type = "space_only"
+    # Our own from-scratch set-up puts a conv stem (stem.layers.<3i>.weight) before the patch projection.
+    stem = [state[k] for k in sorted((k for k in state if re.fullmatch(r"stem\.layers\.\d+\.weight", k) and state[k].ndim == 5),
+                                     key=lambda k: int(k.split(".")[2]))]
+    patch_size = patch.shape[-1] * 2 ** max(len(stem) - 1, 0)
+    setup = dict(init="scratch", stem_channels=stem[0].shape[0], stem_layers=len(stem)) if stem else dict(init="vit")
     config = TimeSformerConfig(
         num_frames=state["time_embed"].shape[1] if "time_embed" in state else 8,
-        img_size=grid * patch.shape[-1],
-        patch_size=patch.shape[-1],
-        in_chans=patch.shape[1],
+        img_size=grid * patch_size,
+        patch_size=patch_size,
+        in_chans=stem[0].shape[1] if stem else patch.shape[1],
         embed_dim=embed_dim,
         depth=depth,
         num_heads=max(embed_dim // 64, 1),
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         attention_type=attention_type,
+        **setup,
     )
     return config, state["head.weight"].shape[0]
 

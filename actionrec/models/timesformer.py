@@ -36,6 +36,7 @@ from torchvision.ops import StochasticDepth
 from actionrec.models.layers import Attention, Mlp, PatchEmbed
 
 ATTENTION_TYPES = ("space_only", "joint_space_time", "divided_space_time", "sparse_local_global", "axial")
+INIT_SETUPS = ("auto", "scratch", "vit")
 
 
 @dataclass
@@ -61,6 +62,14 @@ class TimeSformerConfig:
     fused_attn: bool = True
     # Recompute each block in the backward pass instead of storing its activations.
     grad_checkpointing: bool = False
+    # How the network is set up (see `TimeSformer.reset_parameters`): "vit" is the official set-up for
+    # fine-tuning from ImageNet ViT / TimeSformer weights; "scratch" adds a space-time conv stem and draws
+    # visible position and time embeddings, for training without weights; "auto" is "scratch" here, and the
+    # trainer resolves it to "vit" when `model.pretrained` names a weights file.
+    init: str = "auto"
+    stem_channels: int = 16  # scratch: channels of the conv stem's first layer
+    stem_layers: int = 1  # scratch: conv layers; each one after the first halves H and W and doubles channels
+    embed_std: float = 0.5  # scratch: std of the learnt position and time embeddings
 
     def __post_init__(self) -> None:
         if self.attention_type not in ATTENTION_TYPES:
@@ -72,6 +81,12 @@ class TimeSformerConfig:
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}: "
                 f"use e.g. img_size={self.img_size // self.patch_size * self.patch_size}"
             )
+        if self.init not in INIT_SETUPS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(INIT_SETUPS)}")
+        if self.stem_layers < 1 or self.patch_size % 2 ** (self.stem_layers - 1):
+            raise ValueError(f"stem_layers must be >= 1 with patch_size divisible by 2**(stem_layers-1), got {self.stem_layers}")
+        if self.stem_channels < 1 or self.embed_std <= 0:
+            raise ValueError(f"stem_channels must be >= 1 and embed_std > 0, got {self.stem_channels}, {self.embed_std}")
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         for name in ("num_frames", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -169,6 +184,36 @@ class SpaceTimeBlock(nn.Module):
         cls_residual = reduce(out[:, :1], "(b g) 1 d -> b 1 d", "mean", g=num_groups)
         patch_residual = rearrange(out[:, 1:], from_groups, **sizes)  # (B, T*h*w, D)
         return x + self.drop_path(torch.cat([cls_residual, patch_residual], dim=1))
+
+
+class SpaceTimeStem(nn.Module):
+    """Conv 3 x 3 x 3 + BatchNorm + ReLU at full resolution, before the patch projection (the from-scratch set-up).
+
+    Why: trained from scratch on a few hundred videos, a TimeSformer over raw patches memorises instead of
+    learning motion; a local space-time convolution gives every patch token features of how its pixels change
+    between neighbouring frames (the inductive bias a 3D CNN has), and BatchNorm puts them on one scale
+    whatever the input's colours and normalisation. `temporal_kernel=1` keeps the stem per-frame (used for
+    `space_only`, which must stay blind to frame order).
+    """
+
+    def __init__(self, in_chans: int, channels: int, layers: int = 1, temporal_kernel: int = 3) -> None:
+        super().__init__()
+        convs = []
+        for i in range(layers):
+            out = channels * 2**i
+            stride = (1, 1, 1) if i == 0 else (1, 2, 2)
+            convs += [
+                nn.Conv3d(in_chans, out, (temporal_kernel, 3, 3), stride, (temporal_kernel // 2, 1, 1), bias=False),
+                nn.BatchNorm3d(out),
+                nn.ReLU(inplace=True),
+            ]
+            in_chans = out
+        self.layers = nn.Sequential(*convs)
+        self.out_channels = in_chans
+        self.downsample = 2 ** (layers - 1)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.layers(video)  # (B, C, T, H, W) -> (B, out_channels, T, H / downsample, W / downsample)
 
 
 class JointSpaceTimeBlock(SpaceTimeBlock):
@@ -293,7 +338,13 @@ class TimeSformer(nn.Module):
         self.num_classes = num_classes
         dim = config.embed_dim
         grid = config.img_size // config.patch_size
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, dim)
+        self.setup = "vit" if config.init == "vit" else "scratch"
+        if self.setup == "scratch":
+            temporal_kernel = 1 if config.attention_type == "space_only" else 3
+            self.stem = SpaceTimeStem(config.in_chans, config.stem_channels, config.stem_layers, temporal_kernel)
+            self.patch_embed = PatchEmbed(config.patch_size // self.stem.downsample, self.stem.out_channels, dim)
+        else:
+            self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))
         self.pos_drop = nn.Dropout(config.drop_rate)
@@ -309,10 +360,16 @@ class TimeSformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The official initialisation: truncated normal (std 0.02) linears and embeddings, zero time
+        """`vit`: the official initialisation: truncated normal (std 0.02) linears and embeddings, zero time
         embedding, and zero residual linears of the extra steps so that every block starts as its image
         (space-only) counterpart. (The official code zeroes every block's `temporal_fc`: its `i > 0` test
-        counts the ModuleList itself as the first match.)"""
+        counts the ModuleList itself as the first match.)
+
+        `scratch`: the same, except that position and time embeddings are drawn with `embed_std` and the
+        residual linears like every other linear. The official set-up starts the network blind to frame order
+        (zero time embedding, zero temporal steps) with position signals 20x smaller than the patch content,
+        which suits an ImageNet image model being extended to video but leaves a fresh network without the
+        position and time it needs to learn motion."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -321,8 +378,14 @@ class TimeSformer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.setup == "scratch":
+            std = self.config.embed_std
+            nn.init.trunc_normal_(self.pos_embed, std=std, a=-2 * std, b=2 * std)
+            if hasattr(self, "time_embed"):
+                nn.init.trunc_normal_(self.time_embed, std=std, a=-2 * std, b=2 * std)
+            return
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for block in self.blocks:
             for fc in block.residual_fcs():
                 nn.init.zeros_(fc.weight)
@@ -358,6 +421,8 @@ class TimeSformer(nn.Module):
         """(B, C, T, H, W) -> normalised cls features (B, D)."""
         self._check_input(video)
         batch, frames = video.shape[0], video.shape[2]
+        if self.setup == "scratch":
+            video = self.stem(video)  # (B, stem_channels, T, H, W)
         patches, grid_h, grid_w = self.patch_embed(video)  # (B, T, N, D)
         pos = resize_space_embed(self.pos_embed[:, 1:], (grid_h, grid_w), mode="nearest")  # (1, N, D)
         patches = self.pos_drop(patches + pos.unsqueeze(1))

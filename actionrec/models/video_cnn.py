@@ -61,7 +61,10 @@ def _check_clip(video: torch.Tensor) -> None:
 
 
 class TransformerHead(nn.Module):
-    """cls token + learnable position embeddings -> pre-norm transformer encoder -> LayerNorm -> linear."""
+    """cls token + learnable position embeddings -> pre-norm transformer encoder -> LayerNorm -> linear.
+
+    `pos_std`: 0.02 is the ViT habit; from scratch the head needs position (for the frame model: time)
+    embeddings on the scale of its tokens, or it starts blind to where and when a token comes from."""
 
     def __init__(
         self,
@@ -74,6 +77,7 @@ class TransformerHead(nn.Module):
         head_dropout: float,
         num_classes: int,
         grad_checkpointing: bool,
+        pos_std: float = 0.02,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -92,7 +96,7 @@ class TransformerHead(nn.Module):
         self.head_drop = nn.Dropout(head_dropout)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=pos_std, a=-2 * pos_std, b=2 * pos_std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> logits (B, num_classes). L must equal num_tokens, except for a 1-D (frame) sequence,
@@ -127,13 +131,25 @@ class VideoResNetTransformerConfig:
     # Train only the transformer head: trunk parameters get no gradient and its BatchNorm stays in eval mode.
     freeze_trunk: bool = False
     grad_checkpointing: bool = False
+    # "scratch" draws the head's position embeddings with embed_std, "vit" with 0.02; "auto" is "scratch"
+    # here, and the trainer makes it "vit" when model.pretrained loads weights (see TimeSformerConfig.init).
+    init: str = "auto"
+    embed_std: float = 0.5
 
     def __post_init__(self) -> None:
+        _check_setup(self.init, self.embed_std)
         if self.trunk not in VIDEO_TRUNKS:
             raise ValueError(f"unknown trunk {self.trunk!r}; choose one of: {', '.join(VIDEO_TRUNKS)}")
         for name in ("token_frames", "token_size", "hidden_dim", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _check_setup(init: str, embed_std: float) -> None:
+    if init not in ("auto", "scratch", "vit"):
+        raise ValueError(f"unknown init {init!r}; choose one of: auto, scratch, vit")
+    if embed_std <= 0:
+        raise ValueError(f"embed_std must be > 0, got {embed_std}")
 
 
 def _halve(size: int, times: int) -> int:
@@ -169,6 +185,7 @@ class TrunkTransformer(nn.Module):
             config.head_dropout,
             num_classes,
             config.grad_checkpointing,
+            pos_std=0.02 if config.init == "vit" else config.embed_std,
         )
         if config.freeze_trunk:
             self.trunk.requires_grad_(False)
@@ -236,8 +253,11 @@ class FrameResNetTransformerConfig:
     head_dropout: float = 0.0
     freeze_trunk: bool = False
     grad_checkpointing: bool = False
+    init: str = "auto"  # as VideoResNetTransformerConfig.init
+    embed_std: float = 0.5
 
     def __post_init__(self) -> None:
+        _check_setup(self.init, self.embed_std)
         for name in ("num_frames", "hidden_dim", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
