@@ -199,6 +199,7 @@ def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: in
         start_batch=start_micro_batch,
         rank=rank,
         world_size=world_size,
+        decoder=cfg.data.decoder,
         **extra,
     )
     while True:
@@ -218,6 +219,7 @@ def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size
         spatial_crops=cfg.data.eval_spatial_crops,
         rank=rank,
         world_size=world_size,
+        decoder=cfg.data.decoder,
     )
 
 
