@@ -1,6 +1,6 @@
 """The GPU paths: bf16 training against fp32, SDPA's flash and memory-efficient kernels against the eager
-attention, NCCL, DeepSpeed ZeRO-2 through `accelerate launch` on one GPU, kill + resume on the GPU, and
-predict.py on the GPU. Marked `gpu`; they skip with a reason where no CUDA device is present.
+attention, NCCL, DeepSpeed ZeRO-2 through `accelerate launch` on one GPU, kill + resume on the GPU, compiled training,
+and predict.py on the GPU. Marked `gpu`; they skip with a reason where no CUDA device is present.
 
     python -m pytest -m gpu tests/test_gpu.py       # what benchmarks/gpu_check.py runs first on a GPU machine
 
@@ -172,16 +172,23 @@ def test_zero2_on_one_gpu_through_accelerate_launch(zero2_run):
     assert [r for r in metrics(run_dir) if "test/video/top1" in r][-1]["test/video/count"] == 6
 
 
-def test_killed_gpu_run_resumes_with_the_same_losses(shards, runs):
-    """SIGKILL a 1-GPU run right after its step-4 checkpoint; the same command resumes from `latest` and logs the
-    losses of the uninterrupted run. fp32 with the eager attention: its kernels are deterministic, so 1e-4 is
-    sharp enough to catch a wrong data position or a lost optimizer state (the SDPA backward kernels and bf16
-    rounding would blur it)."""
-    extra = {"train.max_steps": 40, "train.eval_every": 0, "train.precision": "fp32", "model.fused_attn": "false",
+# fp32 with the eager attention: its kernels are deterministic, so runs that should agree agree to 1e-4, sharp enough
+# to catch a wrong data position or a lost optimizer state (the SDPA backward kernels and bf16 rounding would blur it).
+EXACT_RUN = {"train.max_steps": 40, "train.eval_every": 0, "train.precision": "fp32", "model.fused_attn": "false",
              "data.size": 64, "train.per_device_batch_size": 4}
-    reference = ok(launch("train.py", tiny_overrides(shards, runs, "gpu_reference", **extra), env=gpu_env()))
-    assert "1 process(es) (cuda)" in reference
-    args = tiny_overrides(shards, runs, "gpu_killed", **extra)
+
+
+@pytest.fixture(scope="module")
+def exact_reference(shards, runs):
+    output = ok(launch("train.py", tiny_overrides(shards, runs, "gpu_reference", **EXACT_RUN), env=gpu_env()))
+    assert "1 process(es) (cuda)" in output
+    return train_losses(runs / "gpu_reference")
+
+
+def test_killed_gpu_run_resumes_with_the_same_losses(exact_reference, shards, runs):
+    """SIGKILL a 1-GPU run right after its step-4 checkpoint; the same command resumes from `latest` and logs the
+    losses of the uninterrupted run."""
+    args = tiny_overrides(shards, runs, "gpu_killed", **EXACT_RUN)
     log = open(runs / "gpu_killed.log", "w")
     proc = psutil.Popen([PYTHON, "train.py", *args], cwd=REPO, env=gpu_env(), stdout=log, stderr=log)
     checkpoint = runs / "gpu_killed" / "checkpoints" / "step_0000004"
@@ -194,10 +201,21 @@ def test_killed_gpu_run_resumes_with_the_same_losses(shards, runs):
     assert not (runs / "gpu_killed" / "model.safetensors").exists(), "the run finished before it was killed"
     resumed = ok(launch("train.py", args, env=gpu_env()))
     assert "resumed from" in resumed
-    expected, got = train_losses(runs / "gpu_reference"), train_losses(runs / "gpu_killed")
-    assert sorted(got) == sorted(expected) == list(range(1, 41))
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=FP32_TOL), step
+    got = train_losses(runs / "gpu_killed")
+    assert sorted(got) == sorted(exact_reference) == list(range(1, 41))
+    for step, expected in exact_reference.items():
+        assert got[step] == pytest.approx(expected, rel=FP32_TOL), step
+
+
+def test_compiled_training_on_the_gpu_follows_the_eager_losses(exact_reference, shards, runs):
+    """train.compile=true (torch.compile of the whole model, inductor) against the same run uncompiled: fused
+    kernels round differently, so the 40 losses agree to 1e-3, not bit for bit."""
+    ok(launch("train.py", tiny_overrides(shards, runs, "gpu_compiled", **EXACT_RUN, **{"train.compile": "true"}),
+              env=gpu_env(), timeout=400))
+    got = train_losses(runs / "gpu_compiled")
+    assert sorted(got) == sorted(exact_reference)
+    for step, expected in exact_reference.items():
+        assert got[step] == pytest.approx(expected, rel=1e-3), step
 
 
 def test_predict_on_the_gpu_matches_the_cpu(zero2_run, shards):
