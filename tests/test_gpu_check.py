@@ -99,3 +99,29 @@ def test_wheel_check_names_what_neither_the_bundle_nor_the_gpu_machine_has(tmp_p
 def test_the_working_tree_leaves_room_for_the_wheels_under_64_mib():
     # The wheels take about 39 MiB (PyAV alone 34): the tree that travels with them must stay small.
     assert gpu_wheels.working_tree_bytes() < 16 * 2**20
+
+
+def test_a_failing_or_late_section_is_recorded_and_the_check_goes_on(tmp_path):
+    report, budget = gpu_check.Report(tmp_path), gpu_check.Budget(100)
+    gpu_check.run_section(report, budget, "broken", 1, lambda: {"x": 1 / 0})
+    gpu_check.run_section(report, budget, "too long", 1000, lambda: {})
+    gpu_check.run_section(report, budget, "fine", 1, lambda: {"x": 1})
+    sections = json.loads((tmp_path / "results.json").read_text())["sections"]
+    assert sections["broken"]["status"] == "failed" and "ZeroDivisionError" in sections["broken"]["error"]
+    assert sections["too long"]["status"] == "skipped" and "time budget" in sections["too long"]["reason"]
+    assert sections["fine"]["status"] == "ok" and sections["fine"]["x"] == 1
+    table = (tmp_path / "table.md").read_text()
+    assert "| broken | failed |" in table and "| too long | skipped |" in table
+
+
+def test_a_gpu_test_run_stopped_early_still_reports_the_tests_it_finished(tmp_path):
+    log = tmp_path / "gpu_tests.log"
+    log.write_text("tests/test_gpu.py::test_bf16_train_step_matches_fp32 PASSED   [  3%]\n"
+                   "tests/test_gpu.py::test_sdpa_kernel_equals_eager_attention[axial-flash-float32] SKIPPED (fp16) [ 7%]\n"
+                   "tests/test_gpu.py::test_nccl_all_reduce_on_the_gpu FAILED   [ 50%]\n"
+                   "tests/test_gpu.py::test_zero2_on_one_gpu_through_accelerate_launch \n")
+    assert [(t["name"], t["outcome"]) for t in gpu_check.parse_verbose_log(log)] == [
+        ("test_bf16_train_step_matches_fp32", "passed"),
+        ("test_sdpa_kernel_equals_eager_attention[axial-flash-float32]", "skipped"),
+        ("test_nccl_all_reduce_on_the_gpu", "failed"),
+    ]
