@@ -424,6 +424,9 @@ def compiled_speed(models: SpeedModels, peak: float | None, budget: Budget, esti
     """The same four variants with each block compiled; variants that no longer fit the budget are skipped."""
     import torch
 
+    from actionrec.engine.compiling import avoid_inductor_tiling_assertion
+
+    workaround = avoid_inductor_tiling_assertion()  # as the trainer does for train.compile=true
     variants: dict[str, Any] = {}
     for which in ("ours", "transformers"):
         if budget.left() < estimate_s:
@@ -441,8 +444,10 @@ def compiled_speed(models: SpeedModels, peak: float | None, budget: Budget, esti
             except Exception as exc:  # noqa: BLE001
                 variants[label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     torch._dynamo.reset()
-    return {"how": f"torch.compile per block (backend {models.sizes.compile_backend}); first_step_s includes compiling",
-            "variants": variants}
+    how = f"torch.compile per block (backend {models.sizes.compile_backend}); first_step_s includes compiling"
+    if workaround:
+        how += "; Inductor's coalescing analysis off (pytorch/pytorch#191603 in this torch)"
+    return {"how": how, "variants": variants}
 
 
 def scheme_speed(sizes: Sizes, peak: float | None) -> dict[str, Any]:

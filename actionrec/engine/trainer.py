@@ -383,7 +383,9 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
         clip_shape = (3, cfg.data.num_frames, cfg.data.size, cfg.data.size)
         flops_per_clip = float(count_flops_per_clip(model, clip_shape, include_backward=True))
     if cfg.train.compile:
-        model = torch.compile(model)
+        from actionrec.engine.compiling import compile_model
+
+        model = compile_model(model)
     trainer = Trainer(cfg, accelerator, data, model, flops_per_clip, logger)
 
     if eval_only:
