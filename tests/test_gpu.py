@@ -160,6 +160,7 @@ def zero2_run(shards, runs):
     return runs / "gpu_zero2", ok(result)
 
 
+@pytest.mark.xdist_group("zero2_run")  # with pytest-xdist: one worker builds the shared run
 def test_zero2_on_one_gpu_through_accelerate_launch(zero2_run):
     run_dir, output = zero2_run
     assert "1 process(es) (cuda, DeepSpeed ZeRO-2)" in output
@@ -185,6 +186,7 @@ def exact_reference(shards, runs):
     return train_losses(runs / "gpu_reference")
 
 
+@pytest.mark.xdist_group("exact_reference")  # with pytest-xdist: one worker builds the shared run
 def test_killed_gpu_run_resumes_with_the_same_losses(exact_reference, shards, runs):
     """SIGKILL a 1-GPU run right after its step-4 checkpoint; the same command resumes from `latest` and logs the
     losses of the uninterrupted run."""
@@ -207,6 +209,7 @@ def test_killed_gpu_run_resumes_with_the_same_losses(exact_reference, shards, ru
         assert got[step] == pytest.approx(expected, rel=FP32_TOL), step
 
 
+@pytest.mark.xdist_group("exact_reference")  # with pytest-xdist: one worker builds the shared run
 def test_compiled_training_on_the_gpu_follows_the_eager_losses(exact_reference, shards, runs):
     """train.compile=true (torch.compile of the whole model, inductor) against the same run uncompiled: fused
     kernels round differently, so the 40 losses agree to 1e-3, not bit for bit."""
@@ -218,6 +221,7 @@ def test_compiled_training_on_the_gpu_follows_the_eager_losses(exact_reference, 
         assert got[step] == pytest.approx(expected, rel=1e-3), step
 
 
+@pytest.mark.xdist_group("zero2_run")  # with pytest-xdist: one worker builds the shared run
 def test_predict_on_the_gpu_matches_the_cpu(zero2_run, shards):
     from actionrec.engine.inference import load_classifier, predict_video
 

@@ -119,9 +119,13 @@ def test_a_gpu_test_run_stopped_early_still_reports_the_tests_it_finished(tmp_pa
     log.write_text("tests/test_gpu.py::test_bf16_train_step_matches_fp32 PASSED   [  3%]\n"
                    "tests/test_gpu.py::test_sdpa_kernel_equals_eager_attention[axial-flash-float32] SKIPPED (fp16) [ 7%]\n"
                    "tests/test_gpu.py::test_nccl_all_reduce_on_the_gpu FAILED   [ 50%]\n"
-                   "tests/test_gpu.py::test_zero2_on_one_gpu_through_accelerate_launch \n")
+                   "tests/test_gpu.py::test_zero2_on_one_gpu_through_accelerate_launch \n"
+                   "[gw1] [ 60%] PASSED tests/test_gpu.py::test_killed_gpu_run_resumes_with_the_same_losses \n"
+                   "[gw0] [ 70%] ERROR tests/test_gpu.py::test_predict_on_the_gpu_matches_the_cpu \n")
     assert [(t["name"], t["outcome"]) for t in gpu_check.parse_verbose_log(log)] == [
         ("test_bf16_train_step_matches_fp32", "passed"),
         ("test_sdpa_kernel_equals_eager_attention[axial-flash-float32]", "skipped"),
         ("test_nccl_all_reduce_on_the_gpu", "failed"),
+        ("test_killed_gpu_run_resumes_with_the_same_losses", "passed"),
+        ("test_predict_on_the_gpu_matches_the_cpu", "failed"),
     ]
