@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test
+.PHONY: setup demo test gpu-check
 
 $(STAMP): pyproject.toml
 	@if ! command -v ffmpeg >/dev/null 2>&1; then \
@@ -33,3 +33,12 @@ demo: $(STAMP)
 	@test -f $(DEMO_VIDEOS)/.complete || { $(PY) shards/synthetic.py --out $(DEMO_VIDEOS) && touch $(DEMO_VIDEOS)/.complete; }
 	$(PY) shards/pack.py $(DEMO_VIDEOS) --out $(DEMO_SHARDS)
 	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml train.py --config configs/demo.yaml
+
+# The GPU check (docs/gpu.md) on a CUDA machine, with that machine's own PyTorch (no venv, no network): installs
+# the wheels benchmarks/gpu_wheels.py put in .whl/ into a scratch folder, proves the GPU paths, measures speed,
+# and writes results.json + table.md into GPU_CHECK_OUT. About 6 minutes on an H100.
+GPU_PY ?= python3
+GPU_CHECK_OUT ?= benchmarks/out/gpu_check
+
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(if $(wildcard .whl/*.whl),--wheels .whl) --out $(GPU_CHECK_OUT)

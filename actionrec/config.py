@@ -39,6 +39,7 @@ class DataConfig:
     frame_stride: int = 4  # between sampled frames, for dense sampling
     size: int = 224
     num_workers: int = 2
+    decoder: Literal["auto", "pyav", "torchcodec"] = "auto"  # auto = torchcodec where it loads, else PyAV
     shuffle_buffer: int = 0  # 0 = the loader's default
     eval_temporal_clips: int = 1  # views per video at evaluation: temporal clips x spatial crops
     eval_spatial_crops: int = 1

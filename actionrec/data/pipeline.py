@@ -366,7 +366,7 @@ def build_train_loader(
     world_size: int | None = None,
     augment: TrainAugment = TrainAugment(),
     shuffle_buffer: int | None = None,
-    decoder: DecoderName = "pyav",
+    decoder: DecoderName = "auto",
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
 ) -> ClipLoader:
@@ -409,7 +409,7 @@ def build_eval_loader(
     spatial_crops: int = 1,
     rank: int | None = None,
     world_size: int | None = None,
-    decoder: DecoderName = "pyav",
+    decoder: DecoderName = "auto",
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
 ) -> ClipLoader:

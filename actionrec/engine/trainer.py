@@ -199,6 +199,7 @@ def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: in
         start_batch=start_micro_batch,
         rank=rank,
         world_size=world_size,
+        decoder=cfg.data.decoder,
         **extra,
     )
     while True:
@@ -218,6 +219,7 @@ def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size
         spatial_crops=cfg.data.eval_spatial_crops,
         rank=rank,
         world_size=world_size,
+        decoder=cfg.data.decoder,
     )
 
 
@@ -390,7 +392,9 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
         clip_shape = (3, cfg.data.num_frames, cfg.data.size, cfg.data.size)
         flops_per_clip = float(count_flops_per_clip(model, clip_shape, include_backward=True))
     if cfg.train.compile:
-        model = torch.compile(model)
+        from actionrec.engine.compiling import compile_model
+
+        model = compile_model(model)
     trainer = Trainer(cfg, accelerator, data, model, flops_per_clip, logger)
 
     if eval_only:
