@@ -248,7 +248,7 @@ def _merge_mapping(target: dict, source: dict, prefix: str, template: dict) -> N
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if fields is not None and key not in fields:
             raise _unknown_key(dotted, list(fields))
-        if fields is not None and isinstance(target.get(key), dict) and key != "options":
+        if fields is not None and isinstance(target.get(key), dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{dotted}' is a section: give it a mapping, not {value!r}")
             _merge_mapping(target[key], value, dotted, template)
@@ -302,7 +302,6 @@ def _build_model_config(values: dict) -> ModelConfig:
     values = dict(values)
     name = coerce_value("model.name", values.pop("name"), str)
     pretrained = coerce_value("model.pretrained", values.pop("pretrained", ""), str)
-    values.pop("options", None)
     for key in MODEL_KEYS_FROM_DATA:
         if key in values:
             source = {"num_classes": "the shard set's classes", "num_frames": "data.num_frames", "img_size": "data.size"}
@@ -317,6 +316,9 @@ def _build_model_config(values: dict) -> ModelConfig:
     hints = typing.get_type_hints(model_cls)
     options = {}
     for key, value in values.items():
+        if key == "options":  # the dataclass field that holds them is not a key users write
+            raise ConfigError("unknown config key 'model.options': write the model's options directly in the model "
+                              "section (model.depth=2, or `depth: 2` under `model:`)")
         if key not in hints or key in MODEL_KEYS_FROM_DATA:
             known = [k for k in hints if k not in MODEL_KEYS_FROM_DATA] + ["name", "pretrained"]
             raise _unknown_key(f"model.{key}", known)

@@ -69,12 +69,21 @@ def test_saved_config_reads_back_identically(tmp_path, shards):
     (["train.global_batch_size=10", "train.per_device_batch_size=4"], "is not a multiple of"),
     (["data.shards=/nonexistent/shards"], "data.shards /nonexistent/shards does not exist"),
     (["deepspeed_config=configs/deepspeed/zero9.json"], "deepspeed_config configs/deepspeed/zero9.json does not exist"),
+    (["model.options={depth: 2}"], "unknown config key 'model.options': write the model's options directly"),
 ])
 def test_each_bad_config_is_one_line_naming_the_key(shards, overrides, message):
     with pytest.raises(ConfigError) as err:
         parse([f"data.shards={shards}", "model.name=timesformer_tiny", *overrides])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_model_options_nested_under_options_are_rejected_not_dropped(tmp_path, shards):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"data": {"shards": str(shards)},
+                                    "model": {"name": "timesformer_tiny", "options": {"depth": 3}}}))
+    with pytest.raises(ConfigError, match="unknown config key 'model.options'"):
+        parse(["--config", str(path)])
 
 
 def test_bad_files(tmp_path, shards):
