@@ -194,6 +194,16 @@ def save_config(cfg: Config, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def model_build_options(cfg: Config) -> dict[str, Any]:
+    """The keyword options `build_model(cfg.model.name, num_classes, **options)` gets: the model section's
+    options plus the clip geometry from the data section, for the families whose config has those fields."""
+    from actionrec.models import model_config_class
+
+    fields = {f.name for f in dataclasses.fields(model_config_class(cfg.model.name))}
+    from_data = {"num_frames": cfg.data.num_frames, "img_size": cfg.data.size}
+    return {**{k: v for k, v in from_data.items() if k in fields}, **cfg.model.options}
+
+
 def world_size_from_env() -> int:
     """World size as set by accelerate launch / torchrun / the SLURM launcher, readable before init."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -447,6 +457,7 @@ def _validate(cfg: Config, check_paths: bool) -> None:
         )
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"config key 'name' must be a non-empty run name without '/', got {cfg.name!r}")
+    _validate_model(cfg)
     if not check_paths:
         return
     if cfg.deepspeed_config:
@@ -460,6 +471,21 @@ def _validate(cfg: Config, check_paths: bool) -> None:
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise ConfigError(f"model.pretrained {cfg.model.pretrained} does not exist: give a local weights file")
     _validate_shards(cfg.data.shards)
+
+
+def _validate_model(cfg: Config) -> None:
+    """Build the model's config (not the model): its own checks (attention type, clip size against patch size,
+    widths against heads) fail here, before any process group exists, instead of in every rank's model build."""
+    from actionrec.models import model_config
+
+    try:
+        model_config(cfg.model.name, **model_build_options(cfg))
+    except ValueError as exc:
+        from_data = (("img_size", "data.size", cfg.data.size), ("num_frames", "data.num_frames", cfg.data.num_frames))
+        notes = [f"{field} is {key}={value}" for field, key, value in from_data if field in str(exc)]
+        raise ConfigError(
+            f"model {cfg.model.name} cannot be built from this config: {exc}" + (f" ({'; '.join(notes)})" if notes else "")
+        ) from None
 
 
 def _validate_shards(source: str) -> None:

@@ -70,6 +70,9 @@ def test_saved_config_reads_back_identically(tmp_path, shards):
     (["data.shards=/nonexistent/shards"], "data.shards /nonexistent/shards does not exist"),
     (["deepspeed_config=configs/deepspeed/zero9.json"], "deepspeed_config configs/deepspeed/zero9.json does not exist"),
     (["model.options={depth: 2}"], "unknown config key 'model.options': write the model's options directly"),
+    (["model.attention_type=diagonal"], "model timesformer_tiny cannot be built from this config: unknown attention_type 'diagonal'"),
+    (["data.size=40"], "img_size 40 is not a multiple of patch_size 16: use e.g. img_size=32 (img_size is data.size=40)"),
+    (["model.embed_dim=30", "model.num_heads=4"], "embed_dim 30 is not divisible by num_heads 4"),
 ])
 def test_each_bad_config_is_one_line_naming_the_key(shards, overrides, message):
     with pytest.raises(ConfigError) as err:
