@@ -221,27 +221,6 @@ def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size
     )
 
 
-def build_model_for(cfg: Config, num_classes: int) -> torch.nn.Module:
-    import dataclasses
-
-    from actionrec.models import build_model, model_config_class
-
-    # Clip geometry comes from the data config, for the model families whose config has these fields.
-    fields = {f.name for f in dataclasses.fields(model_config_class(cfg.model.name))}
-    from_data = {"num_frames": cfg.data.num_frames, "img_size": cfg.data.size}
-    model = build_model(
-        cfg.model.name,
-        num_classes=num_classes,
-        **{k: v for k, v in from_data.items() if k in fields},
-        **cfg.model.options,
-    )
-    if cfg.model.pretrained:
-        from actionrec.models import load_pretrained
-
-        load_pretrained(model, cfg.model.pretrained)
-    return model
-
-
 # --- the loop -----------------------------------------------------------------------------------------
 
 
@@ -369,6 +348,8 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
         if accelerator.distributed_type == DistributedType.DEEPSPEED else "",
         cfg.train.global_batch_size, cfg.train.per_device_batch_size, accumulation, world_size, len(data.classes),
     )
+
+    from actionrec.models import build_model_for
 
     model = build_model_for(cfg, len(data.classes))
     if weights_from is not None:
