@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from actionrec.atomic import write_atomic
+
 if TYPE_CHECKING:
     from actionrec.engine.evaluation import EvalResult
 
@@ -82,9 +84,7 @@ class RunMonitor:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        write_atomic(self.metrics_path, "".join(f"{line}\n" for line in kept))
 
     def _append(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as handle:

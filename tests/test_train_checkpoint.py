@@ -99,6 +99,17 @@ def test_a_kill_mid_write_leaves_the_previous_checkpoint_usable(tmp_path, accele
     assert not partial.exists()  # the next save cleared the leftover
 
 
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temp(tmp_path):
+    from actionrec.atomic import atomic_path, write_atomic
+
+    target = tmp_path / "classes.json"
+    write_atomic(target, '["a"]')
+    with pytest.raises(OSError), atomic_path(target) as tmp:
+        tmp.write_text('["a", "b"')
+        raise OSError(28, "No space left on device")
+    assert target.read_text() == '["a"]' and [p.name for p in tmp_path.iterdir()] == ["classes.json"]
+
+
 def test_resolve_rejects_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointNotFound, match="does not exist"):
         resolve_checkpoint(tmp_path / "nope")

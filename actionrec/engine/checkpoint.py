@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from actionrec.atomic import write_atomic
+
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 LATEST = "latest"
 
@@ -93,7 +95,7 @@ class CheckpointManager:
         acc.wait_for_everyone()
         if acc.is_main_process:
             os.rename(tmp, final)
-            _write_atomic(self.dir / LATEST, final.name + "\n")
+            write_atomic(self.dir / LATEST, final.name + "\n")
             for old in self.step_dirs()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -102,12 +104,6 @@ class CheckpointManager:
     def load(self, path: Path) -> None:
         """Collective: restore model, optimizer, scheduler, RNG and registered custom state."""
         self.accelerator.load_state(str(path))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --- reading checkpoints outside the training loop (eval-only, predict, export) --------------------------

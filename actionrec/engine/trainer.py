@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
+from actionrec.atomic import atomic_path, write_atomic
 from actionrec.config import (
     Config,
     config_to_dict,
@@ -377,7 +378,7 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
         warn_config_changes(run_dir, cfg, logger)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "classes.json").write_text(json.dumps(data.classes))
+        write_atomic(run_dir / "classes.json", json.dumps(data.classes))
     monitor = RunMonitor(
         run_dir,
         is_main_process=accelerator.is_main_process,
@@ -520,9 +521,8 @@ def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
         else:
             state = fp32_cpu_state_dict(state)
         run_dir = trainer.cfg.run_dir
-        tmp = run_dir / ".model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name})
-        os.replace(tmp, run_dir / "model.safetensors")
+        with atomic_path(run_dir / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name})
         trainer.logger.info("exported %s (fp32, %d tensors)", run_dir / "model.safetensors", len(state))
     acc.wait_for_everyone()
 

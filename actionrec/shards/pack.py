@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from actionrec.atomic import write_atomic
 from actionrec.shards.encode import EncodedVideo, EncodeSettings, UnpackableSource, encode_source
 from actionrec.shards.layouts import SPLITS, LayoutError, Source, list_sources, sample_key
 from actionrec.shards.split import resolve_split
@@ -280,9 +281,7 @@ def _write_manifest(out: Path, src: Path, layout: str, classes: list[str], sampl
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(temp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def format_summary(result: PackResult) -> str:

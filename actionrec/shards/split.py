@@ -13,6 +13,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from actionrec.atomic import atomic_path
 from actionrec.shards.layouts import SPLITS, LayoutError, Source, normalize_split
 
 SPLIT_COLUMNS = ("source", "label", "split")
@@ -74,16 +75,13 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
 
 def write_split_csv(path: str | os.PathLike, rows: dict[str, tuple[str, str]]) -> None:
     """Atomically (temp file + rename): a kill while writing leaves the previous split.csv intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(SPLIT_COLUMNS)
         for relpath in sorted(rows, key=lambda r: (SPLITS.index(rows[r][1]), rows[r][0], r)):
             writer.writerow([relpath, *rows[relpath]])
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def resolve_split(sources: list[Source], split_csv: Path, user_split_csv: str | None,
