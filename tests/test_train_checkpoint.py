@@ -96,6 +96,7 @@ def test_a_kill_mid_write_leaves_the_previous_checkpoint_usable(tmp_path, accele
     (tmp_path / "checkpoints" / "latest").write_text("step_0000002\n")
     (tmp_path / "checkpoints" / "step_0000002").rename(tmp_path / "checkpoints" / "gone")
     assert manager.latest().name == "step_0000004"
+    assert resolve_checkpoint(tmp_path / "checkpoints" / "latest").name == "step_0000004"  # as resume finds it
     assert not partial.exists()  # the next save cleared the leftover
 
 

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ class TrainProgress:
     step: int = 0  # optimizer steps done
     micro_batches: int = 0  # train batches consumed per rank: the data position to resume from
     skipped: int = 0  # corrupt samples skipped so far, summed over ranks
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,7 +45,6 @@ class TrainProgress:
         self.step = int(state["step"])
         self.micro_batches = int(state["micro_batches"])
         self.skipped = int(state.get("skipped", 0))
-        self.extra = dict(state.get("extra", {}))
 
 
 def step_dir_name(step: int) -> str:
@@ -54,7 +52,9 @@ def step_dir_name(step: int) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, accelerator: Any, keep_last: int) -> None:
+    """The checkpoints of one run dir. Without an accelerator it only reads (`latest`, `step_dirs`)."""
+
+    def __init__(self, run_dir: Path, accelerator: Any = None, keep_last: int = 1) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.accelerator = accelerator
         self.keep_last = keep_last
@@ -121,20 +121,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointNotFound(f"checkpoint {path} does not exist")
     if path.is_file() and path.suffix == ".safetensors":
         return path
-    if path.is_file() and path.name == LATEST:
-        target = path.parent / path.read_text().strip()
-        if not target.is_dir():
-            raise CheckpointNotFound(f"{path} points to {target.name}, which does not exist")
-        return target
     if path.is_dir() and STEP_DIR.match(path.name):
         return path
-    if path.is_dir():
-        if (path / "model.safetensors").is_file() and (path / "classes.json").is_file():
-            return path / "model.safetensors"
-        checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        latest = CheckpointManager(checkpoints.parent, None, 1).latest() if checkpoints.name == "checkpoints" else None
-        if latest is not None:
-            return latest
+    if path.is_dir() and (path / "model.safetensors").is_file() and (path / "classes.json").is_file():
+        return path / "model.safetensors"
+    # checkpoints/latest, checkpoints/ or the run dir: the newest complete checkpoint, as resume finds it
+    if path.is_file() and path.name == LATEST:
+        run_dir = path.parent.parent
+    else:
+        run_dir = path.parent if path.name == "checkpoints" else path
+    latest = CheckpointManager(run_dir).latest()
+    if latest is not None:
+        return latest
     raise CheckpointNotFound(
         f"{path} is not a checkpoint: give a run dir, checkpoints/latest, a step_XXXXXXX dir or a model.safetensors"
     )
