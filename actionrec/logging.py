@@ -156,15 +156,10 @@ class RunMonitor:
         if not self.is_main:
             return
         scalars = {f"{split}/{k}": v for k, v in result.scalars().items()}
-        per_class = {
-            f"{split}/per_class_accuracy/{level}": dict(zip(class_names, getattr(result, level).per_class_accuracy))
-            for level in ("clip", "video")
-        }
+        per_class = {f"{split}/per_class_accuracy/{level}": accuracy
+                     for level, accuracy in per_class_accuracy(result, class_names).items()}
         self._append({"step": step, **scalars, **per_class})
-        cm_png = self.plots_dir / f"confusion_matrix_{split}.png"
-        pr_png = self.plots_dir / f"pr_curves_{split}.png"
-        plot_confusion_matrix(result.video.confusion_matrix, class_names, cm_png, f"{split} (video level), step {step}")
-        plot_pr_curves(result.video.pr_precision, result.video.pr_recall, class_names, pr_png, f"{split} (video level), step {step}")
+        cm_png, pr_png = plot_eval(result, class_names, self.plots_dir, split, f"{split} (video level), step {step}")
         if self.wandb_run is None:
             return
         import wandb
@@ -231,6 +226,19 @@ def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, 
         lines.append(f"  WandB:    {wandb_dir} ({wandb_mode}; view with `{how}`)")
     lines.append(f"  model:    {run_dir / 'model.safetensors'} (python predict.py VIDEO --checkpoint {run_dir})")
     return "\n".join(lines)
+
+
+def per_class_accuracy(result: EvalResult, class_names: list[str]) -> dict[str, dict[str, float]]:
+    """{"clip": {class: accuracy}, "video": {...}}: the per-class record of an evaluation."""
+    return {level: dict(zip(class_names, getattr(result, level).per_class_accuracy)) for level in ("clip", "video")}
+
+
+def plot_eval(result: EvalResult, class_names: list[str], out_dir: Path, split: str, title: str) -> tuple[Path, Path]:
+    """confusion_matrix_{split}.png and pr_curves_{split}.png (video level) in out_dir; returns their paths."""
+    cm_png, pr_png = Path(out_dir) / f"confusion_matrix_{split}.png", Path(out_dir) / f"pr_curves_{split}.png"
+    plot_confusion_matrix(result.video.confusion_matrix, class_names, cm_png, title)
+    plot_pr_curves(result.video.pr_precision, result.video.pr_recall, class_names, pr_png, title)
+    return cm_png, pr_png
 
 
 def _new_run_id() -> str:

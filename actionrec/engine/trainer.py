@@ -488,22 +488,19 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
 
 
 def write_eval_report(trainer: Trainer, result: EvalResult, split: str) -> None:
-    """--eval-only: metrics JSON and the two plots into {run_dir}/eval/."""
-    from actionrec.logging import plot_confusion_matrix, plot_pr_curves
+    """--eval-only: metrics JSON and the two plots (those of a training run's evaluations) into {run_dir}/eval/."""
+    from actionrec.logging import per_class_accuracy, plot_eval
 
     out = trainer.cfg.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     classes = trainer.data.classes
     report = {
         **result.scalars(),
-        "per_class_accuracy": {
-            level: dict(zip(classes, getattr(result, level).per_class_accuracy)) for level in ("clip", "video")
-        },
+        "per_class_accuracy": per_class_accuracy(result, classes),
         "confusion_matrix_video": result.video.confusion_matrix.tolist(),
     }
-    (out / f"{split}_metrics.json").write_text(json.dumps(report, indent=1))
-    plot_confusion_matrix(result.video.confusion_matrix, classes, out / f"confusion_matrix_{split}.png", f"{split} (video level)")
-    plot_pr_curves(result.video.pr_precision, result.video.pr_recall, classes, out / f"pr_curves_{split}.png", f"{split} (video level)")
+    write_atomic(out / f"{split}_metrics.json", json.dumps(report, indent=1))
+    plot_eval(result, classes, out, split, f"{split} (video level)")
 
 
 def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
