@@ -24,7 +24,7 @@ from tqdm import tqdm
 from actionrec.atomic import write_atomic
 from actionrec.shards.encode import EncodedVideo, EncodeSettings, UnpackableSource, encode_source
 from actionrec.shards.layouts import SPLITS, LayoutError, Source, list_sources, sample_key
-from actionrec.shards.split import resolve_split
+from actionrec.shards.split import check_split_fractions, resolve_split
 from actionrec.shards.stats import frames_per_category, per_class_counts, plot_frames_per_category
 from actionrec.shards.writer import (PackedSample, SplitShardWriter, read_published_shards,
                                      remove_partial_shards)
@@ -50,8 +50,7 @@ class PackOptions:
     workers: int = 1  # worker processes; 0 encodes in this process (debugging)
 
     def __post_init__(self):
-        if not (0 <= self.val < 1 and 0 <= self.test < 1 and self.val + self.test < 1):
-            raise ValueError(f"--val and --test must be fractions in [0, 1) summing to < 1, got {self.val} and {self.test}")
+        check_split_fractions(self.val, self.test)  # before any work, not when the split is first needed
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.shard_bytes < 1024:

@@ -19,6 +19,11 @@ from actionrec.shards.layouts import SPLITS, LayoutError, Source, normalize_spli
 SPLIT_COLUMNS = ("source", "label", "split")
 
 
+def check_split_fractions(val: float, test: float) -> None:
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"--val and --test must be fractions in [0, 1) summing to < 1, got {val} and {test}")
+
+
 def stratified_split(sources: list[Source], val: float, test: float, seed: int) -> dict[str, str]:
     """relpath -> split for sources without an official split, stratified per class and seeded.
 
@@ -26,8 +31,7 @@ def stratified_split(sources: list[Source], val: float, test: float, seed: int) 
     Sources that carry an official split keep it; if the official split has no val part, val is carved out
     of the official train part with the `val` fraction.
     """
-    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-        raise ValueError(f"--val and --test must be fractions in [0, 1) summing to < 1, got {val} and {test}")
+    check_split_fractions(val, test)
     assigned = {s.relpath: s.split for s in sources if s.split is not None}
     has_official_val = "val" in assigned.values()
     by_class: dict[str, list[str]] = defaultdict(list)
