@@ -29,6 +29,10 @@ from actionrec.shards.stats import frames_per_category, per_class_counts, plot_f
 from actionrec.shards.writer import (PackedSample, SplitShardWriter, read_published_shards,
                                      remove_partial_shards)
 
+# No tqdm monitor thread: the pack forks worker processes (at start and after a worker crash), and forking a
+# process that has other threads running can deadlock the child.
+tqdm.monitor_interval = 0
+
 FORMAT_VERSION = 1
 STATE_FILE = ".pack-state.json"  # settings + classes of the pack in progress in OUT, checked on resume
 
@@ -202,15 +206,11 @@ def _encode_or_reason(source: Source, settings: EncodeSettings) -> EncodedVideo 
 
 
 def _start_pool(workers: int) -> ProcessPoolExecutor | None:
-    """Worker processes, forked now: before tqdm starts its monitor thread (forking a process with running
-    threads can deadlock the child), and without re-importing the caller's __main__ as spawn/forkserver
-    would (an unguarded script calling pack_videos would start over in every worker)."""
+    """Forked worker processes: fork does not re-import the caller's __main__ as spawn/forkserver would (an
+    unguarded script calling pack_videos would start over in every worker)."""
     if workers == 0:
         return None
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-    for started in [executor.submit(os.getpid) for _ in range(workers)]:
-        started.result()
-    return executor
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
 
 def _encode_all(sources: list[Source], settings: EncodeSettings, workers: int,
