@@ -249,7 +249,9 @@ def _new_run_id() -> str:
 # --- PNG plots ---------------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def headless_pyplot():
+    """matplotlib.pyplot on the Agg backend (runs and packs happen on machines without a display); imported
+    on first use, so scripts that never plot (`--help`, workers) do not pay for it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,7 +276,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
                 eval_acc.append(value)
     if not steps:
         return
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, label="train loss", color="tab:blue")
     ax.set_xlabel("step")
@@ -298,7 +300,7 @@ def plot_confusion_matrix(matrix: Any, class_names: list[str], out: Path, title:
     # Row-normalised: each row shows where the videos of one true class went.
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     n = len(class_names)
-    plt = _pyplot()
+    plt = headless_pyplot()
     side = min(4 + 0.35 * n, 30)
     fig, ax = plt.subplots(figsize=(side, side))
     image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
@@ -327,7 +329,7 @@ def plot_pr_curves(precision: Any, recall: Any, class_names: list[str], out: Pat
     # Area under the step curve per class, to pick which classes to draw.
     ap = -np.sum(np.diff(recall, axis=1) * precision[:, 1:], axis=1)
     order = np.argsort(ap)[:20] if len(class_names) > 20 else np.arange(len(class_names))
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     for c in order:
         ax.plot(recall[c], precision[c], label=f"{class_names[c]} (AP {ap[c]:.2f})", linewidth=1)

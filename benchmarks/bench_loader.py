@@ -308,10 +308,9 @@ def shard_bytes_per_video(folder: Path, videos: int) -> float:
 
 
 def write_report(results: dict, out: Path, command: str) -> str:
-    import matplotlib
+    from actionrec.logging import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     workers = results["workers"]
     rows = [("ffmpeg CLI, same frames (limit)", "ffmpeg"), ("actionrec loader, mp4, PyAV", "loader_pyav"),
