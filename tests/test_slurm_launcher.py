@@ -14,8 +14,8 @@ import pytest
 from submitit.helpers import DelayedSubmission
 
 from actionrec.slurm import SlurmResources, SlurmTrainingJob, parse_time_minutes, sbatch_script
+from tests.repo import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "slurm.py"
 
 

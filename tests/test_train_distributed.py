@@ -3,7 +3,6 @@ DDP, DeepSpeed ZeRO-2 and ZeRO-3, kill + resume, world size 1 vs 2, exact evalua
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import tarfile
