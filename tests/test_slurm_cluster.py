@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.repo import REPO
+from tests.train_fixtures import build_tiny_shards
+
 LAUNCHER = REPO / "launch" / "slurm.py"
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 STATE = Path(os.environ.get("ACTIONREC_SLURM_DIR", "/var/tmp/actionrec-slurm"))
@@ -60,17 +62,7 @@ def slurm_cluster():
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory) -> Path:
-    """Two classes of synthetic clips, packed into real WebDataset shards with the real packer."""
-    from actionrec.shards.encode import EncodeSettings
-    from actionrec.shards.pack import PackOptions, pack_videos
-    from actionrec.shards.synthetic import SyntheticSpec, generate_synthetic
-
-    root = tmp_path_factory.mktemp("slurm-data")
-    generate_synthetic(root / "videos", SyntheticSpec(classes=2, videos_per_class=6, frames=8, size=32), progress=False)
-    # small shards: both ranks get train shards of their own
-    options = PackOptions(encode=EncodeSettings(short_side=32), workers=0, shard_bytes=8 * 1024)
-    pack_videos(root / "videos", root / "shards", options, progress=False, log=lambda *a: None)
-    return root / "shards"
+    return build_tiny_shards(tmp_path_factory.mktemp("slurm-data"))
 
 
 NO_EVAL = ("data.val_split=", "data.test_split=")  # where the test is about the job, not about its evaluation
