@@ -247,7 +247,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.progress = TrainProgress()
         accelerator.register_for_checkpointing(self.progress)
-        self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last)
+        self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last, logger)
 
     def to_inputs(self, video_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, T, H, W) on the host -> normalised float (B, C, T, H, W) on the device."""
@@ -371,10 +371,9 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
         accelerator.end_training()
         return results
 
-    latest = trainer.checkpoints.latest()
-    if latest is not None:
-        trainer.checkpoints.load(latest)
-        logger.info("resumed from %s (step %d)", latest, trainer.progress.step)
+    resumed = trainer.checkpoints.resume()  # the newest checkpoint that loads; a damaged one is skipped and kept
+    if resumed is not None:
+        logger.info("resumed from %s (step %d)", resumed, trainer.progress.step)
         warn_config_changes(run_dir, cfg, logger)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
