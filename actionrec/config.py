@@ -80,6 +80,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = only at the end
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end
     keep_last: int = 3  # checkpoints kept
+    max_nonfinite_steps: int = 5  # consecutive steps skipped for a non-finite loss or grad norm before the run stops
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model (activation checkpointing: model.grad_checkpointing=true)
@@ -412,6 +413,7 @@ def _validate(cfg: Config, check_paths: bool) -> None:
         "train.max_steps": cfg.train.max_steps,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_last": cfg.train.keep_last,
+        "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
         "log.log_every": cfg.log.log_every,
         "data.num_frames": cfg.data.num_frames,
         "data.size": cfg.data.size,

@@ -193,8 +193,9 @@ class RunMonitor:
         if self.is_main:
             plot_loss_curve(self.metrics_path, self.plots_dir / "loss.png")
 
-    def finish(self, results: dict[str, Any] | None = None) -> None:
-        """Final loss plot, close WandB, and print a summary: headline numbers and where everything is."""
+    def finish(self, results: dict[str, Any] | None = None, summary: bool = True) -> None:
+        """Final loss plot, close WandB, and print a summary: headline numbers and where everything is (not for
+        a run that stopped early: its own message says what happened)."""
         if not self.is_main:
             return
         self.plot_loss_curve()
@@ -207,7 +208,8 @@ class RunMonitor:
             except Exception as exc:  # noqa: BLE001
                 warnings.warn(f"WandB finish failed: {exc!r}")
             self.wandb_run = None
-        self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode))
+        if summary:
+            self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode))
 
 
 def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, wandb_mode: str | None) -> str:
