@@ -434,14 +434,14 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
     try:
         with StopSignals(stop_signals, announce=accelerator.is_main_process) as signals:
             results = run_loop(trainer, monitor, signals)
+        # Saved before the final evaluation, so that a stop during it loses no training.
+        final_dir = trainer.save_checkpoint()
     except (TrainingInterrupted, NonFiniteLossError, CheckpointWriteError):
         monitor.finish(summary=False)
         # Every rank is here (each of these is decided together); leave together, so that no launcher ends
         # rank 0 for a rank that left first, before rank 0 has said what happened.
         accelerator.wait_for_everyone()
         raise
-    # Saved before the final evaluation, so that a stop during it loses no training.
-    final_dir = trainer.save_checkpoint()
     results.update(run_evaluations(trainer, monitor, [cfg.data.val_split, cfg.data.test_split], trainer.progress.step))
     export_model(trainer, final_dir)
     monitor.finish(results)
