@@ -184,19 +184,21 @@ def test_preempted_job_resumes_at_the_signalled_step_with_the_uninterrupted_loss
 
 
 def test_job_at_its_time_limit_requeues_and_resumes_at_the_signalled_step(slurm_cluster, tiny_shards, tmp_path):
-    """--time 1 with the signal 30 s before it: SLURM's time-limit signal (not a preemption) makes the job
-    checkpoint at a step boundary and requeue itself, and the next attempt resumes at that step."""
+    """--time 2 with the signal 30 s before it: SLURM's time-limit signal (not a preemption) makes the job
+    checkpoint at a step boundary and requeue itself, and the next attempt resumes at that step. (SLURM checks
+    time limits every 30 s and signals when the limit is within the delay plus that period: with --time 1 the
+    signal could come during start-up, before training, where it requeues at once without a checkpoint.)"""
     run = subprocess.run(
         [*launcher_command(*tiny_run(tiny_shards, tmp_path, "timed", "train.max_steps=100000",
                                      "train.checkpoint_every=100000", "log.log_every=100", *NO_EVAL)),
-         "--time", "1", "--signal-delay", "30"],
+         "--time", "2", "--signal-delay", "30"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     job_id = submitted_job_id(run.stdout)
     log = tmp_path / "timed" / "slurm" / f"{job_id}_0_log.out"
     try:
-        wait_for(lambda: log.exists() and "resumed from" in log.read_text(), 240, "the requeued attempt", poll_s=1)
+        wait_for(lambda: log.exists() and "resumed from" in log.read_text(), 300, "the requeued attempt", poll_s=1)
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
     text = log.read_text()
