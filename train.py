@@ -5,7 +5,8 @@
     accelerate launch --config_file configs/accelerate/zero2.yaml train.py --config configs/timesformer_divided.yaml
     python train.py --eval-only --checkpoint runs/demo                 # evaluate a saved model
 
-Re-running the same command resumes from the run's latest checkpoint.
+Re-running the same command resumes from the run's latest checkpoint. Ctrl-C or SIGTERM stops it after the
+current step with a checkpoint written there (exit status 128 + the signal number).
 """
 
 import os
@@ -13,6 +14,7 @@ import sys
 
 from actionrec.config import ConfigError, build_arg_parser, config_from_args
 from actionrec.engine.checkpoint import CheckpointNotFound
+from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 
 
 def main() -> int:
@@ -25,7 +27,19 @@ def main() -> int:
     except (ConfigError, CheckpointNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        say_once(str(stop), sys.stdout)
+        return 128 + stop.signum
+    except (NonFiniteLossError, CheckpointWriteError) as exc:
+        say_once(f"error: {exc}", sys.stderr)
+        return 1
     return 0
+
+
+def say_once(line: str, stream) -> None:
+    """Every rank stops with the same exception; rank 0 says so."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=stream, flush=True)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = only at the end
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end
     keep_last: int = 3  # checkpoints kept
+    max_nonfinite_steps: int = 5  # consecutive steps skipped for a non-finite loss or grad norm before the run stops
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model (activation checkpointing: model.grad_checkpointing=true)
@@ -189,10 +190,29 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: Path) -> None:
+    from actionrec.atomic import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def model_build_options(cfg: Config) -> dict[str, Any]:
+    """The keyword options `build_model(cfg.model.name, num_classes, **options)` gets: the model section's
+    options plus the clip geometry from the data section, for the families whose config has those fields."""
+    from actionrec.models import model_config_class
+
+    fields = {f.name for f in dataclasses.fields(model_config_class(cfg.model.name))}
+    from_data = {"num_frames": cfg.data.num_frames, "img_size": cfg.data.size}
+    return {**{k: v for k, v in from_data.items() if k in fields}, **resolved_model_options(cfg)}
+
+
+def resolved_model_options(cfg: Config) -> dict[str, Any]:
+    """`model.options` with `init: auto` resolved by whether weights are loaded: the official (ViT) set-up
+    when `model.pretrained` names a weights file, the from-scratch set-up when it names none."""
+    options = dict(cfg.model.options)
+    if options.get("init", "auto") == "auto":
+        options["init"] = "vit" if cfg.model.pretrained else "scratch"
+    return options
 
 
 def world_size_from_env() -> int:
@@ -249,7 +269,7 @@ def _merge_mapping(target: dict, source: dict, prefix: str, template: dict) -> N
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if fields is not None and key not in fields:
             raise _unknown_key(dotted, list(fields))
-        if fields is not None and isinstance(target.get(key), dict) and key != "options":
+        if fields is not None and isinstance(target.get(key), dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{dotted}' is a section: give it a mapping, not {value!r}")
             _merge_mapping(target[key], value, dotted, template)
@@ -303,7 +323,6 @@ def _build_model_config(values: dict) -> ModelConfig:
     values = dict(values)
     name = coerce_value("model.name", values.pop("name"), str)
     pretrained = coerce_value("model.pretrained", values.pop("pretrained", ""), str)
-    values.pop("options", None)
     for key in MODEL_KEYS_FROM_DATA:
         if key in values:
             source = {"num_classes": "the shard set's classes", "num_frames": "data.num_frames", "img_size": "data.size"}
@@ -318,6 +337,9 @@ def _build_model_config(values: dict) -> ModelConfig:
     hints = typing.get_type_hints(model_cls)
     options = {}
     for key, value in values.items():
+        if key == "options":  # the dataclass field that holds them is not a key users write
+            raise ConfigError("unknown config key 'model.options': write the model's options directly in the model "
+                              "section (model.depth=2, or `depth: 2` under `model:`)")
         if key not in hints or key in MODEL_KEYS_FROM_DATA:
             known = [k for k in hints if k not in MODEL_KEYS_FROM_DATA] + ["name", "pretrained"]
             raise _unknown_key(f"model.{key}", known)
@@ -401,6 +423,7 @@ def _validate(cfg: Config, check_paths: bool) -> None:
         "train.max_steps": cfg.train.max_steps,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_last": cfg.train.keep_last,
+        "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
         "log.log_every": cfg.log.log_every,
         "data.num_frames": cfg.data.num_frames,
         "data.size": cfg.data.size,
@@ -446,6 +469,7 @@ def _validate(cfg: Config, check_paths: bool) -> None:
         )
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"config key 'name' must be a non-empty run name without '/', got {cfg.name!r}")
+    _validate_model(cfg)
     if not check_paths:
         return
     if cfg.deepspeed_config:
@@ -459,6 +483,21 @@ def _validate(cfg: Config, check_paths: bool) -> None:
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise ConfigError(f"model.pretrained {cfg.model.pretrained} does not exist: give a local weights file")
     _validate_shards(cfg.data.shards)
+
+
+def _validate_model(cfg: Config) -> None:
+    """Build the model's config (not the model): its own checks (attention type, clip size against patch size,
+    widths against heads) fail here, before any process group exists, instead of in every rank's model build."""
+    from actionrec.models import model_config
+
+    try:
+        model_config(cfg.model.name, **model_build_options(cfg))
+    except ValueError as exc:
+        from_data = (("img_size", "data.size", cfg.data.size), ("num_frames", "data.num_frames", cfg.data.num_frames))
+        notes = [f"{field} is {key}={value}" for field, key, value in from_data if field in str(exc)]
+        raise ConfigError(
+            f"model {cfg.model.name} cannot be built from this config: {exc}" + (f" ({'; '.join(notes)})" if notes else "")
+        ) from None
 
 
 def _validate_shards(source: str) -> None:

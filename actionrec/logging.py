@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from actionrec.atomic import write_atomic
+
 if TYPE_CHECKING:
     from actionrec.engine.evaluation import EvalResult
 
@@ -82,9 +84,7 @@ class RunMonitor:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        write_atomic(self.metrics_path, "".join(f"{line}\n" for line in kept))
 
     def _append(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as handle:
@@ -156,17 +156,10 @@ class RunMonitor:
         if not self.is_main:
             return
         scalars = {f"{split}/{k}": v for k, v in result.scalars().items()}
-        per_class = {
-            f"{split}/{name}/{level}": dict(zip(class_names, getattr(getattr(result, level), field)))
-            for level in ("clip", "video")
-            for name, field in (("per_class_accuracy", "per_class_accuracy"), ("per_class_ap", "average_precision"))
-        }
+        per_class = {f"{split}/{name}/{level}": values
+                     for name, levels in per_class_records(result, class_names).items() for level, values in levels.items()}
         self._append({"step": step, **scalars, **per_class})
-        cm_png = self.plots_dir / f"confusion_matrix_{split}.png"
-        pr_png = self.plots_dir / f"pr_curves_{split}.png"
-        plot_confusion_matrix(result.video.confusion_matrix, class_names, cm_png, f"{split} (video level), step {step}")
-        plot_pr_curves(result.video.pr_precision, result.video.pr_recall, result.video.average_precision, class_names,
-                       pr_png, f"{split} (video level), step {step}")
+        cm_png, pr_png = plot_eval(result, class_names, self.plots_dir, split, f"{split} (video level), step {step}")
         if self.wandb_run is None:
             return
         import wandb
@@ -203,8 +196,9 @@ class RunMonitor:
         if self.is_main:
             plot_loss_curve(self.metrics_path, self.plots_dir / "loss.png")
 
-    def finish(self, results: dict[str, Any] | None = None) -> None:
-        """Final loss plot, close WandB, and print a summary: headline numbers and where everything is."""
+    def finish(self, results: dict[str, Any] | None = None, summary: bool = True) -> None:
+        """Final loss plot, close WandB, and print a summary: headline numbers and where everything is (not for
+        a run that stopped early: its own message says what happened)."""
         if not self.is_main:
             return
         self.plot_loss_curve()
@@ -217,7 +211,8 @@ class RunMonitor:
             except Exception as exc:  # noqa: BLE001
                 warnings.warn(f"WandB finish failed: {exc!r}")
             self.wandb_run = None
-        self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode))
+        if summary:
+            self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode))
 
 
 def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, wandb_mode: str | None) -> str:
@@ -238,6 +233,23 @@ def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, 
     return "\n".join(lines)
 
 
+def per_class_records(result: EvalResult, class_names: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """The per-class record of an evaluation: {"per_class_accuracy": {"clip": {class: value}, "video": {...}},
+    "per_class_ap": {...}} (AP: one class against the rest, NaN for a class absent from the split)."""
+    fields = {"per_class_accuracy": "per_class_accuracy", "per_class_ap": "average_precision"}
+    return {name: {level: dict(zip(class_names, getattr(getattr(result, level), field))) for level in ("clip", "video")}
+            for name, field in fields.items()}
+
+
+def plot_eval(result: EvalResult, class_names: list[str], out_dir: Path, split: str, title: str) -> tuple[Path, Path]:
+    """confusion_matrix_{split}.png and pr_curves_{split}.png (video level) in out_dir; returns their paths."""
+    cm_png, pr_png = Path(out_dir) / f"confusion_matrix_{split}.png", Path(out_dir) / f"pr_curves_{split}.png"
+    plot_confusion_matrix(result.video.confusion_matrix, class_names, cm_png, title)
+    plot_pr_curves(result.video.pr_precision, result.video.pr_recall, result.video.average_precision, class_names,
+                   pr_png, title)
+    return cm_png, pr_png
+
+
 def _new_run_id() -> str:
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
@@ -246,7 +258,9 @@ def _new_run_id() -> str:
 # --- PNG plots ---------------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def headless_pyplot():
+    """matplotlib.pyplot on the Agg backend (runs and packs happen on machines without a display); imported
+    on first use, so scripts that never plot (`--help`, workers) do not pay for it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,7 +285,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
                 eval_acc.append(value)
     if not steps:
         return
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, label="train loss", color="tab:blue")
     ax.set_xlabel("step")
@@ -295,7 +309,7 @@ def plot_confusion_matrix(matrix: Any, class_names: list[str], out: Path, title:
     # Row-normalised: each row shows where the videos of one true class went.
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     n = len(class_names)
-    plt = _pyplot()
+    plt = headless_pyplot()
     side = min(4 + 0.35 * n, 30)
     fig, ax = plt.subplots(figsize=(side, side))
     image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
@@ -325,7 +339,7 @@ def plot_pr_curves(precision: Any, recall: Any, average_precision: list[float], 
     recall = np.asarray(recall)
     ap = np.asarray(average_precision, dtype=np.float64)
     order = np.argsort(np.nan_to_num(ap, nan=np.inf))[:20] if len(class_names) > 20 else np.arange(len(class_names))
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     for c in order:
         ax.plot(recall[c], precision[c], label=f"{class_names[c]} (AP {ap[c]:.2f})", linewidth=1)

@@ -3,12 +3,15 @@
 `launch/slurm.py` is the command line; this module is what runs on the cluster, so it must be importable
 there (a class defined in the launcher's `__main__` would be pickled by value and break on code changes).
 
-How a job survives preemption and time limits: the training loop writes checkpoints periodically
-(`train.checkpoint_every`) and resumes from `{run_dir}/checkpoints/latest` by itself. When SLURM signals the
-job (USR2, `signal_delay_s` before the time limit, or at preemption), submitit calls
-`SlurmTrainingJob.checkpoint()` on global rank 0 inside the signal handler. That handler only hands back
-the job for requeueing: a collective there would deadlock (the other ranks are mid-step or already
-signalled), and a checkpoint written from a signal handler could capture a half-updated optimizer.
+How a job survives preemption and time limits: SLURM signals every task (USR2, `signal_delay_s` before the
+time limit, or at preemption). While the training loop runs, the trainer's handler only records the signal
+(actionrec.engine.faults.StopSignals); the ranks agree on it at the next step boundary, every rank finishes that
+step, a checkpoint is written there, and `train()` raises TrainingInterrupted. Only then does rank 0 call
+submitit's own handler, which tells a time-out from a preemption, calls `SlurmTrainingJob.checkpoint()` for the
+job to requeue, requeues it and exits; the other ranks wait for SLURM to end them. The requeued job resumes from
+`{run_dir}/checkpoints/latest`, i.e. from the step at which it was signalled. Nothing is written from inside a
+signal handler (a rank may be halfway through an optimizer step there). A signal outside the loop (start-up,
+final evaluation) goes to submitit's handler directly: requeue now, resume from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ def _ignore_preemption_signal_in_child() -> None:
 def _write_from_signal_handler(message: str) -> None:
     # print() here could hit "reentrant call" if the signal arrived while the main thread was printing
     os.write(1, (message + "\n").encode())
+
+
+def _wait_for_slurm_to_end_this_task(limit_s: float = 600.0) -> None:
+    # Rank 0 requeues the job, and SLURM then ends every task of it; returning here instead would record this
+    # rank's part of the job as done. If rank 0 fails instead, srun --kill-on-bad-exit ends this task.
+    time.sleep(limit_s)
+    raise RuntimeError(f"the job was not requeued within {limit_s:.0f} s of its checkpoint; see rank 0's log")
 
 
 def _exit_now() -> None:
@@ -105,9 +115,23 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
                 flush=True,
             )
 
+        from actionrec.engine.faults import TrainingInterrupted
         from actionrec.engine.trainer import train  # heavy import, only inside the job
 
-        result = train(self.cfg, eval_only=self.eval_only, checkpoint=checkpoint)
+        requeue = signal.getsignal(_preemption_signal())  # submitit's handler: decides, requeues and exits
+        if not callable(requeue):
+            raise RuntimeError("SlurmTrainingJob runs inside a submitit job (launch/slurm.py submits it)")
+        try:
+            result = train(self.cfg, eval_only=self.eval_only, checkpoint=checkpoint,
+                           stop_signals=(_preemption_signal(),))
+        except TrainingInterrupted as stop:
+            if dist_env.rank == 0:
+                print(f"actionrec.slurm: {stop.summary}", flush=True)
+                try:
+                    requeue(stop.signum, None)  # SystemExit after `scontrol requeue`; an error where it may not
+                except SystemExit:
+                    _exit_now()  # requeued: SLURM is ending the job's processes, leave without teardown
+            _wait_for_slurm_to_end_this_task()
         # submitit writes the result file after this returns, then the interpreter exits; that exit can
         # abort in gloo/DeepSpeed teardown ("terminate called without an active exception", ENVIRONMENT.md),
         # which SLURM would record as a failed task. Leave without running those destructors, as train.py does.
@@ -115,7 +139,8 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
         return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
-        # Runs inside submitit's signal handler on rank 0: no collectives, no model I/O (see module docstring).
+        # Called by submitit's handler on rank 0, after the training checkpoint (see the module docstring), or
+        # from inside the signal handler when the signal came outside the training loop: no collectives here.
         if self.requeues >= self.max_requeues:
             _write_from_signal_handler(
                 f"actionrec.slurm: not requeueing: already requeued {self.requeues} times (--max-requeues); "
@@ -157,7 +182,7 @@ class SlurmResources:
     exclude: str | None = None
     job_name: str = "actionrec"
     max_requeues: int = 10
-    # USR2 this long before the time limit; the handler only requeues, so it needs seconds, not minutes
+    # USR2 this long before the time limit: enough for the ranks to finish a step and write a checkpoint
     signal_delay_s: int = 90
 
     def sbatch_parameters(self) -> dict[str, Any]:

@@ -38,9 +38,12 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from actionrec.data import ClipSpec, ShardSet, TrainAugment, build_train_loader, train_frame_indices
-from actionrec.data.decode import torchcodec_load_error
-from actionrec.data.transforms import train_transform
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # actionrec, and tests/ for its shard helpers
+
+from actionrec.data import ClipSpec, ShardSet, TrainAugment, build_train_loader, train_frame_indices  # noqa: E402
+from actionrec.data.decode import torchcodec_load_error  # noqa: E402
+from actionrec.data.transforms import train_transform  # noqa: E402
+from tests.data_shard_fixtures import replicate_shards  # noqa: E402  (the loader tests' memory test uses it too)
 
 CLIP = ClipSpec(num_frames=8, sampling="uniform", size=224)
 BATCH = 8
@@ -124,35 +127,18 @@ def pack(sources: Path, out: Path, fmt: str, fps: float) -> ShardSet:
     return ShardSet.open(out)
 
 
-def replicate(shardset: ShardSet, out: Path, copies: int) -> Path:
-    """The same samples `copies` times under new keys: a data set `copies` times larger for the memory test."""
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = dict(shardset.manifest)
-    names = []
-    for copy in range(copies):
-        for url in shardset.urls("train"):
-            name = f"train-{len(names):06d}.tar"
-            with wds.TarWriter(str(out / name)) as sink:
-                for sample in wds.WebDataset(url, shardshuffle=False):
-                    fields = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
-                    fields["__key__"] = f"{sample['__key__']}-copy{copy}"
-                    sink.write(fields)
-            names.append(name)
-    manifest["splits"] = {"train": {"shards": names, "num_samples": shardset.num_samples("train") * copies}}
-    (out / "dataset.json").write_text(json.dumps(manifest))
-    return out
-
-
-def extract_mp4s(shardset: ShardSet, folder: Path) -> list[tuple[Path, int]]:
-    """The packed mp4 of every sample as a file (what the naive loader and ffmpeg read) with its label."""
+def extract_mp4s(shardset: ShardSet, folder: Path) -> tuple[list[tuple[Path, int]], dict[Path, int]]:
+    """The packed mp4 of every sample as a file (what the naive loader and ffmpeg read) with its label, and
+    each file's frame count (from the sample's json, as the loader reads it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = []
+    files, num_frames = [], {}
     for url in shardset.urls("train"):
         for sample in wds.WebDataset(url, shardshuffle=False):
             path = folder / f"{sample['__key__'].replace('/', '_')}.mp4"
             path.write_bytes(sample["mp4"])
             files.append((path, int(sample["cls"])))
-    return files
+            num_frames[path] = json.loads(sample["json"])["num_frames"]
+    return files, num_frames
 
 
 # -- measurements -------------------------------------------------------------------------------------------
@@ -308,10 +294,9 @@ def shard_bytes_per_video(folder: Path, videos: int) -> float:
 
 
 def write_report(results: dict, out: Path, command: str) -> str:
-    import matplotlib
+    from actionrec.logging import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     workers = results["workers"]
     rows = [("ffmpeg CLI, same frames (limit)", "ffmpeg"), ("actionrec loader, mp4, PyAV", "loader_pyav"),
@@ -370,11 +355,7 @@ def main(argv=None) -> int:
     make_sources(work / "sources", args.videos, args.seconds, args.fps)
     mp4 = pack(work / "sources", work / "mp4", "mp4", args.fps)
     jpg = pack(work / "sources", work / "jpg", "jpg", args.fps)
-    files = extract_mp4s(mp4, work / "files")
-    num_frames = {}
-    for path, _ in files:
-        with av.open(str(path)) as container:
-            num_frames[path] = sum(1 for _ in container.demux(video=0)) - 1  # minus the flush packet
+    files, num_frames = extract_mp4s(mp4, work / "files")
     batches = max(8, 4 * args.videos // BATCH)
     decoders = ["pyav"] + (["torchcodec"] if torchcodec_load_error() is None else [])
     measures = {"ffmpeg": functools.partial(ffmpeg_throughput, files=files, fps=args.fps, num_frames=num_frames),
@@ -390,10 +371,10 @@ def main(argv=None) -> int:
         clips[key][str(w)] = max(clips[key][str(w)], result.clips_per_s)
         cpu_ms[key][str(w)] = min(cpu_ms[key][str(w)], result.cpu_ms_per_clip)
     copies = -(-args.memory_videos // args.videos)
-    n_set = replicate(mp4, work / "mem_n", copies)
+    n_set = replicate_shards(work / "mp4", work / "mem_n", copies)
     n = copies * args.videos
     memory = {"n": n, "pss_n": peak_pss_mib(n_set, 2, n // BATCH),
-              "pss_10n": peak_pss_mib(replicate(mp4, work / "mem_10n", 10 * copies), 2, 10 * n // BATCH)}
+              "pss_10n": peak_pss_mib(replicate_shards(work / "mp4", work / "mem_10n", 10 * copies), 2, 10 * n // BATCH)}
     default_key = "loader_pyav"  # the loader's default decoder
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -173,10 +173,9 @@ def to_markdown(args: argparse.Namespace, timings: list[dict], flops: list[dict]
 
 
 def plot(timings: list[dict], path: Path) -> None:
-    import matplotlib
+    from actionrec.logging import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     names = ["ours (SDPA)", "ours (eager)", "transformers"]
     fig, ax = plt.subplots(figsize=(8, 4))

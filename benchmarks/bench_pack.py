@@ -3,7 +3,7 @@ transcoding the same files to the same settings, in the same run; shard bytes vs
 
     python benchmarks/bench_pack.py [--videos 24] [--size 256] [--frames 48] [--short-side 128] [--repeats 2]
 
-Writes benchmarks/out/bench_pack.json and prints a Markdown table (pasted into README.md).
+Writes benchmarks/out/bench_pack.json and prints a Markdown table (pasted into docs/shards.md).
 """
 
 import argparse

@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.train_fixtures import build_tiny_shards  # noqa: E402
+
 OUT = REPO / "benchmarks" / "out"
 CONF = Path(os.environ.get("ACTIONREC_SLURM_DIR", "/var/tmp/actionrec-slurm")) / "etc" / "slurm.conf"
 
@@ -39,19 +41,6 @@ def tiny_overrides(shards: Path, out: Path, name: str, steps: int, *extra: str) 
         "train.global_batch_size=4", "train.per_device_batch_size=2",
         "log.wandb_mode=offline", "log.progress_bar=false", *extra,
     ]
-
-
-def build_shards(root: Path) -> Path:
-    from actionrec.shards.encode import EncodeSettings
-    from actionrec.shards.pack import PackOptions, pack_videos
-    from actionrec.shards.synthetic import SyntheticSpec, generate_synthetic
-
-    if not (root / "shards" / "dataset.json").exists():
-        generate_synthetic(root / "videos", SyntheticSpec(classes=2, videos_per_class=6, frames=8, size=32), progress=False)
-        pack_videos(root / "videos", root / "shards",
-                    PackOptions(encode=EncodeSettings(short_side=32), workers=0, shard_bytes=8 * 1024),
-                    progress=False, log=lambda *a: None)
-    return root / "shards"
 
 
 def timed(cmd: list[str], env: dict) -> float:
@@ -104,7 +93,9 @@ def main() -> int:
         parser.error(f"no local cluster config at {CONF}: start it first with `sudo slurm/local_cluster.sh start`")
     env = {**os.environ, "SLURM_CONF": str(CONF), "PYTHONPATH": str(REPO)}
     work = OUT / "bench_slurm"
-    shards = build_shards(work)
+    shards = work / "shards"
+    if not (shards / "dataset.json").exists():
+        shards = build_tiny_shards(work)  # the tests' tiny shard set
 
     direct, slurm = [], []
     for repeat in range(args.repeats):

@@ -4,8 +4,8 @@
 
 Both loops do the same work per step (uint8 batch -> normalise -> forward -> label-smoothed cross-entropy
 -> backward -> grad clipping -> AdamW -> cosine LR); ours adds what it is for (Accelerate's accumulate and
-autocast contexts, the data-position/step counters, windowed loss/throughput reduction, the metrics.jsonl
-logger). Rounds alternate bare / ours so machine noise hits both; the median step time of each is compared.
+autocast contexts, the data-position/step counters, the per-step non-finite/stop-signal check, windowed
+loss/throughput reduction, the metrics.jsonl logger). Rounds alternate bare / ours so machine noise hits both; the median step time of each is compared.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actionrec.config import build_config  # noqa: E402
 from actionrec.data import normalize_on_device  # noqa: E402
 from actionrec.engine import trainer as trainer_module  # noqa: E402
+from actionrec.engine.faults import StopSignals  # noqa: E402
 from actionrec.engine.trainer import DataSetup, Trainer, build_accelerator, cosine_with_warmup, run_loop  # noqa: E402
 from actionrec.logging import RunMonitor, get_logger  # noqa: E402
 from actionrec.models import build_model  # noqa: E402
@@ -100,12 +101,13 @@ def main() -> int:
 
     # Warm-up (allocator, first-call overheads) for both.
     bare_loop(bare_model, batches, 2, cfg)
+    no_signals = StopSignals(())  # the loop's stop flag, never raised here
     cfg.train.max_steps = 2
-    run_loop(trainer, monitor)
+    run_loop(trainer, monitor, no_signals)
 
     def ours_loop() -> None:
         cfg.train.max_steps = trainer.progress.step + args.steps
-        run_loop(trainer, monitor)
+        run_loop(trainer, monitor, no_signals)
 
     # Wall time swings with other load on a shared machine; CPU time of this (single-threaded) process is
     # the work each loop does. Both are reported, each as the median over the alternating rounds.

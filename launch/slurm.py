@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         conflict_handler="resolve",  # the trainer's parser brings its own -h
         description=__doc__.split("\n\n")[0] + " Training arguments are those of train.py.",
         epilog="Logs: <run dir>/slurm/<job id>_<rank>_log.out; checkpoints: <run dir>/checkpoints/latest. "
-        "A job signalled for its time limit or for preemption requeues itself and resumes from latest.",
+        "A job signalled for its time limit or for preemption finishes its step, writes a checkpoint there, "
+        "requeues itself and resumes from it.",
     )
     slurm = parser.add_argument_group("SLURM")
     add = slurm.add_argument
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--qos", default=None, help="quality of service")
     add("--time", default="1-00:00:00", help="time limit of each allocation: minutes, HH:MM:SS or D-HH:MM:SS "
         "(default 1 day); the job requeues itself when it runs out")
+    add("--signal-delay", type=int, default=90, metavar="SECONDS",
+        help="SLURM signals the job this long before its time limit; it then finishes its step, writes a checkpoint "
+        "and requeues itself: allow for one step and one checkpoint write (default 90)")
     add("--constraint", default=None, help="node features required, e.g. a100")
     add("--exclude", default=None, help="nodes not to use, e.g. node[07-09]")
     add("--job-name", default=None, help="SLURM job name (default: the config's name)")
@@ -99,6 +103,8 @@ def resources_from_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         time_min = parse_time_minutes(args.time)
     except ValueError as exc:
         parser.error(str(exc))
+    if not 0 < args.signal_delay < time_min * 60:
+        parser.error(f"--signal-delay must be between 1 and the time limit ({time_min * 60} s), got {args.signal_delay}")
     if args.dry_run and args.wait:
         parser.error("--dry-run submits nothing, so there is nothing to --wait for: drop one of them")
     return SlurmResources(
@@ -115,6 +121,7 @@ def resources_from_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         exclude=args.exclude,
         job_name=args.job_name or cfg.name,
         max_requeues=args.max_requeues,
+        signal_delay_s=args.signal_delay,
     )
 
 

@@ -2,13 +2,12 @@
 the commands tested); the SIGKILL test still runs a real subprocess."""
 
 import runpy
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.repo import REPO
 
 
 def script_main(name: str):
-    return runpy.run_path(str(ROOT / "shards" / name), run_name=f"shards_{name[:-3]}")["main"]
+    return runpy.run_path(str(REPO / "shards" / name), run_name=f"shards_{name[:-3]}")["main"]
 
 
 def run_script(capsys, name: str, *args: str) -> tuple[int, str, str]:

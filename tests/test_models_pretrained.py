@@ -71,7 +71,7 @@ def test_huggingface_directory_gives_the_same_outputs_as_transformers(tmp_path, 
 
 def test_a_run_config_picks_the_set_up_by_whether_weights_are_loaded(tmp_path):
     from actionrec.config import build_config
-    from actionrec.engine.trainer import build_model_for
+    from actionrec.models import build_model_for
 
     official = build_model("timesformer_tiny", 5, **TINY)
     export_official_checkpoint(official, tmp_path / "official.pth")

@@ -3,7 +3,6 @@ and the pack of the good videos completes."""
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -20,7 +20,8 @@ from PIL import Image
 from actionrec.shards import (EncodeSettings, PackOptions, SyntheticSpec, generate_synthetic, pack_videos,
                               read_split_csv, sample_key)
 from tests.shards_media import decode_video
-from tests.shards_scripts import ROOT, run_script
+from tests.repo import REPO
+from tests.shards_scripts import run_script
 
 SPEC = SyntheticSpec(classes=4, videos_per_class=6, frames=8, size=32, seed=3)
 
@@ -141,7 +142,7 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "shards/pack.py", str(src), "--out", str(out), "--workers", "1",
                "--shard-size", "6KB", "--no-progress"]
-    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(out.glob("train-*.tar"))) < 3:
@@ -151,7 +152,7 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     published_before = {p.name: p.read_bytes() for p in out.glob("*-*.tar")}
     assert len(published_before) >= 3 and not (out / "dataset.json").exists(), "killed before it finished"
 
-    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming" in rerun.stdout
     manifest = json.loads((out / "dataset.json").read_text())

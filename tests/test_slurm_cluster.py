@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.repo import REPO
+from tests.train_fixtures import build_tiny_shards, launch, train_losses
+
 LAUNCHER = REPO / "launch" / "slurm.py"
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 STATE = Path(os.environ.get("ACTIONREC_SLURM_DIR", "/var/tmp/actionrec-slurm"))
@@ -60,17 +62,7 @@ def slurm_cluster():
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory) -> Path:
-    """Two classes of synthetic clips, packed into real WebDataset shards with the real packer."""
-    from actionrec.shards.encode import EncodeSettings
-    from actionrec.shards.pack import PackOptions, pack_videos
-    from actionrec.shards.synthetic import SyntheticSpec, generate_synthetic
-
-    root = tmp_path_factory.mktemp("slurm-data")
-    generate_synthetic(root / "videos", SyntheticSpec(classes=2, videos_per_class=6, frames=8, size=32), progress=False)
-    # small shards: both ranks get train shards of their own
-    options = PackOptions(encode=EncodeSettings(short_side=32), workers=0, shard_bytes=8 * 1024)
-    pack_videos(root / "videos", root / "shards", options, progress=False, log=lambda *a: None)
-    return root / "shards"
+    return build_tiny_shards(tmp_path_factory.mktemp("slurm-data"))
 
 
 NO_EVAL = ("data.val_split=", "data.test_split=")  # where the test is about the job, not about its evaluation
@@ -134,41 +126,88 @@ def test_two_node_cpu_job_trains_with_world_size_two(slurm_cluster, tiny_shards,
     assert sacct_state(job_id) == "COMPLETED"
 
 
-def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm_cluster, tiny_shards, tmp_path):
+def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll_s)
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_preempted_job_resumes_at_the_signalled_step_with_the_uninterrupted_losses(slurm_cluster, tiny_shards, tmp_path):
+    """Preemption mid-run: every rank finishes its step, a checkpoint is written at that step (there is no periodic
+    one), the job requeues and the next attempt resumes at exactly that step; the losses of the whole run equal
+    those of the same run without preemption."""
+    overrides = ("train.max_steps=150", "train.checkpoint_every=1000", *NO_EVAL)
     run_dir = tmp_path / "preempted"
     launcher = subprocess.Popen(
-        launcher_command(*tiny_run(tiny_shards, tmp_path, "preempted", "train.max_steps=200",
-                                  "train.checkpoint_every=10", "log.log_every=10", *NO_EVAL),
-                         "--wait"),
+        launcher_command(*tiny_run(tiny_shards, tmp_path, "preempted", *overrides), "--wait"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 180
-        while not (run_dir / "checkpoints" / "latest").exists():
-            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
-            time.sleep(0.2)
+        wait_for(lambda: logged_steps(run_dir) >= 3 or launcher.poll() is not None, 180, "training to start")
+        assert launcher.poll() is None, "the job ended before it was preempted"
         # a job in the high-priority partition that needs every CPU of both nodes preempts ours
         urgent = subprocess.run(["sbatch", "--partition", "urgent", "--nodes", "2", "--exclusive",
                                  "--output", str(tmp_path / "urgent.out"), "--wrap", "sleep 1"],
                                 capture_output=True, text=True, check=True)
         assert "Submitted batch job" in urgent.stdout
+        # meanwhile, the same run uninterrupted (2 processes, one thread each, as the job's tasks)
+        reference = launch("train.py", tiny_run(tiny_shards, tmp_path, "reference", *overrides), nproc=2, timeout=300)
+        assert reference.returncode == 0, reference.stderr[-3000:]
         stdout, stderr = launcher.communicate(timeout=300)
     finally:
         launcher.kill()
     assert launcher.returncode == 0, stdout[-4000:] + stderr[-3000:]
     job_id = submitted_job_id(stdout)
+    stopped = re.search(r"stopped by SIGUSR2 after step (\d+): checkpoint (\S+) written", stdout)
+    assert stopped, stdout[-4000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 150 and stopped.group(2).endswith(f"step_{step:07d}")
     assert "this job is preempted" in stdout and "requeueing (requeue 1)" in stdout
     assert f"job {job_id} attempt 2 (requeued 1 of at most 10 times)" in stdout
-    resumed = re.search(r"resumed from \S+ \(step (\d+)\)", stdout)
-    assert resumed and int(resumed.group(1)) >= 10, stdout[-4000:]
-    steps = [m["step"] for m in metrics(run_dir) if "train/loss" in m]
-    assert steps == list(range(10, 201, 10))  # logged steps: each once, up to max_steps
+    assert f"resumed from {run_dir}/checkpoints/step_{step:07d} (step {step})" in stdout  # not from step 0
+    expected, got = train_losses(tmp_path / "reference"), train_losses(run_dir)
+    assert sorted(got) == list(range(1, 151))  # each step logged once
+    for s in got:
+        assert got[s] == pytest.approx(expected[s], rel=1e-6), s
     # WandB: the run id chosen at submission is the one both attempts logged to
     printed = re.search(r"WandB run:\s+\S*/(\w+) ", stdout).group(1)
     assert (run_dir / "wandb_run_id").read_text().strip() == printed
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(f"-{printed}") for p in offline_runs)  # one per attempt
     assert sacct_state(job_id) == "COMPLETED"
+
+
+def test_job_at_its_time_limit_requeues_and_resumes_at_the_signalled_step(slurm_cluster, tiny_shards, tmp_path):
+    """--time 2 with the signal 30 s before it: SLURM's time-limit signal (not a preemption) makes the job
+    checkpoint at a step boundary and requeue itself, and the next attempt resumes at that step. (SLURM checks
+    time limits every 30 s and signals when the limit is within the delay plus that period: with --time 1 the
+    signal could come during start-up, before training, where it requeues at once without a checkpoint.)"""
+    run = subprocess.run(
+        [*launcher_command(*tiny_run(tiny_shards, tmp_path, "timed", "train.max_steps=100000",
+                                     "train.checkpoint_every=100000", "log.log_every=100", *NO_EVAL)),
+         "--time", "2", "--signal-delay", "30"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    job_id = submitted_job_id(run.stdout)
+    log = tmp_path / "timed" / "slurm" / f"{job_id}_0_log.out"
+    try:
+        wait_for(lambda: log.exists() and "resumed from" in log.read_text(), 300, "the requeued attempt", poll_s=1)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    text = log.read_text()
+    assert "this job is timed-out" in text, text[-4000:]
+    stopped = re.search(r"stopped by SIGUSR2 after step (\d+): checkpoint \S+ written", text)
+    assert stopped, text[-4000:]
+    step = int(stopped.group(1))
+    assert f"job {job_id} attempt 2 (requeued 1 of at most 10 times)" in text
+    assert re.search(rf"resumed from \S+/step_{step:07d} \(step {step}\)", text), text[-4000:]
 
 
 def test_training_that_raises_is_reported_failed_without_hanging(slurm_cluster, tiny_shards, tmp_path):

@@ -14,8 +14,8 @@ import pytest
 from submitit.helpers import DelayedSubmission
 
 from actionrec.slurm import SlurmResources, SlurmTrainingJob, parse_time_minutes, sbatch_script
+from tests.repo import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "slurm.py"
 
 
@@ -155,6 +155,7 @@ def test_global_batch_must_split_over_the_allocation(run_launcher, tmp_path, sha
         (["--mem", "lots"], "--mem 'lots' is not SLURM memory syntax"),
         (["--time", "tomorrow"], "--time 'tomorrow' is not SLURM time syntax"),
         (["--dry-run", "--wait"], "nothing to --wait for"),
+        (["--time", "1", "--signal-delay", "60"], "--signal-delay must be between 1 and the time limit (60 s), got 60"),
     ],
 )
 def test_contradictory_slurm_flags_are_refused(run_launcher, flags, message, shard_dir):
@@ -171,12 +172,12 @@ def test_submitting_without_slurm_says_how_to_get_one(run_launcher, shard_dir, m
 
 def test_dry_run_prints_the_job_and_submits_nothing(run_launcher, tmp_path, shard_dir):
     out = run_launcher("--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "2-00:00:00",
-                       f"data.shards={shard_dir}", f"output_dir={tmp_path}/runs", "name=k400",
+                       "--signal-delay", "300", f"data.shards={shard_dir}", f"output_dir={tmp_path}/runs", "name=k400",
                        "train.global_batch_size=64", "train.per_device_batch_size=4", "--dry-run")
     assert out.returncode == 0, out.stderr
     assert "world size 16" in out.stdout and "nothing submitted" in out.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --job-name=k400"):
+                 "#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --job-name=k400", "#SBATCH --signal=USR2@300"):
         assert line in out.stdout.splitlines(), line
     assert f"run dir:    {tmp_path}/runs/k400" in out.stdout
     assert not (tmp_path / "runs").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from actionrec.engine.checkpoint import (
     CheckpointManager, CheckpointNotFound, TrainProgress, checkpoint_metadata, load_fp32_state_dict, resolve_checkpoint,
 )
 from actionrec.engine.evaluation import _VideoAccumulator, evaluate
+from actionrec.engine.faults import CheckpointWriteError
 from actionrec.models import build_model
 
 
@@ -96,7 +99,19 @@ def test_a_kill_mid_write_leaves_the_previous_checkpoint_usable(tmp_path, accele
     (tmp_path / "checkpoints" / "latest").write_text("step_0000002\n")
     (tmp_path / "checkpoints" / "step_0000002").rename(tmp_path / "checkpoints" / "gone")
     assert manager.latest().name == "step_0000004"
+    assert resolve_checkpoint(tmp_path / "checkpoints" / "latest").name == "step_0000004"  # as resume finds it
     assert not partial.exists()  # the next save cleared the leftover
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temp(tmp_path):
+    from actionrec.atomic import atomic_path, write_atomic
+
+    target = tmp_path / "classes.json"
+    write_atomic(target, '["a"]')
+    with pytest.raises(OSError), atomic_path(target) as tmp:
+        tmp.write_text('["a", "b"')
+        raise OSError(28, "No space left on device")
+    assert target.read_text() == '["a"]' and [p.name for p in tmp_path.iterdir()] == ["classes.json"]
 
 
 def test_resolve_rejects_what_is_not_a_checkpoint(tmp_path):
@@ -153,3 +168,101 @@ def test_a_view_seen_twice_is_an_error_not_a_double_count():
     other.add(["a"], torch.tensor([0]), torch.tensor([0]), torch.tensor([[0.0, 1.0]]))
     with pytest.raises(RuntimeError, match="evaluated on two ranks"):
         acc.merge(other.payload())
+
+
+class Lines:
+    """A logger stand-in that keeps what it is told."""
+
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, message, *args):
+        self.lines.append(message % args if args else message)
+
+
+@pytest.mark.parametrize("damaged_file", ["model.safetensors", "optimizer.bin", "random_states_0.pkl"])
+def test_resume_skips_a_truncated_checkpoint_keeps_it_and_loads_the_older_one(tmp_path, accelerator, damaged_file):
+    model, optimizer, progress = tiny_setup(accelerator)
+    manager = CheckpointManager(tmp_path, accelerator, keep_last=3)
+    for step in (1, 2):
+        take_step(model, optimizer)
+        progress.step, progress.micro_batches = step, 2 * step
+        manager.save(step, FILES)
+        if step == 1:
+            weights_1 = {k: v.clone() for k, v in model.state_dict().items()}
+    newest = tmp_path / "checkpoints" / "step_0000002"
+    cut = newest / damaged_file  # a copy cut short
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+
+    lines = Lines()
+    restarted = CheckpointManager(tmp_path, accelerator, keep_last=3, logger=lines)  # as a re-run makes it
+    resumed = restarted.resume()
+    assert resumed == tmp_path / "checkpoints" / "step_0000001"
+    assert (progress.step, progress.micro_batches) == (1, 2)
+    assert all(torch.equal(weights_1[k], v) for k, v in model.state_dict().items())
+    assert lines.lines[0].startswith(f"checkpoint {newest} cannot be loaded (rank 0: ")
+    kept = tmp_path / "checkpoints" / "step_0000002.damaged"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000001", "step_0000002.damaged"]
+    assert f"kept the damaged checkpoint as {kept}" in lines.lines[1]
+    # the run goes on from step 1: its next save at step 2 is a new, complete checkpoint next to the damaged one
+    take_step(model, optimizer)
+    progress.step = 2
+    assert restarted.save(2, FILES).name == "step_0000002"
+    assert CheckpointManager(tmp_path).latest().name == "step_0000002" and kept.is_dir()
+
+
+def test_resume_with_no_loadable_checkpoint_stops_with_one_line(tmp_path, accelerator):
+    model, optimizer, progress = tiny_setup(accelerator)
+    CheckpointManager(tmp_path, accelerator).save(1, FILES)
+    (tmp_path / "checkpoints" / "step_0000001" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointNotFound, match="no checkpoint in .* can be loaded") as err:
+        CheckpointManager(tmp_path, accelerator, logger=Lines()).resume()
+    assert "\n" not in str(err.value) and (tmp_path / "checkpoints" / "step_0000001.damaged").is_dir()
+
+
+@contextlib.contextmanager
+def small_disk(path):
+    """`path` on a 1 MB tmpfs (as root), and a `fill()` that leaves 300 KB free on it; where mounting is not
+    possible, `fill()` sets a 300 KB file-size limit for this process instead (Python ignores SIGXFSZ: a write
+    past it fails with EFBIG, which the checkpoint code counts as no space)."""
+    import resource
+    import subprocess
+
+    path.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)]
+    mounted = os.geteuid() == 0 and shutil.which("mount") and subprocess.run(mount, capture_output=True).returncode == 0
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def fill():
+        if mounted:
+            (path / "filler").write_bytes(b"\0" * (shutil.disk_usage(path).free - 300 * 1024))
+        else:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (300 * 1024, previous[1]))
+
+    try:
+        yield fill
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_checkpoint_write_on_a_full_disk_stops_with_one_line_and_keeps_the_previous_one(tmp_path, accelerator):
+    model, optimizer, progress = tiny_setup(accelerator)
+    with small_disk(tmp_path / "disk") as fill:
+        manager = CheckpointManager(tmp_path / "disk", accelerator, keep_last=3)
+        progress.step = 1
+        first = manager.save(1, FILES)  # ~0.5 MB: fits
+        fill()
+        take_step(model, optimizer)  # the optimizer now has state: the next checkpoint is larger still
+        progress.step = 2
+        with pytest.raises(CheckpointWriteError) as err:
+            manager.save(2, FILES)
+        message = str(err.value)
+        folder = tmp_path / "disk" / "checkpoints"
+        assert message.startswith(f"no space left to write checkpoint step_0000002 in {folder}: it needs about ")
+        assert "the previous checkpoint step_0000001 and `latest` are untouched" in message and "\n" not in message
+        assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_0000001"]  # no partial temp dir
+        assert (folder / "latest").read_text() == "step_0000001\n"
+        manager.load(first)  # still loads
+        assert progress.step == 1

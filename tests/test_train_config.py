@@ -69,12 +69,34 @@ def test_saved_config_reads_back_identically(tmp_path, shards):
     (["train.global_batch_size=10", "train.per_device_batch_size=4"], "is not a multiple of"),
     (["data.shards=/nonexistent/shards"], "data.shards /nonexistent/shards does not exist"),
     (["deepspeed_config=configs/deepspeed/zero9.json"], "deepspeed_config configs/deepspeed/zero9.json does not exist"),
+    (["model.options={depth: 2}"], "unknown config key 'model.options': write the model's options directly"),
+    (["model.attention_type=diagonal"], "model timesformer_tiny cannot be built from this config: unknown attention_type 'diagonal'"),
+    (["data.size=40"], "img_size 40 is not a multiple of patch_size 16: use e.g. img_size=32 (img_size is data.size=40)"),
+    (["model.embed_dim=30", "model.num_heads=4"], "embed_dim 30 is not divisible by num_heads 4"),
 ])
 def test_each_bad_config_is_one_line_naming_the_key(shards, overrides, message):
     with pytest.raises(ConfigError) as err:
         parse([f"data.shards={shards}", "model.name=timesformer_tiny", *overrides])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_model_options_nested_under_options_are_rejected_not_dropped(tmp_path, shards):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"data": {"shards": str(shards)},
+                                    "model": {"name": "timesformer_tiny", "options": {"depth": 3}}}))
+    with pytest.raises(ConfigError, match="unknown config key 'model.options'"):
+        parse(["--config", str(path)])
+
+
+def test_predict_path_builds_the_model_without_the_trainer_stack():
+    """load_classifier / bench_schemes build a run's model: that must not import Accelerate or DeepSpeed."""
+    code = ("import sys; import actionrec.engine.inference; from actionrec.models import build_model_for; "
+            "print(sorted(m for m in ('accelerate', 'deepspeed', 'actionrec.engine.trainer') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_bad_files(tmp_path, shards):
@@ -126,8 +148,8 @@ def test_train_py_rejects_a_bad_key_before_starting_anything(tmp_path, shards):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown config key 'train.max_stepz' (did you mean 'train.max_steps'?); known keys here: "
-        "checkpoint_every, compile, eval_every, global_batch_size, keep_last, max_steps, per_device_batch_size, "
-        "precision, seed"
+        "checkpoint_every, compile, eval_every, global_batch_size, keep_last, max_nonfinite_steps, max_steps, "
+        "per_device_batch_size, precision, seed"
     ]
     assert not (tmp_path / "runs").exists()  # nothing written, no process group joined (MASTER_PORT=1 would hang)
 

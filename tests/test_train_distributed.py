@@ -3,7 +3,6 @@ DDP, DeepSpeed ZeRO-2 and ZeRO-3, kill + resume, world size 1 vs 2, exact evalua
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import tarfile
@@ -188,6 +187,9 @@ def test_world_size_one_and_two_follow_the_same_loss_trajectory(shards, runs):
     assert "1 accumulation x 2" in two
     a, b = train_losses(runs / "ws1"), train_losses(runs / "ws2")
     assert sorted(a) == sorted(b) == list(range(1, 6))
+    # each training record says which world size produced it
+    assert {r["world_size"] for r in metrics(runs / "ws1") if "train/loss" in r} == {1}
+    assert {r["world_size"] for r in metrics(runs / "ws2") if "train/loss" in r} == {2}
     assert a[1] != a[5]  # the model did train
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step

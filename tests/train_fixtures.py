@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.repo import REPO
+
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 

@@ -55,7 +55,7 @@ class ClipStream(IterableDataset):
         num_classes: int | None,
         seed: int = 0,
         augment: TrainAugment | None = None,
-        shuffle_buffer: int = 128,
+        shuffle_buffer: int = 0,  # train streams only; build_train_loader picks its size per shard format
         batches_per_epoch: int = 0,
         temporal_clips: int = 1,
         spatial_crops: int = 1,

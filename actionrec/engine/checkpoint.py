@@ -10,6 +10,11 @@ Atomicity: every rank writes into `.tmp-step_XXXXXXX`, all ranks meet at a barri
 directory into place (one rename, atomic on POSIX) and only then replaces `latest`. A kill at any moment leaves
 either the previous checkpoint or the new one, never a half-written directory that looks complete. The run
 dir must be on a file system all ranks share (it is on a SLURM cluster's shared storage).
+
+Faults: a write that fails (a full disk) on any rank fails on every rank with one line naming the folder and the
+space needed, and leaves the previous checkpoint and `latest` as they were. On resume, a checkpoint that does not
+load (a truncated file, a copy cut short) is reported, kept as `step_XXXXXXX.damaged`, and the next older one is
+loaded instead.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from actionrec.atomic import write_atomic
+from actionrec.engine.faults import CheckpointWriteError, folder_bytes, human_bytes, is_nearly_full, is_out_of_space
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 LATEST = "latest"
@@ -32,10 +40,10 @@ LATEST = "latest"
 class TrainProgress:
     """Loop state saved with every checkpoint (registered with accelerator.register_for_checkpointing)."""
 
-    step: int = 0  # optimizer steps done
+    step: int = 0  # optimizer steps done (skipped non-finite steps included)
     micro_batches: int = 0  # train batches consumed per rank: the data position to resume from
     skipped: int = 0  # corrupt samples skipped so far, summed over ranks
-    extra: dict[str, Any] = field(default_factory=dict)
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm so far
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,7 +52,7 @@ class TrainProgress:
         self.step = int(state["step"])
         self.micro_batches = int(state["micro_batches"])
         self.skipped = int(state.get("skipped", 0))
-        self.extra = dict(state.get("extra", {}))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
 
 
 def step_dir_name(step: int) -> str:
@@ -52,10 +60,14 @@ def step_dir_name(step: int) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, accelerator: Any, keep_last: int) -> None:
+    """The checkpoints of one run dir. Without an accelerator it only reads (`latest`, `step_dirs`)."""
+
+    def __init__(self, run_dir: Path, accelerator: Any = None, keep_last: int = 1, logger: Any = None) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.accelerator = accelerator
         self.keep_last = keep_last
+        self.logger = logger
+        self.current: Path | None = None  # the checkpoint of the state in memory (loaded or saved by this run)
 
     def step_dirs(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -63,51 +75,173 @@ class CheckpointManager:
         found = [p for p in self.dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
         return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint. Every step_* dir is complete (it only appears by rename); the
-        pointer is for people and tools, and is recovered from the dirs if a kill came between the two."""
+    def candidates(self) -> list[Path]:
+        """Complete checkpoints to resume from, best first: the one `latest` names, then the others newest
+        first. Every step_* dir is complete (it only appears by rename); the pointer is for people and tools,
+        and is recovered from the dirs if a kill came between the two."""
+        ordered = self.step_dirs()[::-1]
         pointer = self.dir / LATEST
         if pointer.is_file():
-            candidate = self.dir / pointer.read_text().strip()
-            if candidate.is_dir():
-                return candidate
-        dirs = self.step_dirs()
-        return dirs[-1] if dirs else None
+            named = self.dir / pointer.read_text().strip()
+            if named in ordered:
+                ordered.remove(named)
+                ordered.insert(0, named)
+        return ordered
+
+    def latest(self) -> Path | None:
+        candidates = self.candidates()
+        return candidates[0] if candidates else None
+
+    def resume(self) -> Path | None:
+        """Collective: load the newest checkpoint every rank can load. One that fails to load on any rank (a
+        truncated or damaged file) is reported with the reason, renamed to `<name>.damaged` (kept, never
+        deleted; out of the way of resume, rotation and later saves) and the next older one is tried."""
+        acc = self.accelerator
+        damaged: list[Path] = []
+        loaded = None
+        for candidate in self.candidates():
+            try:
+                self.load(candidate)
+                _check_rng_state(candidate, acc.process_index)
+                failure = ""
+            except Exception as exc:  # noqa: BLE001 — any failure to load means this checkpoint cannot be used
+                failure = f"{type(exc).__name__}: {_first_line(exc)}"
+            failures = [(rank, text) for rank, text in enumerate(_from_all_ranks(failure)) if text]
+            if not failures:
+                loaded = candidate
+                break
+            rank, text = failures[0]
+            self._warn(f"checkpoint {candidate} cannot be loaded (rank {rank}: {text}); "
+                       "trying the next older complete checkpoint")
+            damaged.append(candidate)
+        if acc.is_main_process:
+            for path in damaged:
+                kept = _free_name(path.with_name(f"{path.name}.damaged"))
+                os.rename(path, kept)
+                self._warn(f"kept the damaged checkpoint as {kept} (delete it once you no longer need it)")
+        acc.wait_for_everyone()
+        if damaged and loaded is None:
+            raise CheckpointNotFound(f"no checkpoint in {self.dir} can be loaded (damaged ones were kept as "
+                                     "*.damaged): move the run dir away to start over, or restore a copy")
+        return loaded
 
     def save(self, step: int, files: dict[str, str]) -> Path:
-        """Collective: every rank calls it. `files` (name -> text) are written by rank 0 into the checkpoint."""
+        """Collective: every rank calls it. `files` (name -> text) are written by rank 0 into the checkpoint.
+        A write that fails on any rank (a full disk) fails on every rank with `CheckpointWriteError`; the
+        partial temp dir is removed and the previous checkpoint and `latest` are untouched."""
         acc = self.accelerator
         final = self.dir / step_dir_name(step)
         tmp = self.dir / f".tmp-{step_dir_name(step)}"
-        if final.is_dir():  # already saved at this step (e.g. the final save right after a periodic one)
+        if final == self.current:  # already saved at this step (e.g. the final save right after a periodic one)
             return final
         if acc.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".tmp-step_*"):  # left by a killed run
                 shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        try:
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                for name, text in files.items():
+                    (tmp / name).write_text(text)
+            failure = None
+        except Exception as exc:  # noqa: BLE001 — reported below, after every rank knows
+            failure = _without_tracebacks(exc)
+        if failure is not None:  # a full disk is recognised by its error, or by the disk: torch.save hides the errno
+            failure_record = (is_out_of_space(failure) or is_nearly_full(self.dir), _first_line(failure))
+        outcomes = _from_all_ranks(None if failure is None else failure_record)
+        if any(outcomes):
+            error = self._write_failed(final, tmp, outcomes)
+            acc.wait_for_everyone()
+            raise error from failure
         if acc.is_main_process:
-            for name, text in files.items():
-                (tmp / name).write_text(text)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
+            if final.is_dir():  # a checkpoint of an earlier attempt at this step (`latest` was moved back)
+                os.rename(final, _free_name(final.with_name(f"{final.name}.superseded")))
             os.rename(tmp, final)
-            _write_atomic(self.dir / LATEST, final.name + "\n")
+            write_atomic(self.dir / LATEST, final.name + "\n")
             for old in self.step_dirs()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+        self.current = final
         return final
 
     def load(self, path: Path) -> None:
         """Collective: restore model, optimizer, scheduler, RNG and registered custom state."""
         self.accelerator.load_state(str(path))
+        self.current = Path(path)
+
+    def _write_failed(self, final: Path, tmp: Path, outcomes: list) -> CheckpointWriteError:
+        """Clean up after a failed write (rank 0) and the one-line error every rank raises."""
+        rank, (_, reason) = next((r, o) for r, o in enumerate(outcomes) if o)
+        written = 0
+        if self.accelerator.is_main_process:
+            written = folder_bytes(tmp) if tmp.is_dir() else 0
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = self.latest()
+        kept = (f"the previous checkpoint {previous.name} and `latest` are untouched" if previous is not None
+                else "no earlier checkpoint exists")
+        if not any(o and o[0] for o in outcomes):
+            return CheckpointWriteError(f"writing checkpoint {final.name} in {self.dir} failed on rank {rank}: "
+                                        f"{reason}; {kept}")
+        # A new checkpoint is about the size of the previous one, and needs room next to it (the oldest one
+        # is deleted only once the new one is complete).
+        needed = max(folder_bytes(previous) if previous is not None else 0, written)
+        free = shutil.disk_usage(self.dir).free
+        return CheckpointWriteError(
+            f"no space left to write checkpoint {final.name} in {self.dir}: it needs about {human_bytes(needed)}, "
+            f"{human_bytes(free)} is free there; {kept}. Free space (or lower train.keep_last, or move output_dir) "
+            "and run the same command again to resume" + (f" from {previous.name}" if previous is not None else "")
+            + f" (the write failed with: {reason})"
+        )
+
+    def _warn(self, message: str) -> None:
+        if self.logger is not None and self.accelerator.is_main_process:
+            self.logger.warning(message)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _without_tracebacks(exc: BaseException) -> BaseException:
+    """`exc` and the exceptions it came from, without the tracebacks whose frames would keep a half-written
+    file open (and its space taken) until they are collected."""
+    seen, current = set(), exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+    return exc
+
+
+def _check_rng_state(checkpoint: Path, rank: int) -> None:
+    """Accelerate's load_state only logs a random-state file it cannot read, and the run would then go on with
+    other random numbers than the uninterrupted one: a damaged one fails the load here. (A missing one is a
+    resume on more ranks than saved it, which Accelerate allows.)"""
+    path = checkpoint / f"random_states_{rank}.pkl"
+    if path.exists():
+        torch.load(path, weights_only=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... whichever does not exist yet."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
+def _from_all_ranks(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (a collective; just [value] without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 # --- reading checkpoints outside the training loop (eval-only, predict, export) --------------------------
@@ -125,20 +259,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointNotFound(f"checkpoint {path} does not exist")
     if path.is_file() and path.suffix == ".safetensors":
         return path
-    if path.is_file() and path.name == LATEST:
-        target = path.parent / path.read_text().strip()
-        if not target.is_dir():
-            raise CheckpointNotFound(f"{path} points to {target.name}, which does not exist")
-        return target
     if path.is_dir() and STEP_DIR.match(path.name):
         return path
-    if path.is_dir():
-        if (path / "model.safetensors").is_file() and (path / "classes.json").is_file():
-            return path / "model.safetensors"
-        checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        latest = CheckpointManager(checkpoints.parent, None, 1).latest() if checkpoints.name == "checkpoints" else None
-        if latest is not None:
-            return latest
+    if path.is_dir() and (path / "model.safetensors").is_file() and (path / "classes.json").is_file():
+        return path / "model.safetensors"
+    # checkpoints/latest, checkpoints/ or the run dir: the newest complete checkpoint, as resume finds it
+    if path.is_file() and path.name == LATEST:
+        run_dir = path.parent.parent
+    else:
+        run_dir = path.parent if path.name == "checkpoints" else path
+    latest = CheckpointManager(run_dir).latest()
+    if latest is not None:
+        return latest
     raise CheckpointNotFound(
         f"{path} is not a checkpoint: give a run dir, checkpoints/latest, a step_XXXXXXX dir or a model.safetensors"
     )

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from actionrec.config import Config, build_config
+from actionrec.config import Config, build_config, resolved_model_options
 from actionrec.engine.checkpoint import checkpoint_metadata, load_fp32_state_dict, resolve_checkpoint
+from actionrec.models import build_model_for
 
 
 @dataclass
@@ -25,8 +26,6 @@ class Classifier:
 
 def load_classifier(checkpoint: str | Path, device: str = "auto") -> Classifier:
     """A run dir, checkpoints/latest, a step dir (plain, DDP or DeepSpeed ZeRO) or an exported model."""
-    from actionrec.engine.trainer import build_model_for, resolved_model_options
-
     resolved = resolve_checkpoint(checkpoint)
     config, classes = checkpoint_metadata(resolved)
     cfg = build_config(config, check_paths=False)

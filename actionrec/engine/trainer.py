@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 import warnings
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
+from actionrec.atomic import atomic_path, write_atomic
 from actionrec.config import (
     Config,
     config_to_dict,
@@ -42,6 +44,7 @@ from actionrec.engine.checkpoint import (
     resolve_checkpoint,
 )
 from actionrec.engine.evaluation import EvalResult, evaluate
+from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, StopSignals, TrainingInterrupted
 from actionrec.logging import RunMonitor, get_logger
 
 # DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the warning repeats on every rank and step.
@@ -223,36 +226,6 @@ def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size
     )
 
 
-def resolved_model_options(cfg: Config) -> dict:
-    """`model.options` with `init: auto` resolved: the official (ViT) set-up when `model.pretrained` loads
-    weights into the model, the from-scratch set-up when nothing is loaded."""
-    options = dict(cfg.model.options)
-    if options.get("init", "auto") == "auto":
-        options["init"] = "vit" if cfg.model.pretrained else "scratch"
-    return options
-
-
-def build_model_for(cfg: Config, num_classes: int) -> torch.nn.Module:
-    import dataclasses
-
-    from actionrec.models import build_model, model_config_class
-
-    # Clip geometry comes from the data config, for the model families whose config has these fields.
-    fields = {f.name for f in dataclasses.fields(model_config_class(cfg.model.name))}
-    from_data = {"num_frames": cfg.data.num_frames, "img_size": cfg.data.size}
-    model = build_model(
-        cfg.model.name,
-        num_classes=num_classes,
-        **{k: v for k, v in from_data.items() if k in fields},
-        **resolved_model_options(cfg),
-    )
-    if cfg.model.pretrained:
-        from actionrec.models import load_pretrained
-
-        load_pretrained(model, cfg.model.pretrained)
-    return model
-
-
 # --- the loop -----------------------------------------------------------------------------------------
 
 
@@ -278,7 +251,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.progress = TrainProgress()
         accelerator.register_for_checkpointing(self.progress)
-        self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last)
+        self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last, logger)
 
     def to_inputs(self, video_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, T, H, W) on the host -> normalised float (B, C, T, H, W) on the device."""
@@ -317,20 +290,21 @@ class Trainer:
             progress=(lambda it: tqdm(it, desc=f"eval {split}", leave=False, dynamic_ncols=True)) if show else None,
         )
 
-    def train_step(self, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor | None, float, int]:
-        """One optimizer step over `accumulation` micro batches.
-        Returns (mean loss on device, grad norm, seconds waiting for data, skipped samples)."""
+    def train_step(self, batches: Iterator[dict], stop_signal: int) -> StepResult:
+        """One optimizer step over `accumulation` micro batches, or none at all when the loss or the gradient
+        norm is not finite on any rank. `stop_signal`: the signal this rank received (0 = none)."""
         accumulation = self.acc.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=self.device)
-        grad_norm = None
         waited = 0.0
         skipped = 0
+        keys: list[str] = []
         for _ in range(accumulation):
             start = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - start
             self.progress.micro_batches += 1
             skipped += int(batch["skipped"]) if "skipped" in batch else 0
+            keys.extend(batch["key"])
             video = self.to_inputs(batch["video"])
             targets = batch["label"].to(self.device, non_blocking=True)
             if self.mixing is not None:
@@ -339,22 +313,58 @@ class Trainer:
                 with self.acc.autocast():
                     logits = self.model(video)  # (B, num_classes)
                 loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.optim.label_smoothing)
+                # Under DeepSpeed the last micro batch's backward also takes the optimizer step (and skips it
+                # itself when the gradient norm is not finite).
                 self.acc.backward(loss)
-                if self.acc.sync_gradients:
-                    max_norm = self.cfg.optim.grad_clip or float("inf")
-                    grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
-                self.optimizer.step()
-                if self.acc.sync_gradients:
-                    self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
+        # The last micro batch synchronised the gradients: clip, then decide together whether to apply them.
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
+        norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=self.device, dtype=torch.float32)
+        # One all-reduce (max) of two numbers per step: [non-finite here, stop signal received here]. Every rank
+        # then skips the same steps and stops after the same step, whichever rank saw the NaN or the signal.
+        flags = torch.zeros(2, device=self.device)
+        flags[0] = (~torch.isfinite(loss_sum) | ~torch.isfinite(norm)).float()
+        flags[1] = float(stop_signal)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        nonfinite, stop = flags.tolist()
+        if not nonfinite:
+            self.optimizer.step()
+        self.scheduler.step()  # the learning rate follows the step count, skipped steps included
+        self.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go too
         self.progress.step += 1
-        return loss_sum / accumulation, grad_norm, waited, skipped
+        return StepResult(loss_sum / accumulation, norm, waited, skipped, keys, not nonfinite, int(stop))
+
+    def describe_nonfinite_step(self, result: StepResult) -> str:
+        """Collective (every rank skips the same steps): one line naming each rank's loss and samples."""
+        mine = (self.rank, float(result.loss), result.keys)
+        per_rank = [mine]
+        if self.world_size > 1:
+            per_rank = [None] * self.world_size
+            torch.distributed.all_gather_object(per_rank, mine)
+        losses = ", ".join(f"rank {rank} {loss:.4g}" for rank, loss, _ in per_rank)
+        samples = "; ".join(f"rank {rank}: {' '.join(keys)}" for rank, _, keys in per_rank)
+        return (f"step {self.progress.step}: non-finite loss or gradient norm (loss {losses}; grad norm "
+                f"{float(result.grad_norm):.4g}): step skipped, weights and optimizer state unchanged; samples {samples}")
 
 
-def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -> dict[str, Any]:
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over the step's micro batches (on the device)
+    grad_norm: torch.Tensor  # global, before clipping
+    waited: float  # seconds this rank waited for data
+    skipped_samples: int  # corrupt samples the loader dropped
+    keys: list[str]  # the samples this rank trained on
+    applied: bool  # False: a loss or grad norm was not finite on some rank, nothing was updated
+    stop_signal: int  # a stop signal one of the ranks received (0 = none): stop after this step
+
+
+def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
+          stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> dict[str, Any]:
     """Train (or with eval_only, evaluate `checkpoint`) in the process group the environment describes.
-    Returns the final metrics (the same on every rank)."""
+    Returns the final metrics (the same on every rank). One of `stop_signals` during training makes every rank
+    finish its step and write a checkpoint there, then raises TrainingInterrupted; a run stopped by a fault
+    raises NonFiniteLossError or CheckpointWriteError (see actionrec.engine.faults)."""
     # Everything that can be wrong with the request is checked before a process group exists.
     world_size = world_size_from_env()
     accumulation = derive_accumulation(cfg, world_size)
@@ -381,6 +391,8 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
         cfg.train.global_batch_size, cfg.train.per_device_batch_size, accumulation, world_size, len(data.classes),
     )
 
+    from actionrec.models import build_model_for
+
     model = build_model_for(cfg, len(data.classes))
     if weights_from is not None:
         model.load_state_dict(load_fp32_state_dict(weights_from))
@@ -402,14 +414,13 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
         accelerator.end_training()
         return results
 
-    latest = trainer.checkpoints.latest()
-    if latest is not None:
-        trainer.checkpoints.load(latest)
-        logger.info("resumed from %s (step %d)", latest, trainer.progress.step)
+    resumed = trainer.checkpoints.resume()  # the newest checkpoint that loads; a damaged one is skipped and kept
+    if resumed is not None:
+        logger.info("resumed from %s (step %d)", resumed, trainer.progress.step)
         warn_config_changes(run_dir, cfg, logger)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "classes.json").write_text(json.dumps(data.classes))
+        write_atomic(run_dir / "classes.json", json.dumps(data.classes))
     monitor = RunMonitor(
         run_dir,
         is_main_process=accelerator.is_main_process,
@@ -424,16 +435,25 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None) -
     if trainer.progress.step == 0:
         monitor.log_image("data/frames_per_category", frames_plot, step=0)
 
-    results = run_loop(trainer, monitor)
+    try:
+        with StopSignals(stop_signals, announce=accelerator.is_main_process) as signals:
+            results = run_loop(trainer, monitor, signals)
+        # Saved before the final evaluation, so that a stop during it loses no training.
+        final_dir = trainer.save_checkpoint()
+    except (TrainingInterrupted, NonFiniteLossError, CheckpointWriteError):
+        monitor.finish(summary=False)
+        # Every rank is here (each of these is decided together); leave together, so that no launcher ends
+        # rank 0 for a rank that left first, before rank 0 has said what happened.
+        accelerator.wait_for_everyone()
+        raise
     results.update(run_evaluations(trainer, monitor, [cfg.data.val_split, cfg.data.test_split], trainer.progress.step))
-    final_dir = trainer.save_checkpoint()
     export_model(trainer, final_dir)
     monitor.finish(results)
     accelerator.end_training()
     return results
 
 
-def run_loop(trainer: Trainer, monitor: RunMonitor) -> dict[str, Any]:
+def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dict[str, Any]:
     cfg, acc, progress = trainer.cfg, trainer.acc, trainer.progress
     batches = train_batches(cfg, trainer.data, progress.micro_batches, trainer.rank, trainer.world_size)
     bar = tqdm(
@@ -445,21 +465,31 @@ def run_loop(trainer: Trainer, monitor: RunMonitor) -> dict[str, Any]:
     )
     trainer.model.train()
     window_loss = torch.zeros((), device=trainer.device)
-    window_steps, window_wait, window_skipped = 0, 0.0, 0
+    window_steps, window_applied, window_wait, window_skipped = 0, 0, 0.0, 0
     window_start = time.perf_counter()
     last: dict[str, Any] = {}
+    grad_norm = None  # of the last applied step
+    nonfinite_in_a_row = 0
     while progress.step < cfg.train.max_steps:
-        loss, grad_norm, waited, skipped = trainer.train_step(batches)
-        window_loss += loss
-        window_steps += 1
-        window_wait += waited
-        window_skipped += skipped
+        result = trainer.train_step(batches, stop_signal=signals.received or 0)
         step = progress.step
+        window_steps += 1
+        window_wait += result.waited
+        window_skipped += result.skipped_samples
+        if result.applied:
+            window_loss += result.loss
+            window_applied += 1
+            grad_norm = result.grad_norm
+            nonfinite_in_a_row = 0
+        else:
+            nonfinite_in_a_row += 1
+            progress.nonfinite_steps += 1
+            skip_nonfinite_step(trainer, monitor, result, nonfinite_in_a_row)
         bar.update(1)
         if step % cfg.log.log_every == 0 or step == cfg.train.max_steps:
             # One all-reduce per log window (not per step): [loss, data wait, skipped], summed over ranks.
             packed = torch.stack([
-                window_loss / window_steps,
+                window_loss / max(window_applied, 1),
                 torch.tensor(window_wait, device=trainer.device),
                 torch.tensor(float(window_skipped), device=trainer.device),
             ]).float()
@@ -468,23 +498,29 @@ def run_loop(trainer: Trainer, monitor: RunMonitor) -> dict[str, Any]:
             clips_per_device = window_steps * cfg.train.global_batch_size / trainer.world_size / elapsed
             progress.skipped += int(packed[2])
             last = {
-                "train/loss": float(packed[0]) / trainer.world_size,
                 "train/lr": trainer.scheduler.get_last_lr()[0],
                 "train/clips_per_s_per_device": clips_per_device,
                 "train/data_wait_fraction": float(packed[1]) / trainer.world_size / elapsed,
                 "train/skipped_samples": float(progress.skipped),
+                "train/nonfinite_steps": float(progress.nonfinite_steps),
                 "train/epoch": progress.micro_batches / trainer.data.batches_per_epoch,
+                "world_size": trainer.world_size,
             }
+            if window_applied:  # a window of skipped steps has no loss to report
+                last["train/loss"] = float(packed[0]) / trainer.world_size
             if grad_norm is not None:
                 last["train/grad_norm"] = float(grad_norm)
             if trainer.flops_per_clip > 0:
                 achieved = trainer.flops_per_clip * clips_per_device
                 last["train/mfu"] = achieved / (cfg.log.peak_tflops_per_device * 1e12)
             monitor.log_scalars(last, step)
-            bar.set_postfix(loss=f"{last['train/loss']:.4f}", lr=f"{last['train/lr']:.2e}")
+            bar.set_postfix(loss=f"{last.get('train/loss', float('nan')):.4f}", lr=f"{last['train/lr']:.2e}")
             window_loss.zero_()
-            window_steps, window_wait, window_skipped = 0, 0.0, 0
+            window_steps, window_applied, window_wait, window_skipped = 0, 0, 0.0, 0
             window_start = time.perf_counter()
+        if result.stop_signal:  # every rank finished this step; the checkpoint is the step boundary
+            bar.close()
+            raise TrainingInterrupted(result.stop_signal, step, trainer.save_checkpoint())
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             run_evaluations(trainer, monitor, [cfg.data.val_split], step)
             window_start = time.perf_counter()  # eval time is not training throughput
@@ -493,6 +529,22 @@ def run_loop(trainer: Trainer, monitor: RunMonitor) -> dict[str, Any]:
             window_start = time.perf_counter()
     bar.close()
     return {"step": progress.step, **last}
+
+
+def skip_nonfinite_step(trainer: Trainer, monitor: RunMonitor, result: StepResult, in_a_row: int) -> None:
+    """Log a skipped step with its samples, count it, and stop the run when too many came in a row."""
+    cfg, progress = trainer.cfg, trainer.progress
+    trainer.logger.warning("%s (%d in a row; the run stops at %d)", trainer.describe_nonfinite_step(result),
+                           in_a_row, cfg.train.max_nonfinite_steps)
+    monitor.log_scalars({"train/nonfinite_steps": progress.nonfinite_steps}, progress.step)
+    if in_a_row >= cfg.train.max_nonfinite_steps:
+        latest = trainer.checkpoints.latest()
+        kept = f"the last checkpoint, {latest}, is kept" if latest is not None else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"steps {progress.step - in_a_row + 1}-{progress.step}: {in_a_row} steps in a row had a non-finite loss "
+            f"or gradient norm and were skipped (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
+            f"{kept}. Check the samples logged above, or lower optim.lr / set optim.grad_clip, then run again"
+        )
 
 
 def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[str], step: int) -> dict[str, Any]:
@@ -519,26 +571,19 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
 
 
 def write_eval_report(trainer: Trainer, result: EvalResult, split: str) -> None:
-    """--eval-only: metrics JSON and the two plots into {run_dir}/eval/."""
-    from actionrec.logging import plot_confusion_matrix, plot_pr_curves
+    """--eval-only: metrics JSON and the two plots (those of a training run's evaluations) into {run_dir}/eval/."""
+    from actionrec.logging import per_class_records, plot_eval
 
     out = trainer.cfg.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     classes = trainer.data.classes
     report = {
         **result.scalars(),
-        "per_class_accuracy": {
-            level: dict(zip(classes, getattr(result, level).per_class_accuracy)) for level in ("clip", "video")
-        },
-        "per_class_ap": {
-            level: dict(zip(classes, getattr(result, level).average_precision)) for level in ("clip", "video")
-        },
+        **per_class_records(result, classes),
         "confusion_matrix_video": result.video.confusion_matrix.tolist(),
     }
-    (out / f"{split}_metrics.json").write_text(json.dumps(report, indent=1))
-    plot_confusion_matrix(result.video.confusion_matrix, classes, out / f"confusion_matrix_{split}.png", f"{split} (video level)")
-    plot_pr_curves(result.video.pr_precision, result.video.pr_recall, result.video.average_precision, classes,
-                   out / f"pr_curves_{split}.png", f"{split} (video level)")
+    write_atomic(out / f"{split}_metrics.json", json.dumps(report, indent=1))
+    plot_eval(result, classes, out, split, f"{split} (video level)")
 
 
 def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
@@ -556,9 +601,8 @@ def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
         else:
             state = fp32_cpu_state_dict(state)
         run_dir = trainer.cfg.run_dir
-        tmp = run_dir / ".model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name})
-        os.replace(tmp, run_dir / "model.safetensors")
+        with atomic_path(run_dir / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name})
         trainer.logger.info("exported %s (fp32, %d tensors)", run_dir / "model.safetensors", len(state))
     acc.wait_for_everyone()
 

@@ -1,4 +1,4 @@
-"""Packing labelled videos into WebDataset shards (format v1, see README "Shards: packing videos")."""
+"""Packing labelled videos into WebDataset shards (format v1, see docs/shards.md)."""
 
 from actionrec.shards.catalog import decode_frames, describe, dump_sample, find_sample, list_keys, load_manifest
 from actionrec.shards.encode import EncodedVideo, EncodeSettings, UnpackableSource, encode_source

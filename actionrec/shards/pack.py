@@ -21,12 +21,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from actionrec.atomic import write_atomic
 from actionrec.shards.encode import EncodedVideo, EncodeSettings, UnpackableSource, encode_source
 from actionrec.shards.layouts import SPLITS, LayoutError, Source, list_sources, sample_key
-from actionrec.shards.split import resolve_split
+from actionrec.shards.split import check_split_fractions, resolve_split
 from actionrec.shards.stats import frames_per_category, per_class_counts, plot_frames_per_category
 from actionrec.shards.writer import (PackedSample, SplitShardWriter, read_published_shards,
                                      remove_partial_shards)
+
+# No tqdm monitor thread: the pack forks worker processes (at start and after a worker crash), and forking a
+# process that has other threads running can deadlock the child.
+tqdm.monitor_interval = 0
 
 FORMAT_VERSION = 1
 STATE_FILE = ".pack-state.json"  # settings + classes of the pack in progress in OUT, checked on resume
@@ -49,8 +54,7 @@ class PackOptions:
     workers: int = 1  # worker processes; 0 encodes in this process (debugging)
 
     def __post_init__(self):
-        if not (0 <= self.val < 1 and 0 <= self.test < 1 and self.val + self.test < 1):
-            raise ValueError(f"--val and --test must be fractions in [0, 1) summing to < 1, got {self.val} and {self.test}")
+        check_split_fractions(self.val, self.test)  # before any work, not when the split is first needed
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.shard_bytes < 1024:
@@ -202,15 +206,11 @@ def _encode_or_reason(source: Source, settings: EncodeSettings) -> EncodedVideo 
 
 
 def _start_pool(workers: int) -> ProcessPoolExecutor | None:
-    """Worker processes, forked now: before tqdm starts its monitor thread (forking a process with running
-    threads can deadlock the child), and without re-importing the caller's __main__ as spawn/forkserver
-    would (an unguarded script calling pack_videos would start over in every worker)."""
+    """Forked worker processes: fork does not re-import the caller's __main__ as spawn/forkserver would (an
+    unguarded script calling pack_videos would start over in every worker)."""
     if workers == 0:
         return None
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-    for started in [executor.submit(os.getpid) for _ in range(workers)]:
-        started.result()
-    return executor
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
 
 def _encode_all(sources: list[Source], settings: EncodeSettings, workers: int,
@@ -280,9 +280,7 @@ def _write_manifest(out: Path, src: Path, layout: str, classes: list[str], sampl
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(temp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def format_summary(result: PackResult) -> str:

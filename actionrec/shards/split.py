@@ -13,9 +13,15 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from actionrec.atomic import atomic_path
 from actionrec.shards.layouts import SPLITS, LayoutError, Source, normalize_split
 
 SPLIT_COLUMNS = ("source", "label", "split")
+
+
+def check_split_fractions(val: float, test: float) -> None:
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"--val and --test must be fractions in [0, 1) summing to < 1, got {val} and {test}")
 
 
 def stratified_split(sources: list[Source], val: float, test: float, seed: int) -> dict[str, str]:
@@ -25,8 +31,7 @@ def stratified_split(sources: list[Source], val: float, test: float, seed: int) 
     Sources that carry an official split keep it; if the official split has no val part, val is carved out
     of the official train part with the `val` fraction.
     """
-    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-        raise ValueError(f"--val and --test must be fractions in [0, 1) summing to < 1, got {val} and {test}")
+    check_split_fractions(val, test)
     assigned = {s.relpath: s.split for s in sources if s.split is not None}
     has_official_val = "val" in assigned.values()
     by_class: dict[str, list[str]] = defaultdict(list)
@@ -74,16 +79,13 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
 
 def write_split_csv(path: str | os.PathLike, rows: dict[str, tuple[str, str]]) -> None:
     """Atomically (temp file + rename): a kill while writing leaves the previous split.csv intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(SPLIT_COLUMNS)
         for relpath in sorted(rows, key=lambda r: (SPLITS.index(rows[r][1]), rows[r][0], r)):
             writer.writerow([relpath, *rows[relpath]])
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def resolve_split(sources: list[Source], split_csv: Path, user_split_csv: str | None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from actionrec.logging import headless_pyplot
 from actionrec.shards.layouts import SPLITS
 from actionrec.shards.writer import PackedSample
 
@@ -32,10 +33,7 @@ def frames_per_category(samples: list[PackedSample], classes: list[str]) -> dict
 
 def plot_frames_per_category(stats: dict[str, dict], counts: dict[str, dict[str, int]], path: Path) -> None:
     """Two panels: videos per class stacked by split, and frames per video (mean with min-max range)."""
-    import matplotlib  # here, not at the top: `pack.py --help` and the workers do not need it
-
-    matplotlib.use("Agg")  # packing runs on headless machines
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
     classes = list(stats)
     height = max(3.0, 0.28 * len(classes) + 1.2)
     fig, (ax_videos, ax_frames) = plt.subplots(1, 2, figsize=(12, height), sharey=True)

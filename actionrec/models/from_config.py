@@ -1,0 +1,21 @@
+"""The model a run config describes: the one bridge from `actionrec.config` to the registry.
+
+Kept apart from the trainer so that prediction, export and benchmarks build a run's model without importing
+Accelerate or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from actionrec.config import Config, model_build_options
+from actionrec.models.pretrained import load_pretrained
+from actionrec.models.registry import build_model
+
+
+def build_model_for(cfg: Config, num_classes: int) -> nn.Module:
+    """`cfg.model` with the clip geometry of `cfg.data`, and the local pretrained weights if it names any."""
+    model = build_model(cfg.model.name, num_classes=num_classes, **model_build_options(cfg))
+    if cfg.model.pretrained:
+        load_pretrained(model, cfg.model.pretrained)
+    return model
