@@ -312,7 +312,8 @@ def build_pair(sizes: Sizes):
             ours = from_pretrained(folder, drop_path_rate=0.0)
         note["same_weights"] = True
     except Exception as exc:  # noqa: BLE001 — a format change in transformers must not cost the timing
-        ours = build_model("timesformer_base", 400, img_size=sizes.size, num_frames=sizes.frames, drop_path_rate=0.0, **dims)
+        ours = build_model("timesformer_base", 400, img_size=sizes.size, num_frames=sizes.frames, drop_path_rate=0.0,
+                           init="vit", **dims)  # the transformers layout, without the from-scratch stem
         note.update(same_weights=False, weights_error=f"{type(exc).__name__}: {str(exc)[:300]}")
     device = torch.device(sizes.device)
     reference, ours = reference.to(device).train(), ours.to(device).train()
@@ -471,7 +472,7 @@ def scheme_speed(sizes: Sizes, peak: float | None) -> dict[str, Any]:
     for scheme in tqdm(ATTENTION_TYPES, desc="schemes", leave=False):
         try:
             model = build_model("timesformer_base", 400, attention_type=scheme, img_size=sizes.size, num_frames=sizes.frames,
-                                drop_path_rate=0.0, **sizes.model).to(sizes.device).train()
+                                drop_path_rate=0.0, init="vit", **sizes.model).to(sizes.device).train()
             flops = count_flops_per_clip(model, (3, sizes.frames, sizes.size, sizes.size), include_backward=True)
             row = training_step_speed(model, clip, labels, sizes, is_reference=False)
             row["train_step_gflops_per_clip"] = float(f"{flops / 1e9:.4g}")

@@ -66,7 +66,7 @@ def perturbed_model(**options) -> torch.nn.Module:
     """A model whose every parameter is nonzero: the official init zeroes the temporal residual linears, which
     would leave the temporal attention out of the output and out of the comparison."""
     torch.manual_seed(0)
-    model = build_model("timesformer_tiny", 5, drop_path_rate=0.0, **options)
+    model = build_model("timesformer_tiny", 5, drop_path_rate=0.0, **{"init": "vit", **options})
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
