@@ -2,8 +2,9 @@
 
     python shards/synthetic.py --out data/videos/synth [--classes 10] [--videos-per-class 40]
 
-Classes are time-reversal pairs (move left/right, up/down, rotate ccw/cw, grow/shrink, orbit ccw/cw,
-fade in/out): no single frame tells them apart, only the motion does.
+Classes are time-reversal pairs (move left/right, up/down, up-left/down-right, up-right/down-left,
+grow/shrink; then rotate ccw/cw, orbit ccw/cw, fade in/out): no single frame tells them apart, only the
+motion does.
 """
 
 import argparse

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from actionrec.shards.synthetic import (ALL_CLASSES, CLASS_PAIRS, SyntheticSpec, _forward_motion,
+from actionrec.shards.synthetic import (ALL_CLASSES, CLASS_PAIRS, MOVES, SyntheticSpec, _forward_motion,
                                         render_video)
 from tests.shards_media import decode_video
 from tests.shards_scripts import run_script
@@ -27,10 +27,9 @@ def test_forward_motions_are_monotonic_and_stay_in_frame(seed, size, frames):
         cx, cy, radius, angle, opacity = _forward_motion(name, np.random.default_rng(seed), frames, size)
         assert np.all(cx - radius > -1) and np.all(cx + radius < size + 1), name
         assert np.all(cy - radius > -1) and np.all(cy + radius < size + 1), name
-        if name == "move_left":
-            assert cx[-1] < cx[0] - size / 8
-        if name == "move_up":
-            assert cy[-1] < cy[0] - size / 8
+        if name in MOVES:  # travels at least an eighth of the frame along its direction
+            dx, dy = MOVES[name]
+            assert dx * (cx[-1] - cx[0]) + dy * (cy[-1] - cy[0]) > np.hypot(dx, dy) * size / 8, name
         if name == "rotate_ccw":
             assert np.all(np.diff(angle) < 0)
         if name == "grow":
@@ -69,7 +68,7 @@ def test_same_seed_gives_the_same_videos():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--classes", "13"], "--classes must be between 2 and 12"),
+    (["--classes", "17"], "--classes must be between 2 and 16"),
     (["--size", "33"], "--size must be an even number >= 32"),
     (["--frames", "1"], "--frames >= 2"),
 ])
