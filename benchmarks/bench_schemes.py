@@ -1,13 +1,14 @@
 """The TimeSformer attention-scheme comparison (the paper's Table 1) on the synthetic motion set, on a CPU.
 
-    python benchmarks/bench_schemes.py                       # every model, the demo's size, 400 steps each
+    python benchmarks/bench_schemes.py                       # every model, the demo's size and step budget
     python benchmarks/bench_schemes.py --steps 100 --models timesformer_divided r3d_18
 
 Each model is trained by `train.py` itself (one process, same shards, clip size, global batch, optimiser,
 schedule and step budget as `configs/demo.yaml`; only the `model` section differs) and evaluated on the
 held-out test split. Writes benchmarks/out/schemes/table.md (+ .json) with parameters, clip- and video-level
 top-1 and train clips/s, and prints the table. The synthetic classes come in time-reversed pairs, so a model
-that ignores frame order (space-only) can at best name the pair: 50% top-1.
+that ignores frame order (space-only, whose from-scratch stem is per-frame too) can at best name the pair:
+50% top-1.
 
 Runs live in benchmarks/out/schemes/runs/scheme-<model>-<steps>steps. Running the same model with the same
 step count again reuses that run (train.py resumes a finished run and evaluates it again); another step count
@@ -108,7 +109,7 @@ def write_table(rows: list[dict], steps: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="base config (data, optimiser, batch)")
-    parser.add_argument("--steps", type=int, default=400, help="training steps per model")
+    parser.add_argument("--steps", type=int, default=0, help="training steps per model (default: the config's)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     args = parser.parse_args()
     base = yaml.safe_load((REPO / args.config).read_text())
@@ -118,6 +119,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     OUT.mkdir(parents=True, exist_ok=True)
+    args.steps = args.steps or base["train"]["max_steps"]
     rows = [run_one(label, MODELS[label], base, args.steps) for label in args.models]
     table = write_table(rows, args.steps)
     (OUT / "table.md").write_text(table)

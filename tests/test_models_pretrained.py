@@ -69,6 +69,20 @@ def test_huggingface_directory_gives_the_same_outputs_as_transformers(tmp_path, 
             load_pretrained(scratch, tmp_path)
 
 
+@pytest.mark.parametrize("scheme", ["divided_space_time", "space_only"])
+def test_a_from_scratch_model_round_trips_through_its_own_checkpoints(tmp_path, scheme):
+    geometry = {**TINY, "init": "auto"}
+    trained = build_model("timesformer_tiny", 5, **geometry, attention_type=scheme, stem_channels=8).eval()
+    export_official_checkpoint(trained, tmp_path / "official.pth")
+    torch.save(trained.state_dict(), tmp_path / "native.pth")
+    clip = torch.randn(2, 3, 4, 32, 32)
+    for name in ("official.pth", "native.pth"):
+        rebuilt = from_pretrained(tmp_path / name, num_heads=TINY["num_heads"]).eval()  # the stem's layers and width are read from the weights
+        assert rebuilt.setup == "scratch" and rebuilt.config.stem_channels == 8
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(clip), trained(clip))
+
+
 def test_a_run_config_picks_the_set_up_by_whether_weights_are_loaded(tmp_path):
     from actionrec.config import build_config
     from actionrec.models import build_model_for

@@ -287,13 +287,13 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
     `weights_only=True`.
     """
     fmt, raw, _ = read_checkpoint(path)
-    if isinstance(model, TimeSformer) and model.setup == "scratch" and "stem.layers.0.weight" not in raw:
+    state, dropped = _to_model_names(fmt, raw)
+    if isinstance(model, TimeSformer) and model.setup == "scratch" and "stem.layers.0.weight" not in state:
         raise CheckpointMismatchError(
             f"{path}: this TimeSformer was built with the from-scratch set-up (init='scratch': a conv stem before "
             f"the patch projection), which {fmt} weights do not have; build it with init='vit' to load them "
             f"(in a run config, model.pretrained does this by itself)"
         )
-    state, dropped = _to_model_names(fmt, raw)
     report = LoadReport(source_format=fmt, dropped_head=dropped)
     target = model.state_dict()
     allowed_missing: set[str] = set()
