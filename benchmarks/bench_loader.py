@@ -375,7 +375,8 @@ def main(argv=None) -> int:
     n = copies * args.videos
     memory = {"n": n, "pss_n": peak_pss_mib(n_set, 2, n // BATCH),
               "pss_10n": peak_pss_mib(replicate_shards(work / "mp4", work / "mem_10n", 10 * copies), 2, 10 * n // BATCH)}
-    default_key = "loader_pyav"  # the loader's default decoder
+    # The loader's default decoder, "auto": torchcodec where it loads here, PyAV otherwise.
+    default_key = "loader_torchcodec" if torchcodec_load_error() is None else "loader_pyav"
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, load {os.getloadavg()[0]:.1f}",

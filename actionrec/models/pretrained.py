@@ -394,8 +394,8 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[TimeSformerC
     else:
         attention_type = "space_only"
     # Our own from-scratch set-up puts a conv stem (stem.layers.<3i>.weight) before the patch projection.
-    stem = [state[k] for k in sorted((k for k in state if re.fullmatch(r"stem\.layers\.\d+\.weight", k) and state[k].ndim == 5),
-                                     key=lambda k: int(k.split(".")[2]))]
+    stem_convs = [k for k in state if re.fullmatch(r"stem\.layers\.\d+\.weight", k) and state[k].ndim == 5]
+    stem = [state[k] for k in sorted(stem_convs, key=lambda k: int(k.split(".")[2]))]
     patch_size = patch.shape[-1] * 2 ** max(len(stem) - 1, 0)
     setup = dict(init="scratch", stem_channels=stem[0].shape[0], stem_layers=len(stem)) if stem else dict(init="vit")
     config = TimeSformerConfig(

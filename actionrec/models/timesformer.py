@@ -64,8 +64,8 @@ class TimeSformerConfig:
     grad_checkpointing: bool = False
     # How the network is set up (see `TimeSformer.reset_parameters`): "vit" is the official set-up for
     # fine-tuning from ImageNet ViT / TimeSformer weights; "scratch" adds a space-time conv stem and draws
-    # visible position and time embeddings, for training without weights; "auto" is "scratch" here, and the
-    # trainer resolves it to "vit" when `model.pretrained` names a weights file.
+    # visible position and time embeddings, for training without weights; "auto" is "scratch" here, and a
+    # run config resolves it to "vit" when `model.pretrained` names a weights file.
     init: str = "auto"
     stem_channels: int = 16  # scratch: channels of the conv stem's first layer
     stem_layers: int = 2  # scratch: conv layers; each one after the first halves H and W and doubles channels
@@ -197,7 +197,7 @@ class SpaceTimeStem(nn.Module):
     Why instance norm (GroupNorm with one group per channel): it removes each clip's own offset and scale
     of every feature. With BatchNorm the background colour of a clip moves every ReLU's operating point, and
     on clips of random colours neither this stem nor a plain 3D CNN learned a moving square in 150-600 steps;
-    with instance norm both learn it within 150 (benchmarks/README.md). It also needs no batch statistics,
+    with instance norm both learn it within 150 (docs/demo.md). It also needs no batch statistics,
     so it behaves the same at any per-device batch, in eval mode and across ranks.
     `temporal_kernel=1` makes the stem per-frame: used for `space_only`, which must stay blind to frame order.
     """
@@ -428,7 +428,7 @@ class TimeSformer(nn.Module):
         self._check_input(video)
         batch, frames = video.shape[0], video.shape[2]
         if self.setup == "scratch":
-            video = self.stem(video)  # (B, stem_channels, T, H, W)
+            video = self.stem(video)  # (B, stem out channels, T, H / 2, W / 2) with the default 2 layers
         patches, grid_h, grid_w = self.patch_embed(video)  # (B, T, N, D)
         pos = resize_space_embed(self.pos_embed[:, 1:], (grid_h, grid_w), mode="nearest")  # (1, N, D)
         patches = self.pos_drop(patches + pos.unsqueeze(1))

@@ -132,7 +132,7 @@ class VideoResNetTransformerConfig:
     freeze_trunk: bool = False
     grad_checkpointing: bool = False
     # "scratch" draws the head's position embeddings with embed_std, "vit" with 0.02; "auto" is "scratch"
-    # here, and the trainer makes it "vit" when model.pretrained loads weights (see TimeSformerConfig.init).
+    # here, and a run config makes it "vit" when model.pretrained loads weights (see TimeSformerConfig.init).
     init: str = "auto"
     embed_std: float = 0.5
 
