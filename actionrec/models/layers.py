@@ -12,6 +12,17 @@ from einops import rearrange
 from torch import nn
 
 
+INIT_SETUPS = ("auto", "scratch", "vit")
+
+
+def check_init_setup(init: str, embed_std: float) -> None:
+    """The `init` / `embed_std` fields every model config has (see TimeSformerConfig.init)."""
+    if init not in INIT_SETUPS:
+        raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INIT_SETUPS)}")
+    if embed_std <= 0:
+        raise ValueError(f"embed_std must be > 0, got {embed_std}")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the second axis of (B, L, D).
 

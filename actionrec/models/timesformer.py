@@ -33,10 +33,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from actionrec.models.layers import Attention, Mlp, PatchEmbed
+from actionrec.models.layers import Attention, Mlp, PatchEmbed, check_init_setup
 
 ATTENTION_TYPES = ("space_only", "joint_space_time", "divided_space_time", "sparse_local_global", "axial")
-INIT_SETUPS = ("auto", "scratch", "vit")
 
 
 @dataclass
@@ -81,12 +80,11 @@ class TimeSformerConfig:
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}: "
                 f"use e.g. img_size={self.img_size // self.patch_size * self.patch_size}"
             )
-        if self.init not in INIT_SETUPS:
-            raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(INIT_SETUPS)}")
+        check_init_setup(self.init, self.embed_std)
         if self.stem_layers < 1 or self.patch_size % 2 ** (self.stem_layers - 1):
             raise ValueError(f"stem_layers must be >= 1 with patch_size divisible by 2**(stem_layers-1), got {self.stem_layers}")
-        if self.stem_channels < 1 or self.embed_std <= 0:
-            raise ValueError(f"stem_channels must be >= 1 and embed_std > 0, got {self.stem_channels}, {self.embed_std}")
+        if self.stem_channels < 1:
+            raise ValueError(f"stem_channels must be >= 1, got {self.stem_channels}")
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         for name in ("num_frames", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):

@@ -24,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models import resnet18
 from torchvision.models.video import mc3_18, r2plus1d_18, r3d_18
 
+from actionrec.models.layers import check_init_setup
+
 VIDEO_TRUNKS = {"r3d_18": r3d_18, "r2plus1d_18": r2plus1d_18, "mc3_18": mc3_18}
 TRUNK_CHANNELS = 512
 
@@ -137,19 +139,12 @@ class VideoResNetTransformerConfig:
     embed_std: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_setup(self.init, self.embed_std)
+        check_init_setup(self.init, self.embed_std)
         if self.trunk not in VIDEO_TRUNKS:
             raise ValueError(f"unknown trunk {self.trunk!r}; choose one of: {', '.join(VIDEO_TRUNKS)}")
         for name in ("token_frames", "token_size", "hidden_dim", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def _check_setup(init: str, embed_std: float) -> None:
-    if init not in ("auto", "scratch", "vit"):
-        raise ValueError(f"unknown init {init!r}; choose one of: auto, scratch, vit")
-    if embed_std <= 0:
-        raise ValueError(f"embed_std must be > 0, got {embed_std}")
 
 
 def _halve(size: int, times: int) -> int:
@@ -257,7 +252,7 @@ class FrameResNetTransformerConfig:
     embed_std: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_setup(self.init, self.embed_std)
+        check_init_setup(self.init, self.embed_std)
         for name in ("num_frames", "hidden_dim", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
