@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actionrec.config import coerce_value  # noqa: E402
+from actionrec.config import build_config, coerce_value  # noqa: E402
 from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices  # noqa: E402
 from actionrec.data.transforms import TrainAugment, eval_views, normalize_on_device, train_transform  # noqa: E402
+from actionrec.engine.trainer import build_optimizer, cosine_with_warmup  # noqa: E402
 from actionrec.models import build_model, model_config_class  # noqa: E402
 from actionrec.shards.synthetic import ALL_CLASSES, render_video  # noqa: E402
 from benchmarks.motion_heldout import DIRECTIONS, render_motion_video  # noqa: E402
@@ -95,15 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.model.startswith("timesformer") else {}
     options.update(parse_options(args.model, args.options))
     model = build_model(args.model, num_classes=len(names), **options)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n and "token" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr)
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(args.steps - args.warmup, 1)))
+    # The trainer's own optimiser (its weight-decay groups) and warm-up + cosine schedule.
+    recipe = build_config({"optim": {"optimizer": "adamw", "lr": args.lr, "warmup_steps": args.warmup,
+                                     "weight_decay": 0.05}, "train": {"max_steps": args.steps}}, check_paths=False)
+    optimizer = build_optimizer(recipe, model)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(recipe))
 
     def batch_of(indices) -> torch.Tensor:
         clips = []
@@ -133,12 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     for step in tqdm(range(args.steps), desc="training", leave=False):
         indices = rng.choice(train_idx, args.batch)
         loss = F.cross_entropy(model(batch_of(indices)), labels[indices], label_smoothing=0.1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row = dict(step=step + 1, train_loss=round(float(np.mean(losses[-args.eval_every:])), 3),
