@@ -8,6 +8,7 @@ key=value, exactly as `model.options` in a run config:
     python benchmarks/bench_scratch.py --data motion4 --steps 800 init=scratch
     python benchmarks/bench_scratch.py --data motion4 --steps 800 init=vit          # the official set-up
     python benchmarks/bench_scratch.py --data synth --classes 4 --model timesformer_tiny attention_type=space_only
+    python benchmarks/bench_scratch.py --data synth --steps 1200 --sampling dense --stride 2 --seed 2   # the demo's
 
 Data sets: `synth` (the demo's generator, `--classes` of its classes) and `motion4` (the held-out generator
 in `benchmarks/motion_heldout.py`). Prints one JSON line per evaluation and a final summary line.
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--model", default="timesformer_tiny")
     parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--sampling", choices=["uniform", "dense"], default="uniform")
+    parser.add_argument("--stride", type=int, default=2, help="dense sampling: frames between sampled frames")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     order = rng.permutation(len(labels))
     cut = int(0.8 * len(order))
     train_idx, val_idx = order[:cut], order[cut:]
-    spec = ClipSpec(num_frames=args.frames, size=64)
+    spec = ClipSpec(num_frames=args.frames, sampling=args.sampling, frame_stride=args.stride, size=64)
     augment = TrainAugment()
 
     options = dict(embed_dim=96, depth=4, num_heads=4, num_frames=args.frames, img_size=64) \
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             history.append(row)
             print(json.dumps(row), flush=True)
     result = dict(data=args.data, classes=len(names), model=args.model, options=options, steps=args.steps,
+                  seed=args.seed, lr=args.lr, per_class=args.per_class, sampling=args.sampling,
                   best_val_top1=max(r["val_top1"] for r in history), final_val_top1=history[-1]["val_top1"],
                   seconds=history[-1]["seconds"], final_per_class=per_class, history=history)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
