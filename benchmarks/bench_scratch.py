@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actionrec.config import build_config, coerce_value  # noqa: E402
+from actionrec.config import build_config, model_build_options  # noqa: E402
 from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices  # noqa: E402
 from actionrec.data.transforms import TrainAugment, eval_views, normalize_on_device, train_transform  # noqa: E402
 from actionrec.engine.trainer import build_optimizer, cosine_with_warmup  # noqa: E402
-from actionrec.models import build_model, model_config_class  # noqa: E402
+from actionrec.models import build_model  # noqa: E402
 from actionrec.shards.synthetic import ALL_CLASSES, render_video  # noqa: E402
 from benchmarks.motion_heldout import DIRECTIONS, render_motion_video  # noqa: E402
 
@@ -49,19 +49,6 @@ def render_set(data: str, classes: int, per_class: int, seed: int) -> tuple[torc
             videos.append(torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2))
             labels.append(label)
     return torch.stack(videos), torch.tensor(labels), names
-
-
-def parse_options(model: str, pairs: list[str]) -> dict:
-    import typing
-
-    import yaml
-
-    hints = typing.get_type_hints(model_config_class(model))
-    options = {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
-        options[key] = coerce_value(f"model.{key}", yaml.safe_load(raw), hints[key])
-    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     spec = ClipSpec(num_frames=args.frames, sampling=args.sampling, frame_stride=args.stride, size=64)
     augment = TrainAugment()
 
-    options = dict(embed_dim=96, depth=4, num_heads=4, num_frames=args.frames, img_size=64) \
-        if args.model.startswith("timesformer") else {}
-    options.update(parse_options(args.model, args.options))
+    # A run config, so that model options are typed and checked as in train.py (`model.key=value` overrides)
+    # and the model, optimiser (its weight-decay groups), schedule and loss are the trainer's own.
+    model_section = {"name": args.model, **(dict(embed_dim=96, depth=4, num_heads=4)
+                                            if args.model.startswith("timesformer") else {})}
+    recipe = build_config({"data": {"num_frames": args.frames, "size": 64}, "model": model_section,
+                           "optim": {"optimizer": "adamw", "lr": args.lr, "warmup_steps": args.warmup,
+                                     "weight_decay": 0.05}, "train": {"max_steps": args.steps}},
+                          overrides=[f"model.{pair}" for pair in args.options], check_paths=False)
+    options = model_build_options(recipe)
     model = build_model(args.model, num_classes=len(names), **options)
-    # The trainer's own optimiser (its weight-decay groups) and warm-up + cosine schedule.
-    recipe = build_config({"optim": {"optimizer": "adamw", "lr": args.lr, "warmup_steps": args.warmup,
-                                     "weight_decay": 0.05}, "train": {"max_steps": args.steps}}, check_paths=False)
     optimizer = build_optimizer(recipe, model)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(recipe))
 
@@ -131,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     for step in tqdm(range(args.steps), desc="training", leave=False):
         indices = rng.choice(train_idx, args.batch)
-        loss = F.cross_entropy(model(batch_of(indices)), labels[indices], label_smoothing=0.1)
+        loss = F.cross_entropy(model(batch_of(indices)), labels[indices], label_smoothing=recipe.optim.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
