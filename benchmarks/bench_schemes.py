@@ -6,7 +6,7 @@
 Each model is trained by `train.py` itself (one process, same shards, clip size, global batch, optimiser,
 schedule and step budget as `configs/demo.yaml`; only the `model` section differs) and evaluated on the
 held-out test split. Writes benchmarks/out/schemes/table.md (+ .json) with parameters, clip- and video-level
-top-1 and train clips/s, and prints the table. The synthetic classes come in time-reversed pairs, so a model
+top-1, video-level mAP and train clips/s, and prints the table. The synthetic classes come in time-reversed pairs, so a model
 that ignores frame order (space-only, whose from-scratch stem is per-frame too) can at best name the pair:
 50% top-1.
 
@@ -88,19 +88,20 @@ def run_one(label: str, model: dict, base: dict, steps: int) -> dict:
         "params_m": params / 1e6,
         "clip_top1": test.get("test/clip/top1", float("nan")),
         "video_top1": test.get("test/video/top1", float("nan")),
+        "video_map": test.get("test/video/mAP", float("nan")),
         "train_clips_per_s": mean_train_throughput(metrics),
     }
 
 
 def write_table(rows: list[dict], steps: int) -> str:
     lines = [
-        "| model | params (M) | clip top-1 | video top-1 | train clips/s |",
-        "|---|---|---|---|---|",
+        "| model | params (M) | clip top-1 | video top-1 | video mAP | train clips/s |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['params_m']:.2f} | {row['clip_top1']:.3f} | {row['video_top1']:.3f} "
-            f"| {row['train_clips_per_s']:.1f} |"
+            f"| {row['video_map']:.2f} | {row['train_clips_per_s']:.1f} |"
         )
     lines.append(f"\n{steps} steps per model, 1 process, test split (video level: mean of the views' probabilities).")
     return "\n".join(lines) + "\n"

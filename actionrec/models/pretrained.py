@@ -372,7 +372,7 @@ def config_from_huggingface(hf: dict) -> tuple[TimeSformerConfig, int]:
     return config, num_classes
 
 
-def config_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[TimeSformerConfig, int]:
+def config_from_state_dict(state: dict[str, torch.Tensor], stem_stride: int | None = None) -> tuple[TimeSformerConfig, int]:
     """Infer a TimeSformer config from its weights (our names). Head count is not stored in weights: it
     is taken as embed_dim / 64 (every ViT size TimeSformer is published at); override it if yours differs."""
     required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "head.weight", "blocks.0.mlp.fc1.weight")
@@ -396,8 +396,11 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[TimeSformerC
     # Our own from-scratch set-up puts a conv stem (stem.layers.<3i>.weight) before the patch projection.
     stem_convs = [k for k in state if re.fullmatch(r"stem\.layers\.\d+\.weight", k) and state[k].ndim == 5]
     stem = [state[k] for k in sorted(stem_convs, key=lambda k: int(k.split(".")[2]))]
-    patch_size = patch.shape[-1] * 2 ** max(len(stem) - 1, 0)
-    setup = dict(init="scratch", stem_channels=stem[0].shape[0], stem_layers=len(stem)) if stem else dict(init="vit")
+    # The weights do not record the stride of the stem's first layer: the default unless told otherwise.
+    stem_stride = stem_stride or TimeSformerConfig.stem_stride
+    patch_size = patch.shape[-1] * (stem_stride * 2 ** (len(stem) - 1) if stem else 1)
+    setup = (dict(init="scratch", stem_channels=stem[0].shape[0], stem_layers=len(stem), stem_stride=stem_stride)
+             if stem else dict(init="vit"))
     config = TimeSformerConfig(
         num_frames=state["time_embed"].shape[1] if "time_embed" in state else 8,
         img_size=grid * patch_size,
@@ -416,7 +419,8 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[TimeSformerC
 
 def from_pretrained(path: str | Path, num_classes: int | None = None, **overrides: Any) -> TimeSformer:
     """Build the TimeSformer a checkpoint describes and load it: a HuggingFace directory (its config.json)
-    or an official / own TimeSformer checkpoint (config inferred from the weights). Overrides replace
+    or an official / own TimeSformer checkpoint (config inferred from the weights; for a from-scratch model
+    built with a non-default `stem_stride`, pass it, as the weights do not record it). Overrides replace
     config fields (e.g. fused_attn, grad_checkpointing, num_frames, img_size: embeddings are then
     resampled); a different num_classes leaves a fresh head for fine-tuning."""
     fmt, raw, hf_config = read_checkpoint(path)
@@ -426,7 +430,10 @@ def from_pretrained(path: str | Path, num_classes: int | None = None, **override
             f"actionrec.models.build_model(...) and call load_pretrained(model, path)"
         )
     state, _ = _to_model_names(fmt, raw)
-    config, source_classes = config_from_huggingface(hf_config) if hf_config else config_from_state_dict(state)
+    if hf_config:
+        config, source_classes = config_from_huggingface(hf_config)
+    else:
+        config, source_classes = config_from_state_dict(state, overrides.get("stem_stride"))
     valid = {f.name for f in fields(TimeSformerConfig)}
     unknown = sorted(set(overrides) - valid)
     if unknown:

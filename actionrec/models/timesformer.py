@@ -68,6 +68,7 @@ class TimeSformerConfig:
     init: str = "auto"
     stem_channels: int = 16  # scratch: channels of the conv stem's first layer
     stem_layers: int = 2  # scratch: conv layers; each one after the first halves H and W and doubles channels
+    stem_stride: int = 2  # scratch: spatial stride of the stem's first layer (1: 4x the stem's FLOPs)
     embed_std: float = 0.5  # scratch: std of the learnt position and time embeddings
 
     def __post_init__(self) -> None:
@@ -81,8 +82,11 @@ class TimeSformerConfig:
                 f"use e.g. img_size={self.img_size // self.patch_size * self.patch_size}"
             )
         check_init_setup(self.init, self.embed_std)
-        if self.stem_layers < 1 or self.patch_size % 2 ** (self.stem_layers - 1):
-            raise ValueError(f"stem_layers must be >= 1 with patch_size divisible by 2**(stem_layers-1), got {self.stem_layers}")
+        if self.stem_layers < 1 or self.stem_stride not in (1, 2) or self.patch_size % (self.stem_stride * 2 ** (self.stem_layers - 1)):
+            raise ValueError(
+                f"stem_layers must be >= 1 and stem_stride 1 or 2, with patch_size ({self.patch_size}) divisible by "
+                f"stem_stride * 2**(stem_layers-1), got stem_layers={self.stem_layers}, stem_stride={self.stem_stride}"
+            )
         if self.stem_channels < 1:
             raise ValueError(f"stem_channels must be >= 1, got {self.stem_channels}")
         if self.embed_dim % self.num_heads != 0:
@@ -186,7 +190,10 @@ class SpaceTimeBlock(nn.Module):
 
 class SpaceTimeStem(nn.Module):
     """Conv 3x3x3 + instance norm + ReLU layers before the patch projection (the from-scratch set-up): the
-    first at full resolution, each further one at stride (1, 2, 2) with twice the channels.
+    first at spatial stride `first_stride`, each further one at stride (1, 2, 2) with twice the channels.
+    Stride-2 convolutions as in "Early convolutions help transformers see better" (Xiao et al., 2021);
+    a first layer at full resolution (first_stride=1) costs as much as the whole demo transformer, and
+    the demo's runs with it took off no earlier (docs/demo.md).
 
     Why a stem: from scratch on a few hundred videos, a TimeSformer over raw patches memorises them instead
     of learning motion. Two space-time convolutions see about 7 pixels and 5 frames, enough to tell the
@@ -200,12 +207,12 @@ class SpaceTimeStem(nn.Module):
     `temporal_kernel=1` makes the stem per-frame: used for `space_only`, which must stay blind to frame order.
     """
 
-    def __init__(self, in_chans: int, channels: int, layers: int = 2, temporal_kernel: int = 3) -> None:
+    def __init__(self, in_chans: int, channels: int, layers: int = 2, temporal_kernel: int = 3, first_stride: int = 2) -> None:
         super().__init__()
         convs = []
         for i in range(layers):
             out = channels * 2**i
-            stride = (1, 1, 1) if i == 0 else (1, 2, 2)
+            stride = (1, first_stride, first_stride) if i == 0 else (1, 2, 2)
             convs += [
                 nn.Conv3d(in_chans, out, (temporal_kernel, 3, 3), stride, (temporal_kernel // 2, 1, 1), bias=False),
                 nn.GroupNorm(out, out),  # per clip and channel (instance norm), see the class docstring
@@ -214,7 +221,7 @@ class SpaceTimeStem(nn.Module):
             in_chans = out
         self.layers = nn.Sequential(*convs)
         self.out_channels = in_chans
-        self.downsample = 2 ** (layers - 1)
+        self.downsample = first_stride * 2 ** (layers - 1)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.layers(video)  # (B, C, T, H, W) -> (B, out_channels, T, H / downsample, W / downsample)
@@ -345,7 +352,8 @@ class TimeSformer(nn.Module):
         self.setup = "vit" if config.init == "vit" else "scratch"
         if self.setup == "scratch":
             temporal_kernel = 1 if config.attention_type == "space_only" else 3
-            self.stem = SpaceTimeStem(config.in_chans, config.stem_channels, config.stem_layers, temporal_kernel)
+            self.stem = SpaceTimeStem(config.in_chans, config.stem_channels, config.stem_layers, temporal_kernel,
+                                       config.stem_stride)
             self.patch_embed = PatchEmbed(config.patch_size // self.stem.downsample, self.stem.out_channels, dim)
         else:
             self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, dim)
@@ -369,14 +377,21 @@ class TimeSformer(nn.Module):
         (space-only) counterpart. (The official code zeroes every block's `temporal_fc`: its `i > 0` test
         counts the ModuleList itself as the first match.)
 
-        `scratch`: the same, except that position and time embeddings are drawn with `embed_std` and the
-        residual linears like every other linear. The official set-up starts the network blind to frame order
-        (zero time embedding, zero temporal steps) with position signals 20x smaller than the patch content,
-        which suits an ImageNet image model being extended to video but leaves a fresh network without the
-        position and time it needs to learn motion."""
+        `scratch`: linears are drawn Xavier-uniform (as MAE and big_vision draw ViTs trained from scratch),
+        position and time embeddings with `embed_std`, and the residual linears like every other linear.
+        The official set-up starts the network blind to frame order (zero time embedding, zero temporal steps)
+        with position signals 20x smaller than the patch content, which suits an ImageNet image model being
+        extended to video but leaves a fresh network without the position and time it needs to learn motion.
+        Its std 0.02 is also width-blind: Xavier gives std 0.07-0.14 at the demo's width of 96, while 0.02
+        suits 768-wide ViT-B. With 0.02 the demo's loss sat at chance (ln 10) for 200 to over 600 steps
+        before falling, a different number every run; with Xavier it fell from step 230-270 in each of
+        several seeds (docs/demo.md)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
+                if self.setup == "scratch":
+                    nn.init.xavier_uniform_(module.weight)
+                else:
+                    nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
@@ -426,7 +441,7 @@ class TimeSformer(nn.Module):
         self._check_input(video)
         batch, frames = video.shape[0], video.shape[2]
         if self.setup == "scratch":
-            video = self.stem(video)  # (B, stem out channels, T, H / 2, W / 2) with the default 2 layers
+            video = self.stem(video)  # (B, stem out channels, T, H / 4, W / 4) with the default 2 layers
         patches, grid_h, grid_w = self.patch_embed(video)  # (B, T, N, D)
         pos = resize_space_embed(self.pos_embed[:, 1:], (grid_h, grid_w), mode="nearest")  # (1, N, D)
         patches = self.pos_drop(patches + pos.unsqueeze(1))
