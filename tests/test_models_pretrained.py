@@ -11,6 +11,7 @@ from transformers import TimesformerConfig, TimesformerForVideoClassification
 
 from actionrec.models import (
     CheckpointMismatchError,
+    TimeSformerConfig,
     build_model,
     export_official_checkpoint,
     from_pretrained,
@@ -69,16 +70,21 @@ def test_huggingface_directory_gives_the_same_outputs_as_transformers(tmp_path, 
             load_pretrained(scratch, tmp_path)
 
 
-@pytest.mark.parametrize("scheme", ["divided_space_time", "space_only"])
-def test_a_from_scratch_model_round_trips_through_its_own_checkpoints(tmp_path, scheme):
+@pytest.mark.parametrize("scheme, stem_stride", [("divided_space_time", 2), ("space_only", 2), ("divided_space_time", 1)])
+def test_a_from_scratch_model_round_trips_through_its_own_checkpoints(tmp_path, scheme, stem_stride):
     geometry = {**TINY, "init": "auto"}
-    trained = build_model("timesformer_tiny", 5, **geometry, attention_type=scheme, stem_channels=8).eval()
+    trained = build_model("timesformer_tiny", 5, **geometry, attention_type=scheme, stem_channels=8,
+                          stem_stride=stem_stride).eval()
     export_official_checkpoint(trained, tmp_path / "official.pth")
     torch.save(trained.state_dict(), tmp_path / "native.pth")
     clip = torch.randn(2, 3, 4, 32, 32)
+    # The stem's layers and width are read from the weights; its first stride is not in them, so a
+    # non-default one is passed.
+    told = {} if stem_stride == TimeSformerConfig.stem_stride else {"stem_stride": stem_stride}
     for name in ("official.pth", "native.pth"):
-        rebuilt = from_pretrained(tmp_path / name, num_heads=TINY["num_heads"]).eval()  # the stem's layers and width are read from the weights
+        rebuilt = from_pretrained(tmp_path / name, num_heads=TINY["num_heads"], **told).eval()
         assert rebuilt.setup == "scratch" and rebuilt.config.stem_channels == 8
+        assert (rebuilt.config.patch_size, rebuilt.config.img_size) == (trained.config.patch_size, trained.config.img_size)
         with torch.no_grad():
             torch.testing.assert_close(rebuilt(clip), trained(clip))
 

@@ -384,8 +384,8 @@ class TimeSformer(nn.Module):
         extended to video but leaves a fresh network without the position and time it needs to learn motion.
         Its std 0.02 is also width-blind: Xavier gives std 0.07-0.14 at the demo's width of 96, while 0.02
         suits 768-wide ViT-B. With 0.02 the demo's loss sat at chance (ln 10) for 200 to over 600 steps
-        before falling, a different number every run; with Xavier it fell from step 230-270 in each of
-        several seeds (docs/demo.md)."""
+        before falling, a different number every run; with Xavier it fell from step 230-390 in each of
+        8 seeds (docs/demo.md)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 if self.setup == "scratch":
