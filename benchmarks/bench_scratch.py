@@ -8,7 +8,7 @@ key=value, exactly as `model.options` in a run config:
     python benchmarks/bench_scratch.py --data motion4 --steps 800 init=scratch
     python benchmarks/bench_scratch.py --data motion4 --steps 800 init=vit          # the official set-up
     python benchmarks/bench_scratch.py --data synth --classes 4 --model timesformer_tiny attention_type=space_only
-    python benchmarks/bench_scratch.py --data synth --steps 1800 --sampling dense --stride 2 --seed 2   # the demo's
+    python benchmarks/bench_scratch.py --data synth --steps 1500 --sampling dense --stride 2 --seed 2   # the demo's
 
 Data sets: `synth` (the demo's generator, `--classes` of its classes) and `motion4` (the held-out generator
 in `benchmarks/motion_heldout.py`). Prints one JSON line per evaluation and a final summary line.
