@@ -128,6 +128,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=100")
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint instead of training")
     parser.add_argument(
+        "--shuffle-frames",
+        action="store_true",
+        help="with --eval-only: evaluate on clips whose frames are shuffled (does the model use frame order? one "
+        "that does falls to what single frames tell; reports go to eval/<split>_frames_shuffled_metrics.json)",
+    )
+    parser.add_argument(
         "--checkpoint",
         type=str,
         default=None,
@@ -142,6 +148,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     checkpoint is the base (so `train.py --eval-only --checkpoint runs/x` needs nothing else)."""
     if args.eval_only and not args.checkpoint:
         raise ConfigError("--eval-only needs --checkpoint PATH (a run dir, checkpoints/latest or a model.safetensors)")
+    if getattr(args, "shuffle_frames", False) and not args.eval_only:
+        raise ConfigError("--shuffle-frames is an evaluation of a saved model: add --eval-only --checkpoint PATH")
     data: dict[str, Any] = {}
     if args.eval_only and not args.config:
         from actionrec.engine.checkpoint import CheckpointNotFound, checkpoint_metadata, resolve_checkpoint

@@ -84,9 +84,11 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
         checkpoint: str | None = None,
         max_requeues: int = 10,
         cpu: bool = False,
+        frames_shuffled: bool = False,
     ) -> None:
         self.cfg = cfg
         self.eval_only = eval_only
+        self.frames_shuffled = frames_shuffled
         self.checkpoint_path = checkpoint
         self.max_requeues = max_requeues
         self.cpu = cpu
@@ -123,7 +125,7 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
             raise RuntimeError("SlurmTrainingJob runs inside a submitit job (launch/slurm.py submits it)")
         try:
             result = train(self.cfg, eval_only=self.eval_only, checkpoint=checkpoint,
-                           stop_signals=(_preemption_signal(),))
+                           stop_signals=(_preemption_signal(),), frames_shuffled=self.frames_shuffled)
         except TrainingInterrupted as stop:
             if dist_env.rank == 0:
                 print(f"actionrec.slurm: {stop.summary}", flush=True)

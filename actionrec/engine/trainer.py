@@ -269,7 +269,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return self.checkpoints.save(self.progress.step, self.checkpoint_files())
 
-    def evaluate(self, split: str) -> EvalResult:
+    def evaluate(self, split: str, frames_shuffled: bool = False) -> EvalResult:
         zero3 = is_zero3(self.acc)
         dummy = None
         if zero3:
@@ -288,6 +288,7 @@ class Trainer:
             autocast=self.acc.autocast,
             dummy_input=dummy,
             progress=(lambda it: tqdm(it, desc=f"eval {split}", leave=False, dynamic_ncols=True)) if show else None,
+            frames_shuffled=frames_shuffled,
         )
 
     def train_step(self, batches: Iterator[dict], stop_signal: int) -> StepResult:
@@ -360,8 +361,9 @@ class StepResult:
 
 
 def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
-          stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> dict[str, Any]:
-    """Train (or with eval_only, evaluate `checkpoint`) in the process group the environment describes.
+          stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), frames_shuffled: bool = False) -> dict[str, Any]:
+    """Train (or with eval_only, evaluate `checkpoint`; with frames_shuffled too, on clips whose frames are
+    shuffled: metrics and reports under `{split}_frames_shuffled`) in the process group the environment describes.
     Returns the final metrics (the same on every rank). One of `stop_signals` during training makes every rank
     finish its step and write a checkpoint there, then raises TrainingInterrupted; a run stopped by a fault
     raises NonFiniteLossError or CheckpointWriteError (see actionrec.engine.faults)."""
@@ -410,7 +412,8 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
     trainer = Trainer(cfg, accelerator, data, model, flops_per_clip, logger)
 
     if eval_only:
-        results = run_evaluations(trainer, None, [cfg.data.val_split, cfg.data.test_split], step=0)
+        results = run_evaluations(trainer, None, [cfg.data.val_split, cfg.data.test_split], step=0,
+                                  frames_shuffled=frames_shuffled)
         accelerator.end_training()
         return results
 
@@ -547,7 +550,8 @@ def skip_nonfinite_step(trainer: Trainer, monitor: RunMonitor, result: StepResul
         )
 
 
-def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[str], step: int) -> dict[str, Any]:
+def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[str], step: int,
+                    frames_shuffled: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for split in splits:
         if not split:
@@ -555,18 +559,19 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
         if trainer.data.shardset.num_samples(split) == 0:
             trainer.logger.info("no %s split in %s: not evaluated", split, trainer.cfg.data.shards)
             continue
-        result = trainer.evaluate(split)
-        scalars = {f"{split}/{k}": v for k, v in result.scalars().items()}
+        result = trainer.evaluate(split, frames_shuffled)
+        name = f"{split}_frames_shuffled" if frames_shuffled else split
+        scalars = {f"{name}/{k}": v for k, v in result.scalars().items()}
         results.update(scalars)
         trainer.logger.info(
             "step %d %s: video top-1 %.4f top-5 %.4f mean-class %.4f | clip top-1 %.4f | loss %.4f (%d videos, %d clips)",
-            step, split, result.video.top1, result.video.top5, result.video.mean_class_accuracy,
+            step, split + (" (frames shuffled)" if frames_shuffled else ""), result.video.top1, result.video.top5, result.video.mean_class_accuracy,
             result.clip.top1, result.loss, result.video.count, result.clip.count,
         )
         if monitor is not None:
             monitor.log_eval(result, split, step, trainer.data.classes)
         elif trainer.acc.is_main_process:
-            write_eval_report(trainer, result, split)
+            write_eval_report(trainer, result, name)
     return results
 
 
