@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import save_file
 import torchvision
 from transformers import TimesformerConfig, TimesformerForVideoClassification
 
@@ -280,6 +281,24 @@ def test_from_scratch_cnn_trunks_refuse_torchvision_weights_with_the_reason(name
     model = build_model(name, 10, hidden_dim=32, num_heads=2, num_layers=1, init="scratch", width=16)
     with pytest.raises(CheckpointMismatchError, match="shape mismatch|unexpected"):
         load_pretrained(model, torchvision_trunk_files[source])
+
+
+@pytest.mark.parametrize("name", ["r3d_18_transformer", "r2plus1d_18_transformer", "resnet18_temporal"])
+def test_a_from_scratch_cnn_checkpoint_reloads_with_its_own_norm_and_width(name, tmp_path):
+    options = dict(hidden_dim=32, num_heads=2, num_layers=1, init="scratch", width=8)
+    torch.manual_seed(0)
+    trained = build_model(name, 3, **options).eval()
+    path = tmp_path / "model.safetensors"
+    save_file(trained.state_dict(), str(path))
+    torch.manual_seed(1)
+    rebuilt = build_model(name, 3, **options).eval()
+    report = load_pretrained(rebuilt, path)
+    assert report.complete
+    clip = torch.randn(2, 3, 8, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(clip), trained(clip))
+    with pytest.raises(CheckpointMismatchError):  # torchvision's full-width BatchNorm trunk is another model
+        load_pretrained(build_model(name, 3, hidden_dim=32, num_heads=2, num_layers=1, init="vit"), path)
 
 
 class NotATensor:

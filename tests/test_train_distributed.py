@@ -177,6 +177,22 @@ def test_zero3_from_run_config_with_uneven_eval_shards_is_exact(shards, runs):
     assert single["loss"] == pytest.approx(two["val/loss"], rel=1e-4)
 
 
+def test_eval_only_with_shuffled_frames_reports_the_same_on_one_and_two_processes(ddp_run, runs):
+    """`train.py --eval-only --shuffle-frames`: does the model use frame order? The shuffle is seeded per video
+    and view, so 1 and 2 processes score exactly the same shuffled clips."""
+    run_dir, _ = ddp_run
+    reports = {}
+    for nproc in (1, 2):
+        name = f"shuffled_ws{nproc}"
+        stdout = ok(launch("train.py", ["--eval-only", "--shuffle-frames", "--checkpoint", str(run_dir),
+                                        f"name={name}", f"output_dir={runs}"], nproc=nproc))
+        assert "val (frames shuffled): video top-1" in stdout
+        reports[nproc] = json.loads((runs / name / "eval" / "val_frames_shuffled_metrics.json").read_text())
+    for key in ("video/top1", "clip/top1", "video/count", "clip/count", "loss"):
+        assert reports[1][key] == pytest.approx(reports[2][key], rel=1e-5), key
+    assert reports[1]["loss"] != pytest.approx(final_record(run_dir, "val/loss")["val/loss"], rel=1e-6)
+
+
 def test_world_size_one_and_two_follow_the_same_loss_trajectory(shards, runs):
     """Same global batch (4): 1 process x 2 per device x 2 accumulation vs 2 processes x 2 per device."""
     common = {"train.max_steps": 5, "train.eval_every": 0, "train.checkpoint_every": 100, "data.test_split": "",
