@@ -66,16 +66,17 @@ def test_the_official_set_up_does_not_learn_it_from_scratch():
     assert train_left_right("vit") < 0.75
 
 
-# The CNN families at a quarter of the demo's width. STEPS: a budget at which the from-scratch set-up is at
-# >= 95% on every seed measured and the named norm is not (docs/models.md, the CNN bisect).
+# The CNN families at a quarter of the demo's width, on the same task. Each budget is one at which the
+# from-scratch set-up was at >= 95% on seeds 0-2; the named norm (the one the bisect replaced) stayed below
+# 90% there on seed 0 (docs/models.md, the CNN bisect). R3D-18 with BatchNorm is only ~20 steps behind on this
+# task (0.78-0.95 at 60 steps, depending on the thread count): its gap shows on the demo set, not here.
 CNN = dict(width=8, hidden_dim=32, num_layers=1, num_heads=2)
-STEPS_R3D, STEPS_R2PLUS1D, STEPS_FRAME = 60, 250, 200
 CNN_CASES = {
-    # family: (extra options, steps, the norm that fails at that budget)
-    "r3d_18_transformer": (dict(token_size=2), STEPS_R3D, "batch"),
-    "r2plus1d_18_transformer": (dict(token_size=2), STEPS_R2PLUS1D, "batch"),
+    # family: (extra options, steps, the norm that does not learn the task in those steps)
+    "r3d_18_transformer": (dict(token_size=2), 60, None),
+    "r2plus1d_18_transformer": (dict(token_size=2), 250, "batch"),
     # A frame trunk normalises B x T single frames; instance norm over its last 1x1 map leaves nothing.
-    "resnet18_temporal": (dict(num_frames=FRAMES), STEPS_FRAME, "instance"),
+    "resnet18_temporal": (dict(num_frames=FRAMES), 200, "instance"),
 }
 
 
@@ -85,7 +86,7 @@ def test_each_cnn_family_learns_frame_order_from_scratch(name):
     assert train_left_right("scratch", steps, name=name, **CNN, **extra) >= 0.95
 
 
-@pytest.mark.parametrize("name", sorted(CNN_CASES))
+@pytest.mark.parametrize("name", sorted(name for name, case in CNN_CASES.items() if case[2]))
 def test_the_norm_the_bisect_replaced_does_not_learn_it_in_the_same_steps(name):
     extra, steps, failing_norm = CNN_CASES[name]
     assert train_left_right("scratch", steps, name=name, norm=failing_norm, **CNN, **extra) < 0.9

@@ -343,13 +343,39 @@ class FrameResNetTransformerConfig:
     # Each frame's last feature map is average-pooled to token_size x token_size tokens (1: torchvision's
     # global pool, one token per frame).
     token_size: int = 1
+    # Temporal shift (TSM, Lin et al. 2019) in every residual block: a quarter of the channels of the block's
+    # input come from the previous (1/8) and the next (1/8) frame, so the 2D convolutions see motion at no
+    # extra cost. "auto": on from scratch, off with weights (torchvision's network unchanged).
+    temporal_shift: str = "auto"
 
     def __post_init__(self) -> None:
         check_init_setup(self.init, self.embed_std)
         check_trunk_setup(self)
+        if self.temporal_shift not in ("auto", "on", "off"):
+            raise ValueError(f"temporal_shift must be auto, on or off, got {self.temporal_shift!r}")
         for name in ("num_frames", "hidden_dim", "num_layers", "num_heads", "token_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class TemporalShift(nn.Module):
+    """Shift 1/8 of the channels one frame back and 1/8 one frame forward (zeros at the clip's ends), then run
+    `block`: (B*T, C, H, W) -> block output. Written here because torchvision has no temporal shift; the
+    operation is the TSM paper's residual shift (the block's residual branch keeps the unshifted input)."""
+
+    def __init__(self, block: nn.Module, frames: int = 8) -> None:
+        super().__init__()
+        self.block = block
+        self.frames = frames  # set by the model before each forward (the clip's T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fold = x.shape[1] // 8
+        clips = rearrange(x, "(b t) c h w -> b t c h w", t=self.frames)
+        shifted = torch.zeros_like(clips)
+        shifted[:, :-1, :fold] = clips[:, 1:, :fold]  # from the next frame
+        shifted[:, 1:, fold : 2 * fold] = clips[:, :-1, fold : 2 * fold]  # from the previous frame
+        shifted[:, :, 2 * fold :] = clips[:, :, 2 * fold :]
+        return self.block(rearrange(shifted, "b t c h w -> (b t) c h w"))
 
 
 class FrameResNetTransformer(TrunkTransformer):
@@ -366,10 +392,19 @@ class FrameResNetTransformer(TrunkTransformer):
         tokens_per_frame = config.token_size**2
         super().__init__(config, num_classes, trunk, config.num_frames * tokens_per_frame, tokens_per_frame)
         self.pool = nn.AdaptiveAvgPool2d(config.token_size)
+        self.shifts: list[TemporalShift] = []
+        if config.temporal_shift == "on" or (config.temporal_shift == "auto" and config.init != "vit"):
+            for stage in ("layer1", "layer2", "layer3", "layer4"):
+                for block in self.trunk[stage]:
+                    # the shift goes on the residual branch's first conv, as in TSM ("residual shift")
+                    block.conv1 = TemporalShift(block.conv1)
+                    self.shifts.append(block.conv1)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         _check_clip(video)
         batch = video.shape[0]
+        for shift in self.shifts:
+            shift.frames = video.shape[2]
         x = self.run_trunk(rearrange(video, "b c t h w -> (b t) c h w"))  # (B*T, C, h, w)
         if min(x.shape[-2:]) < self.config.token_size:
             raise ValueError(f"a {video.shape[3]}x{video.shape[4]} frame gives a {x.shape[-2]}x{x.shape[-1]} "
