@@ -91,7 +91,7 @@ def test_model_options_nested_under_options_are_rejected_not_dropped(tmp_path, s
 
 def test_predict_path_builds_the_model_without_the_trainer_stack():
     """load_classifier / bench_schemes build a run's model: that must not import Accelerate or DeepSpeed."""
-    code = ("import sys; import actionrec.engine.inference; from actionrec.models import build_model_for; "
+    code = ("import sys; import actionrec.engine.inference; from actionrec.engine.run_model import build_model_for; "
             "print(sorted(m for m in ('accelerate', 'deepspeed', 'actionrec.engine.trainer') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True,
                          timeout=120)

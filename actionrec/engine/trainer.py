@@ -391,7 +391,7 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         cfg.train.global_batch_size, cfg.train.per_device_batch_size, accumulation, world_size, len(data.classes),
     )
 
-    from actionrec.models import build_model_for
+    from actionrec.engine.run_model import build_model_for
 
     model = build_model_for(cfg, len(data.classes))
     if weights_from is not None:
