@@ -4,7 +4,7 @@ Runs in whatever process group the environment describes (RANK / WORLD_SIZE / LO
 MASTER_PORT from `accelerate launch`, `torchrun` or the SLURM launcher; none = one process). DeepSpeed ZeRO
 comes from `accelerate launch --config_file configs/accelerate/zero*.yaml` or from `deepspeed_config` in the
 run config. The WebDataset loaders are iterated here, never handed to `accelerator.prepare` (that would
-drop data, see ENVIRONMENT.md); batches are moved and normalised on the device.
+drop data, see docs/training.md); batches are moved and normalised on the device.
 """
 
 from __future__ import annotations
