@@ -135,7 +135,7 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
                     _exit_now()  # requeued: SLURM is ending the job's processes, leave without teardown
             _wait_for_slurm_to_end_this_task()
         # submitit writes the result file after this returns, then the interpreter exits; that exit can
-        # abort in gloo/DeepSpeed teardown ("terminate called without an active exception", ENVIRONMENT.md),
+        # abort in gloo/DeepSpeed teardown ("terminate called without an active exception", docs/training.md),
         # which SLURM would record as a failed task. Leave without running those destructors, as train.py does.
         atexit.register(_exit_now)
         return result

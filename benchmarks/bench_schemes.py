@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from actionrec.config import parse_config  # noqa: E402
-from actionrec.models import build_model_for  # noqa: E402
+from actionrec.engine.run_model import build_model_for  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out" / "schemes"
 

@@ -92,7 +92,7 @@ def test_a_from_scratch_model_round_trips_through_its_own_checkpoints(tmp_path, 
 
 def test_a_run_config_picks_the_set_up_by_whether_weights_are_loaded(tmp_path):
     from actionrec.config import build_config
-    from actionrec.models import build_model_for
+    from actionrec.engine.run_model import build_model_for
 
     official = build_model("timesformer_tiny", 5, **TINY)
     export_official_checkpoint(official, tmp_path / "official.pth")

@@ -13,7 +13,7 @@ import yaml
 from actionrec.config import (
     ConfigError, build_arg_parser, build_config, config_from_args, config_to_dict, derive_accumulation, save_config,
 )
-from tests.train_fixtures import REPO, run_env
+from tests.train_fixtures import REPO, modules_loaded_by, run_env
 
 
 @pytest.fixture
@@ -91,12 +91,8 @@ def test_model_options_nested_under_options_are_rejected_not_dropped(tmp_path, s
 
 def test_predict_path_builds_the_model_without_the_trainer_stack():
     """load_classifier / bench_schemes build a run's model: that must not import Accelerate or DeepSpeed."""
-    code = ("import sys; import actionrec.engine.inference; from actionrec.models import build_model_for; "
-            "print(sorted(m for m in ('accelerate', 'deepspeed', 'actionrec.engine.trainer') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    loaded = modules_loaded_by("import actionrec.engine.inference, actionrec.engine.run_model")
+    assert not loaded & {"accelerate", "deepspeed", "actionrec.engine.trainer"}
 
 
 def test_bad_files(tmp_path, shards):

@@ -14,22 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train_fixtures import (
-    BIN, REPO, build_tiny_shards, launch, metrics, run_env, tiny_overrides, train_losses, wandb_history_keys,
+    BIN, REPO, launch, metrics, run_env, tiny_overrides, train_losses, wandb_history_keys,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ACCELERATE = [str(BIN / "accelerate"), "launch"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return build_tiny_shards(tmp_path_factory.mktemp("train_data"))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
 
 
 def ok(result) -> str:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train_fixtures import (
-    BIN, PYTHON, REPO, build_tiny_shards, launch, metrics, run_env, tiny_overrides, train_losses, wandb_history_keys,
+    BIN, PYTHON, REPO, launch, metrics, run_env, tiny_overrides, train_losses, wandb_history_keys,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -25,16 +25,6 @@ TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
 # 20 steps, no evaluation, no periodic checkpoint: a checkpoint in the run dir can only come from the signal
 QUICK = {"train.max_steps": 20, "train.eval_every": 0, "train.checkpoint_every": 1000, "data.val_split": "",
          "data.test_split": ""}
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return build_tiny_shards(tmp_path_factory.mktemp("faults_data"))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
 
 
 def signal_after_steps(cmd: list[str], run_dir, steps: int, signum: int, whole_group: bool):

@@ -4,7 +4,7 @@ Runs in whatever process group the environment describes (RANK / WORLD_SIZE / LO
 MASTER_PORT from `accelerate launch`, `torchrun` or the SLURM launcher; none = one process). DeepSpeed ZeRO
 comes from `accelerate launch --config_file configs/accelerate/zero*.yaml` or from `deepspeed_config` in the
 run config. The WebDataset loaders are iterated here, never handed to `accelerator.prepare` (that would
-drop data, see ENVIRONMENT.md); batches are moved and normalised on the device.
+drop data, see docs/training.md); batches are moved and normalised on the device.
 """
 
 from __future__ import annotations
@@ -393,7 +393,7 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         cfg.train.global_batch_size, cfg.train.per_device_batch_size, accumulation, world_size, len(data.classes),
     )
 
-    from actionrec.models import build_model_for
+    from actionrec.engine.run_model import build_model_for
 
     model = build_model_for(cfg, len(data.classes))
     if weights_from is not None:

@@ -1,7 +1,8 @@
-"""The model a run config describes: the one bridge from `actionrec.config` to the registry.
+"""The model a run config describes: the one bridge from `actionrec.config` to the model registry.
 
-Kept apart from the trainer so that prediction, export and benchmarks build a run's model without importing
-Accelerate or DeepSpeed.
+It lives outside `actionrec/models/` so that the models know nothing of the run config (they take plain
+keyword options), and apart from the trainer so that prediction, export and benchmarks build a run's model
+without importing Accelerate or DeepSpeed.
 """
 
 from __future__ import annotations
