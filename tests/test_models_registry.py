@@ -24,7 +24,7 @@ CNN_SET_UPS = [{"init": "vit", "width": 64}, {"norm": "batch"}, {"norm": "group"
 SWEEP = [(name, {}) for name in list_models()] + [
     ("timesformer_tiny", {"attention_type": scheme}) for scheme in ATTENTION_TYPES
 ] + [(name, set_up) for name in ("r3d_18_transformer", "r2plus1d_18_transformer", "resnet18_temporal")
-     for set_up in CNN_SET_UPS] + [("resnet18_temporal", {"token_size": 2, "num_frames": 8})]
+     for set_up in CNN_SET_UPS] + [("resnet18_temporal", {"temporal_shift": "off"}), ("resnet18_temporal", {"init": "vit", "width": 64, "temporal_shift": "on"})]
 
 
 def sweep_id(case):
@@ -182,6 +182,10 @@ def test_incompatible_sizes_are_explained():
     local_global = build_model("timesformer_tiny", 10, **TINY_TIMESFORMER, attention_type="sparse_local_global")
     with pytest.raises(ValueError, match="3 frames"):
         local_global(torch.randn(1, 3, 3, 32, 32))
+    frames = build_model("resnet18_temporal", 10, **TINY["resnet18_temporal"], token_size=2)
+    assert frames(torch.randn(1, 3, 4, 64, 64)).shape == (1, 10)  # 2x2 tokens per frame
+    with pytest.raises(ValueError, match="a 32x32 frame gives a 1x1 feature map, smaller than token_size 2"):
+        frames(torch.randn(1, 3, 4, 32, 32))
     cnn = build_model("r3d_18_transformer", 10, **TINY["r3d_18_transformer"], token_frames=2)
     with pytest.raises(ValueError, match="4x32x32 .* gives a 1x2x2 r3d_18 feature map, smaller than the 2x2x2 token grid"):
         cnn(torch.randn(1, 3, 4, 32, 32))
