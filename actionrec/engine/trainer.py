@@ -385,6 +385,12 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
             f"WORLD_SIZE={world_size} but Accelerate joined {accelerator.num_processes} process(es): "
             "on CPU launch with `accelerate launch --multi_gpu --num_processes N` or torchrun"
         )
+    if cfg.task == "pretrain" and is_zero3(accelerator):
+        from actionrec.config import ConfigError
+
+        # Its evaluation runs the bare module on uneven per-rank batch counts; ZeRO-3 would need every rank in
+        # every forward. ZeRO-2 and DDP replicate the weights and pre-train as they train.
+        raise ConfigError("task=pretrain does not run under DeepSpeed ZeRO-3: use ZeRO-2 (configs/accelerate/zero2.yaml) or DDP")
     logger = get_logger(accelerator.is_main_process)
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     if accelerator.device.type == "cuda":
