@@ -273,8 +273,12 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     if not Path(metrics_path).exists():
         return
     steps, losses, lrs, eval_steps, eval_acc = [], [], [], [], []
+    val_steps, val_losses = [], []
     for line in Path(metrics_path).read_text().splitlines():
         record = json.loads(line)
+        if "val/loss" in record:
+            val_steps.append(record["step"])
+            val_losses.append(record["val/loss"])
         if "train/loss" in record:
             steps.append(record["step"])
             losses.append(record["train/loss"])
@@ -288,6 +292,8 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, label="train loss", color="tab:blue")
+    if val_steps:
+        ax.plot(val_steps, val_losses, "s--", label="val loss", color="tab:orange")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -59,8 +59,10 @@ class ClipStream(IterableDataset):
         batches_per_epoch: int = 0,
         temporal_clips: int = 1,
         spatial_crops: int = 1,
+        labels: bool = True,
     ):
         self.urls = urls
+        self.labels = labels
         self.train = train
         self.clip = clip
         self.batch_size = batch_size
@@ -189,6 +191,8 @@ class ClipStream(IterableDataset):
         return batch
 
     def _label(self, sample: dict) -> int:
+        if not self.labels:
+            return -1  # masked pre-training: labels are not read (an unlabelled set has none)
         raw = sample.get("cls")
         if raw is None:
             raise CorruptSample("no cls field")
@@ -369,6 +373,7 @@ def build_train_loader(
     decoder: DecoderName = "auto",
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
+    labels: bool = True,
 ) -> ClipLoader:
     """Resampled training batches: exactly `batches_per_epoch` per rank per epoch, deterministic given
     (seed, rank, epoch, num_workers), resumable at global batch `start_batch` (= optimizer step x accumulation).
@@ -376,6 +381,7 @@ def build_train_loader(
     batch_size is per process. batches_per_epoch defaults to the split's videos / (batch_size x world_size).
     Memory per worker is bounded by `shuffle_buffer` compressed samples (default 128 for mp4 shards, 16 for
     jpg shards, whose samples are about 15x larger). Workers restart each epoch and refill the buffer.
+    labels=False: labels are not read (label -1), for unlabelled sets (masked pre-training).
     """
     _check_common(batch_size, num_workers)
     shardset = _as_shardset(shardset)
@@ -394,7 +400,7 @@ def build_train_loader(
     stream = ClipStream(
         shardset.urls(split), train=True, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),
         rank=rank, world_size=world_size, num_classes=shardset.num_classes, seed=seed, augment=augment,
-        shuffle_buffer=shuffle_buffer, batches_per_epoch=batches_per_epoch,
+        shuffle_buffer=shuffle_buffer, batches_per_epoch=batches_per_epoch, labels=labels,
     )
     return ClipLoader(stream, num_workers, start_batch=start_batch, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
 
@@ -412,6 +418,7 @@ def build_eval_loader(
     decoder: DecoderName = "auto",
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
+    labels: bool = True,
 ) -> ClipLoader:
     """Every (video, view) of `split` exactly once over all ranks and workers, no padding duplicates.
 
@@ -427,6 +434,6 @@ def build_eval_loader(
     stream = ClipStream(
         shardset.urls(split), train=False, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),
         rank=rank, world_size=world_size, num_classes=shardset.num_classes,
-        temporal_clips=temporal_clips, spatial_crops=spatial_crops,
+        temporal_clips=temporal_clips, spatial_crops=spatial_crops, labels=labels,
     )
     return ClipLoader(stream, num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)

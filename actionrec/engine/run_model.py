@@ -15,7 +15,18 @@ from actionrec.models.registry import build_model
 
 
 def build_model_for(cfg: Config, num_classes: int) -> nn.Module:
-    """`cfg.model` with the clip geometry of `cfg.data`, and the local pretrained weights if it names any."""
+    """`cfg.model` with the clip geometry of `cfg.data`, and the local pretrained weights if it names any.
+    With `task: pretrain`, that model is the encoder of a MaskedVideoModel (num_classes is not used)."""
+    if cfg.task == "pretrain":
+        from actionrec.models.masked import MaskedVideoModel
+
+        encoder = build_model(cfg.model.name, num_classes=1, **model_build_options(cfg))
+        if cfg.model.pretrained:
+            load_pretrained(encoder, cfg.model.pretrained)  # e.g. ImageNet ViT weights to pre-train from
+        pre = cfg.pretrain
+        return MaskedVideoModel(encoder, mask_ratio=pre.mask_ratio, tubelet=pre.tubelet, decoder_dim=pre.decoder_dim,
+                                decoder_depth=pre.decoder_depth, decoder_heads=pre.decoder_heads,
+                                norm_target=pre.norm_target)
     model = build_model(cfg.model.name, num_classes=num_classes, **model_build_options(cfg))
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained)

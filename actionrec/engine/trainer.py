@@ -45,6 +45,7 @@ from actionrec.engine.checkpoint import (
 )
 from actionrec.engine.evaluation import EvalResult, evaluate
 from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, StopSignals, TrainingInterrupted
+from actionrec.engine.pretraining import masked_reconstruction_loss, step_mask_generator
 from actionrec.logging import RunMonitor, get_logger
 
 # DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the warning repeats on every rank and step.
@@ -203,6 +204,7 @@ def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: in
         rank=rank,
         world_size=world_size,
         decoder=cfg.data.decoder,
+        labels=cfg.task == "classify",
         **extra,
     )
     while True:
@@ -223,6 +225,7 @@ def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size
         rank=rank,
         world_size=world_size,
         decoder=cfg.data.decoder,
+        labels=cfg.task == "classify",
     )
 
 
@@ -311,9 +314,15 @@ class Trainer:
             if self.mixing is not None:
                 video, targets = self.mixing(video, targets)
             with self.acc.accumulate(self.model):
-                with self.acc.autocast():
-                    logits = self.model(video)  # (B, num_classes)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.optim.label_smoothing)
+                if self.cfg.task == "pretrain":
+                    core = self.acc.unwrap_model(self.model)
+                    generator = step_mask_generator(self.cfg.train.seed, self.rank, self.progress.micro_batches)
+                    loss = masked_reconstruction_loss(self.model, core, video, core.random_mask(len(video), generator),
+                                                      self.acc.autocast)
+                else:
+                    with self.acc.autocast():
+                        logits = self.model(video)  # (B, num_classes)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.optim.label_smoothing)
                 # Under DeepSpeed the last micro batch's backward also takes the optimizer step (and skips it
                 # itself when the gradient norm is not finite).
                 self.acc.backward(loss)
@@ -378,6 +387,12 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
             f"WORLD_SIZE={world_size} but Accelerate joined {accelerator.num_processes} process(es): "
             "on CPU launch with `accelerate launch --multi_gpu --num_processes N` or torchrun"
         )
+    if cfg.task == "pretrain" and is_zero3(accelerator):
+        from actionrec.config import ConfigError
+
+        # Its evaluation runs the bare module on uneven per-rank batch counts; ZeRO-3 would need every rank in
+        # every forward. ZeRO-2 and DDP replicate the weights and pre-train as they train.
+        raise ConfigError("task=pretrain does not run under DeepSpeed ZeRO-3: use ZeRO-2 (configs/accelerate/zero2.yaml) or DDP")
     logger = get_logger(accelerator.is_main_process)
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     if accelerator.device.type == "cuda":
@@ -400,7 +415,7 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         model.load_state_dict(load_fp32_state_dict(weights_from))
         logger.info("weights from %s", weights_from)
     flops_per_clip = 0.0  # forward + backward of one training clip, for the MFU estimate
-    if cfg.log.peak_tflops_per_device > 0 and not eval_only:
+    if cfg.log.peak_tflops_per_device > 0 and not eval_only and cfg.task == "classify":
         from actionrec.models import count_flops_per_clip
 
         clip_shape = (3, cfg.data.num_frames, cfg.data.size, cfg.data.size)
@@ -559,6 +574,9 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
         if trainer.data.shardset.num_samples(split) == 0:
             trainer.logger.info("no %s split in %s: not evaluated", split, trainer.cfg.data.shards)
             continue
+        if trainer.cfg.task == "pretrain":
+            results.update(evaluate_pretraining(trainer, monitor, split, step))
+            continue
         result = trainer.evaluate(split, frames_shuffled)
         name = f"{split}_frames_shuffled" if frames_shuffled else split
         scalars = {f"{name}/{k}": v for k, v in result.scalars().items()}
@@ -573,6 +591,34 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
         elif trainer.acc.is_main_process:
             write_eval_report(trainer, result, name)
     return results
+
+
+def evaluate_pretraining(trainer: Trainer, monitor: RunMonitor | None, split: str, step: int) -> dict[str, float]:
+    """Masked pre-training: the loss on `split` (a fixed mask per video) and a PNG of reconstructions."""
+    from actionrec.engine.pretraining import evaluate_reconstruction, plot_reconstructions
+
+    cfg = trainer.cfg
+    show = trainer.acc.is_main_process and cfg.log.progress_bar
+    batches = eval_batches(cfg, trainer.data, split, trainer.rank, trainer.world_size)
+    result = evaluate_reconstruction(
+        trainer.acc.unwrap_model(trainer.model),
+        tqdm(batches, desc=f"eval {split}", leave=False, dynamic_ncols=True) if show else batches,
+        trainer.device, trainer.to_inputs, trainer.acc.autocast, cfg.train.seed,
+        cfg.pretrain.reconstructions if trainer.acc.is_main_process else 0, trainer.world_size,
+    )
+    scalars = {f"{split}/loss": result.loss, f"{split}/count": float(result.count)}
+    trainer.logger.info("step %d %s: masked reconstruction loss %.4f (%d clips)", step, split, result.loss, result.count)
+    if trainer.acc.is_main_process and result.shown is not None:
+        folder = monitor.plots_dir if monitor is not None else cfg.run_dir / "eval"
+        png = plot_reconstructions(result.shown, trainer.acc.unwrap_model(trainer.model).patch_size, cfg.data.mean, cfg.data.std,
+                                   folder / f"reconstructions_{split}_step{step:07d}.png",
+                                   f"{split} clips at step {step}: original / masked / predicted")
+        if monitor is not None:
+            monitor.log_image(f"{split}/reconstructions", png, step)
+    if monitor is not None:
+        monitor.log_scalars(scalars, step)
+        monitor.plot_loss_curve()
+    return scalars
 
 
 def write_eval_report(trainer: Trainer, result: EvalResult, split: str) -> None:
