@@ -32,9 +32,9 @@ train = build_train_loader(f"{root}/val", split="train", clip=clip, batch_size=2
                            batches_per_epoch=5, seed=3)
 out["train_batches_per_epoch"] = [len(list(train)) for _ in range(2)]
 out["rank"] = train.stream.rank
-# 3 clips per video, 2 per batch: a video's clips straddle batches; the default epoch is every video once
+# 3 clips per video, 2 per batch: a video's clips straddle batches
 repeated = build_train_loader(f"{root}/val", split="train", clip=clip, batch_size=2, num_workers=2, seed=3,
-                              clips_per_video=3)
+                              batches_per_epoch=5, clips_per_video=3)
 out["repeated"] = [[[b["key"], b["view"].tolist()] for b in repeated] for _ in range(2)]
 print(json.dumps(out))
 """
@@ -87,9 +87,8 @@ def test_two_ranks_get_the_same_number_of_train_batches_from_one_shard(per_rank)
 
 
 def test_two_ranks_get_the_same_full_batches_with_several_clips_per_video(per_rank):
-    # 2 videos x 3 clips / (2 clips a batch x 2 ranks) = 1 batch per rank per epoch (the default epoch)
     for result in per_rank:
-        assert [len(epoch) for epoch in result["repeated"]] == [1, 1]
+        assert [len(epoch) for epoch in result["repeated"]] == [5, 5]
         for epoch in result["repeated"]:
             for keys, views in epoch:
                 assert len(keys) == 2 and all(v in (0, 1, 2) for v in views)
