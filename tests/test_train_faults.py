@@ -40,12 +40,12 @@ def runs(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-def signal_after_steps(cmd: list[str], run_dir, steps: int, signum: int, whole_group: bool):
+def signal_after_steps(cmd: list[str], run_dir, steps: int, signum: int, whole_group: bool, wait_s: float = 180):
     """Start `cmd`, send `signum` once `steps` steps are logged (to its process group: a terminal's Ctrl-C),
     and return (exit status, stdout, stderr)."""
     process = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + wait_s
     path = run_dir / "metrics.jsonl"
     while not (path.exists() and len(path.read_text().splitlines()) >= steps):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
@@ -104,7 +104,7 @@ def test_resume_with_loader_workers_and_corrupt_samples_continues_with_the_same_
 
     args = tiny_overrides(corrupt, runs, "workers_interrupted", **settings)
     code, stdout, stderr = signal_after_steps([*TORCHRUN, "train.py", *args], runs / "workers_interrupted", 5,
-                                              signal.SIGINT, whole_group=True)
+                                              signal.SIGINT, whole_group=True, wait_s=480)
     assert code != 0 and "stopped by SIGINT after step" in stdout, stderr[-3000:]
     step = max(train_losses(runs / "workers_interrupted"))
     assert step < 10
