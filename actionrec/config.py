@@ -41,6 +41,9 @@ class DataConfig:
     num_workers: int = 2
     decoder: Literal["auto", "pyav", "torchcodec"] = "auto"  # auto = torchcodec where it loads, else PyAV
     shuffle_buffer: int = 0  # 0 = the loader's default
+    # Training clips drawn from one decode of a video (repeated augmentation): each is sampled and augmented
+    # independently and counts as one clip of the batch; an epoch still visits every video once.
+    clips_per_video: int = 1
     eval_temporal_clips: int = 1  # views per video at evaluation: temporal clips x spatial crops
     eval_spatial_crops: int = 1
     eval_batch_size: int = 0  # per device; 0 = train.per_device_batch_size
@@ -474,6 +477,7 @@ def _validate(cfg: Config, check_paths: bool) -> None:
         "data.num_frames": cfg.data.num_frames,
         "data.size": cfg.data.size,
         "data.frame_stride": cfg.data.frame_stride,
+        "data.clips_per_video": cfg.data.clips_per_video,
         "data.eval_temporal_clips": cfg.data.eval_temporal_clips,
         "data.eval_spatial_crops": cfg.data.eval_spatial_crops,
         "optim.lr": cfg.optim.lr,

@@ -65,6 +65,7 @@ def test_saved_config_reads_back_identically(tmp_path, shards):
     (["train.max_steps"], "override 'train.max_steps' is not KEY=VALUE"),
     (["train=3"], "config key 'train' is a section"),
     (["train.max_steps=0"], "config key 'train.max_steps' must be > 0"),
+    (["data.clips_per_video=0"], "config key 'data.clips_per_video' must be > 0"),
     (["optim.label_smoothing=1.5"], "config key 'optim.label_smoothing' must be in [0, 1)"),
     (["train.global_batch_size=10", "train.per_device_batch_size=4"], "is not a multiple of"),
     (["data.shards=/nonexistent/shards"], "data.shards /nonexistent/shards does not exist"),

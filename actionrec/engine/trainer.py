@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from actionrec.atomic import atomic_path, write_atomic
@@ -181,16 +181,21 @@ def open_data(cfg: Config, world_size: int) -> DataSetup:
         size=cfg.data.size,
     )
     train_samples = shardset.num_samples(cfg.data.train_split) if cfg.data.train_split else 0
-    per_rank_epoch = max(1, train_samples // (cfg.train.per_device_batch_size * world_size))
+    # An epoch visits every video once; each gives clips_per_video clips.
+    per_rank_epoch = max(1, train_samples * cfg.data.clips_per_video // (cfg.train.per_device_batch_size * world_size))
     return DataSetup(shardset, list(shardset.classes), clip, train_samples, per_rank_epoch)
 
 
-def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: int, world_size: int) -> Iterator[dict]:
+def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: int, world_size: int,
+                  position: Any = None) -> Iterator[dict]:
     """Endless train batches of this rank from data position `start_micro_batch` (micro batches consumed
-    per rank). The loader is deterministic given (seed, rank, epoch, workers) and skips to the position,
-    so a resumed run sees the batches the uninterrupted run would have seen."""
+    per rank) and `position` (this rank's StreamPosition there, from the checkpoint). The loader is
+    deterministic given (seed, rank, epoch, workers) and skips to the position, so a resumed run sees the
+    batches the uninterrupted run would have seen, corrupt samples before the position included."""
     from actionrec.data import build_train_loader
 
+    epoch = start_micro_batch // data.batches_per_epoch
+    start_clips = position.clips_for(epoch, cfg.data.num_workers) if position is not None else None
     extra = {"shuffle_buffer": cfg.data.shuffle_buffer} if cfg.data.shuffle_buffer else {}
     loader = build_train_loader(
         data.shardset,
@@ -205,6 +210,8 @@ def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: in
         world_size=world_size,
         decoder=cfg.data.decoder,
         labels=cfg.task == "classify",
+        clips_per_video=cfg.data.clips_per_video,
+        start_clips=start_clips,
         **extra,
     )
     while True:
@@ -254,6 +261,9 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.progress = TrainProgress()
         accelerator.register_for_checkpointing(self.progress)
+        from actionrec.data import StreamPosition
+
+        self.stream_position = StreamPosition()  # this rank's, as of the last batch trained on
         self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last, logger)
 
     def to_inputs(self, video_uint8: torch.Tensor) -> torch.Tensor:
@@ -270,7 +280,16 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        # Every rank's stream position into the progress that rank 0 saves (a collective, as save is).
+        self.progress.stream_positions = gather_object([self.stream_position.state_dict()])
         return self.checkpoints.save(self.progress.step, self.checkpoint_files())
+
+    def restore_stream_position(self) -> None:
+        """After a resume: this rank's stream position from the checkpoint (none from an older checkpoint or
+        another world size, whose streams differ: the loader then estimates it from the batch count)."""
+        saved = self.progress.stream_positions
+        if len(saved) == self.world_size:
+            self.stream_position.load_state_dict(saved[self.rank])
 
     def evaluate(self, split: str, frames_shuffled: bool = False) -> EvalResult:
         zero3 = is_zero3(self.acc)
@@ -307,6 +326,7 @@ class Trainer:
             batch = next(batches)
             waited += time.perf_counter() - start
             self.progress.micro_batches += 1
+            self.stream_position.advance(batch)
             skipped += int(batch["skipped"]) if "skipped" in batch else 0
             keys.extend(batch["key"])
             video = self.to_inputs(batch["video"])
@@ -466,14 +486,16 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         raise
     results.update(run_evaluations(trainer, monitor, [cfg.data.val_split, cfg.data.test_split], trainer.progress.step))
     export_model(trainer, final_dir)
-    monitor.finish(results)
+    monitor.finish(results, num_workers=cfg.data.num_workers)
     accelerator.end_training()
     return results
 
 
 def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dict[str, Any]:
     cfg, acc, progress = trainer.cfg, trainer.acc, trainer.progress
-    batches = train_batches(cfg, trainer.data, progress.micro_batches, trainer.rank, trainer.world_size)
+    trainer.restore_stream_position()
+    batches = train_batches(cfg, trainer.data, progress.micro_batches, trainer.rank, trainer.world_size,
+                            trainer.stream_position)
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=progress.step,
