@@ -48,6 +48,14 @@ def signal_after_steps(cmd: list[str], run_dir, steps: int, signum: int, whole_g
     return process.returncode, stdout, stderr
 
 
+def assert_same_losses(resumed_run, reference_run, steps: int) -> None:
+    """The interrupted-then-resumed run logged every step once, with the uninterrupted run's losses."""
+    expected, got = train_losses(reference_run), train_losses(resumed_run)
+    assert sorted(got) == list(range(1, steps + 1))
+    for s in got:
+        assert got[s] == pytest.approx(expected[s], rel=1e-6), s
+
+
 def test_ctrl_c_on_two_processes_checkpoints_the_step_and_the_rerun_continues_with_the_same_losses(shards, runs):
     reference = launch("train.py", tiny_overrides(shards, runs, "uninterrupted", **QUICK), nproc=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -68,10 +76,7 @@ def test_ctrl_c_on_two_processes_checkpoints_the_step_and_the_rerun_continues_wi
     resumed = launch("train.py", args, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {checkpoint} (step {step})" in resumed.stdout
-    expected, got = train_losses(runs / "uninterrupted"), train_losses(runs / "interrupted")
-    assert sorted(got) == list(range(1, 21))
-    for s in got:
-        assert got[s] == pytest.approx(expected[s], rel=1e-6), s
+    assert_same_losses(runs / "interrupted", runs / "uninterrupted", steps=20)
 
 
 def test_resume_with_loader_workers_and_corrupt_samples_continues_with_the_same_losses(shards, runs, tmp_path):
@@ -104,10 +109,7 @@ def test_resume_with_loader_workers_and_corrupt_samples_continues_with_the_same_
     resumed = launch("train.py", args, nproc=2, timeout=480)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(step {step})" in resumed.stdout
-    expected, got = train_losses(runs / "workers_uninterrupted"), train_losses(runs / "workers_interrupted")
-    assert sorted(got) == list(range(1, 11))
-    for s in got:
-        assert got[s] == pytest.approx(expected[s], rel=1e-6), s
+    assert_same_losses(runs / "workers_interrupted", runs / "workers_uninterrupted", steps=10)
 
 
 def _sample_keys(tar):

@@ -10,22 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_fixtures import build_tiny_shards, launch, metrics, tiny_overrides, train_losses, wandb_history_keys
+from tests.train_fixtures import launch, metrics, tiny_overrides, train_losses, wandb_history_keys
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 PRETRAIN = {"task": "pretrain", "pretrain.mask_ratio": 0.5, "pretrain.decoder_depth": 1, "pretrain.reconstructions": 2,
             "data.test_split": "", "log.wandb_mode": "offline"}
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return build_tiny_shards(tmp_path_factory.mktemp("pretrain_data"))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
 
 
 @pytest.fixture(scope="module")
