@@ -109,7 +109,10 @@ class PretrainConfig:
     decoder_dim: int = 0  # 0 = half the encoder's width
     decoder_depth: int = 4
     decoder_heads: int = 0  # 0 = the encoder's number of heads
-    norm_target: bool = True  # predict each cube's pixels normalised by the cube's own mean and std
+    # pixels: predict each hidden cube's pixels; motion: its change over its frames (pixels minus the cube's
+    # mean frame: a static background is zero, moving things are not), see docs/pretrain.md
+    target: Literal["pixels", "motion"] = "pixels"
+    norm_target: bool = True  # pixels: normalise each cube's target by the cube's own mean and std
     reconstructions: int = 4  # val clips drawn as original / masked / predicted at every evaluation
 
 

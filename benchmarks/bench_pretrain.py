@@ -55,13 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-depth", type=int, default=4)
     parser.add_argument("--decoder-dim", type=int, default=48)
     parser.add_argument("--raw-target", action="store_true", help="predict pixels without per-cube normalisation")
+    parser.add_argument("--target", choices=["pixels", "motion"], default="pixels")
     parser.add_argument("--finetune-steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default="pretrained,scratch",
+                        help="which fine-tunes to run (pretrained, scratch); `none`: pre-train (and save --encoder) only")
+    parser.add_argument("--encoder", default="", help="load the pre-trained encoder from this file (skip pre-training), "
+                        "or save it there after pre-training when the file does not exist")
     parser.add_argument("--out", default="")
+    parser.add_argument("options", nargs="*", help="model options key=value (as model.key=value in a run config)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -87,40 +93,57 @@ def main(argv: list[str] | None = None) -> int:
         for i in test_idx
     ]))
 
-    def recipe(lr: float, steps: int, warmup: int, betas=(0.9, 0.999), pretrained: str = ""):
-        return build_config({"data": {"num_frames": 8, "size": 64}, "model": {**MODEL, "pretrained": pretrained},
+    def recipe(lr: float, steps: int, warmup: int, betas=(0.9, 0.999)):
+        return build_config({"data": {"num_frames": 8, "size": 64}, "model": dict(MODEL),
                              "optim": {"lr": lr, "warmup_steps": warmup, "betas": list(betas)},
-                             "train": {"max_steps": steps}}, check_paths=False)
+                             "train": {"max_steps": steps}}, overrides=[f"model.{pair}" for pair in args.options],
+                            check_paths=False)
 
-    # 1. masked pre-training
-    start = time.perf_counter()
-    pre_cfg = recipe(args.pretrain_lr, args.pretrain_steps, min(100, args.pretrain_steps // 10), (0.9, 0.95))
-    torch.manual_seed(args.seed)
-    encoder = build_model(MODEL["name"], num_classes=1, **{**model_build_options(pre_cfg), "init": "scratch"})
-    masked = MaskedVideoModel(encoder, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
-                              decoder_depth=args.decoder_depth, norm_target=not args.raw_target)
-    optimizer = build_optimizer(pre_cfg, masked)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(pre_cfg))
-    pre_rng = np.random.default_rng([args.seed, 1])
-    pre_losses = []
-    for step in tqdm(range(args.pretrain_steps), desc="pre-training", leave=False):
-        video = clips_of(unlabelled, pre_rng.choice(len(unlabelled), args.pretrain_batch), pre_rng)
-        mask = masked.random_mask(len(video), step_mask_generator(args.seed, 0, step))
-        loss = F.mse_loss(masked(video, mask), masked.targets(video, mask))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(masked.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        pre_losses.append(loss.item())
-        if (step + 1) % args.eval_every == 0:
-            print(json.dumps({"phase": "pretrain", "step": step + 1, "loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4),
-                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
-    pretrained_state = {k: v.clone() for k, v in masked.encoder.state_dict().items()}
+    def pretrain() -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        pre_cfg = recipe(args.pretrain_lr, args.pretrain_steps, min(100, args.pretrain_steps // 10), (0.9, 0.95))
+        torch.manual_seed(args.seed)
+        encoder = build_model(MODEL["name"], num_classes=1, **{**model_build_options(pre_cfg), "init": "scratch"})
+        masked = MaskedVideoModel(encoder, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
+                                  decoder_depth=args.decoder_depth, norm_target=not args.raw_target,
+                                  target=args.target)
+        optimizer = build_optimizer(pre_cfg, masked)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(pre_cfg))
+        pre_rng = np.random.default_rng([args.seed, 1])
+        for step in tqdm(range(args.pretrain_steps), desc="pre-training", leave=False):
+            video = clips_of(unlabelled, pre_rng.choice(len(unlabelled), args.pretrain_batch), pre_rng)
+            mask = masked.random_mask(len(video), step_mask_generator(args.seed, 0, step))
+            loss = F.mse_loss(masked(video, mask), masked.targets(video, mask))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(masked.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            pre_losses.append(loss.item())
+            if (step + 1) % args.eval_every == 0:
+                print(json.dumps({"phase": "pretrain", "step": step + 1, "loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4),
+                                  "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+        return {k: v.clone() for k, v in masked.encoder.state_dict().items()}
+
+    # 1. masked pre-training (or its encoder from an earlier run of the same settings)
+    pre_losses: list[float] = []
+    encoder_file = Path(args.encoder) if args.encoder else None
+    if "pretrained" not in args.variants and args.variants != "none":
+        pretrained_state = {}
+    elif encoder_file is not None and encoder_file.is_file():
+        pretrained_state = torch.load(encoder_file)
+    else:
+        pretrained_state = pretrain()
+        if encoder_file is not None:
+            encoder_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(pretrained_state, encoder_file)
+
+    if args.variants == "none":
+        return 0
 
     # 2. the same fine-tune from the pre-trained encoder and from scratch
     results = {}
-    for variant in ("pretrained", "scratch"):
+    for variant in args.variants.split(","):
         cfg = recipe(args.lr, args.finetune_steps, 30)
         torch.manual_seed(args.seed)
         model = build_model(MODEL["name"], num_classes=len(names), **{**model_build_options(cfg), "init": "scratch"})
@@ -154,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         results[variant] = history
     summary = {"data": args.data, "seed": args.seed, "labelled_per_class": args.labelled,
                "pretrain_steps": args.pretrain_steps, "mask_ratio": args.mask_ratio, "decoder_depth": args.decoder_depth,
-               "norm_target": not args.raw_target, "finetune_steps": args.finetune_steps,
-               "final_pretrain_loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4),
-               "test_top1_pretrained": results["pretrained"][-1]["test_top1"],
-               "test_top1_scratch": results["scratch"][-1]["test_top1"], "test_videos": len(test_idx)}
+               "norm_target": not args.raw_target, "target": args.target, "finetune_steps": args.finetune_steps,
+               "options": args.options, "lr": args.lr,
+               "final_pretrain_loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4) if pre_losses else None,
+               **{f"test_top1_{variant}": history[-1]["test_top1"] for variant, history in results.items()},
+               "test_videos": len(test_idx)}
     print(json.dumps(summary), flush=True)
     if args.out:
         with open(args.out, "a") as f:

@@ -126,6 +126,29 @@ def test_targets_are_normalised_per_cube_and_reconstruction_puts_the_truth_back(
     assert torch.equal(wrong[~hidden], video[~hidden]) and not torch.allclose(wrong[hidden], video[hidden])
 
 
+def test_motion_targets_are_zero_for_a_still_scene_and_follow_what_moves():
+    model = masked_model("divided_space_time", target="motion")
+    mask = model.random_mask(2, torch.Generator().manual_seed(3))
+    still = (torch.rand(2, 3, 1, 64, 64) * 3 + 5).expand(-1, -1, 4, -1, -1).contiguous()
+    assert model.targets(still, mask).abs().max() < 1e-5  # a static background (any colour, any offset) is zero
+    moving = still.clone()
+    moving[:, :, 1::2] += 1.0  # every second frame brighter: each 2-frame cube changes by +-0.5 everywhere
+    target = model.targets(moving, mask)
+    torch.testing.assert_close(target.abs(), torch.full_like(target, 0.5))
+    # The true change as the "prediction" gives back the clip; a wrong one changes only hidden cubes.
+    torch.testing.assert_close(model.reconstruct(moving, mask, target), moving, atol=1e-5, rtol=0)
+    wrong = model.reconstruct(moving, mask, torch.zeros_like(target))
+    hidden = hidden_pixels(mask, moving)
+    assert torch.equal(wrong[~hidden], moving[~hidden]) and not torch.allclose(wrong[hidden], moving[hidden])
+
+
+def test_an_unknown_target_or_a_motion_target_without_frames_to_compare_is_refused():
+    with pytest.raises(ValueError, match="unknown pre-training target 'depth': use one of pixels, motion"):
+        masked_model("joint_space_time", target="depth")
+    with pytest.raises(ValueError, match="needs tubelet >= 2"):
+        masked_model("joint_space_time", target="motion", tubelet=1)
+
+
 def write_pretrain_run(run_dir, attention_type: str) -> MaskedVideoModel:
     """A masked pre-training run dir as the trainer leaves it: config.yaml + model.safetensors."""
     model = masked_model(attention_type)

@@ -26,7 +26,7 @@ def build_model_for(cfg: Config, num_classes: int) -> nn.Module:
         pre = cfg.pretrain
         return MaskedVideoModel(encoder, mask_ratio=pre.mask_ratio, tubelet=pre.tubelet, decoder_dim=pre.decoder_dim,
                                 decoder_depth=pre.decoder_depth, decoder_heads=pre.decoder_heads,
-                                norm_target=pre.norm_target)
+                                norm_target=pre.norm_target, target=pre.target)
     model = build_model(cfg.model.name, num_classes=num_classes, **model_build_options(cfg))
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained)

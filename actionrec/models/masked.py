@@ -91,11 +91,28 @@ def gather_cubes(cubes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return cubes.gather(2, index)
 
 
+TARGETS = ("pixels", "motion")
+
+
+def motion_cubes(cubes: torch.Tensor, tubelet: int) -> torch.Tensor:
+    """(B, Tc, N, k*p*p, C) -> each cube's pixels minus the cube's own mean over its k frames: what changes
+    between the cube's frames. A static background (and a constant colour, a brightness offset) gives zero."""
+    frames = rearrange(cubes, "b tc n (k pq) c -> b tc n k pq c", k=tubelet)
+    return rearrange(frames - frames.mean(dim=3, keepdim=True), "b tc n k pq c -> b tc n (k pq) c")
+
+
 def cube_targets(video: torch.Tensor, mask: torch.Tensor, patch_size: int, tubelet: int = 2,
-                 normalise: bool = True) -> torch.Tensor:
-    """What the decoder predicts for the hidden cubes: (B, T/tubelet, M, tubelet*p*p*C), float32."""
+                 normalise: bool = True, target: str = "pixels") -> torch.Tensor:
+    """What the decoder predicts for the hidden cubes: (B, T/tubelet, M, tubelet*p*p*C), float32.
+    `target="pixels"`: the cube's pixels (normalised per cube and channel with `normalise`); "motion": the
+    cube's change over its frames (`motion_cubes`, in the clip's normalised pixel units, not normalised per
+    cube: a static cube's target is zero plus sensor noise, which per-cube normalisation would blow up)."""
     cubes = video_to_cubes(video.float(), patch_size, tubelet)  # (B, Tc, N, k*p*p, C)
-    if normalise:
+    if target == "motion":
+        cubes = motion_cubes(cubes, tubelet)
+    elif target != "pixels":
+        raise ValueError(f"unknown pre-training target {target!r}: use one of {', '.join(TARGETS)}")
+    elif normalise:
         cubes = normalise_cubes(cubes)[0]
     _, hidden = split_positions(mask)
     return rearrange(gather_cubes(cubes, hidden), "b tc m kpq c -> b tc m (kpq c)")
@@ -124,12 +141,17 @@ class MaskedVideoModel(nn.Module):
     """
 
     def __init__(self, encoder: TimeSformer, mask_ratio: float = 0.9, tubelet: int = 2, decoder_dim: int = 0,
-                 decoder_depth: int = 4, decoder_heads: int = 0, norm_target: bool = True) -> None:
+                 decoder_depth: int = 4, decoder_heads: int = 0, norm_target: bool = True,
+                 target: str = "pixels") -> None:
         super().__init__()
         config = encoder.config
         check_maskable(config.attention_type)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if target not in TARGETS:
+            raise ValueError(f"unknown pre-training target {target!r}: use one of {', '.join(TARGETS)}")
+        if target == "motion" and tubelet < 2:
+            raise ValueError("target motion predicts the change over a cube's frames: it needs tubelet >= 2")
         if tubelet < 1 or config.num_frames % tubelet:
             raise ValueError(f"num_frames {config.num_frames} is not a multiple of tubelet {tubelet}")
         decoder_dim = decoder_dim or config.embed_dim // 2
@@ -142,6 +164,7 @@ class MaskedVideoModel(nn.Module):
         self.mask_ratio = mask_ratio
         self.tubelet = tubelet
         self.norm_target = norm_target
+        self.target = target
         self.patch_size = config.patch_size
         self.grid = (config.img_size // config.patch_size,) * 2
         self.num_patches = self.grid[0] * self.grid[1]
@@ -176,7 +199,7 @@ class MaskedVideoModel(nn.Module):
         return tube_mask(batch, self.num_patches, self.mask_ratio, generator, device)
 
     def targets(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return cube_targets(video, mask, self.patch_size, self.tubelet, self.norm_target)
+        return cube_targets(video, mask, self.patch_size, self.tubelet, self.norm_target, self.target)
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, _, frames, height, width = video.shape
@@ -211,7 +234,10 @@ class MaskedVideoModel(nn.Module):
         _, hidden = split_positions(mask)
         channels = cubes.shape[-1]
         guess = rearrange(pred.float(), "b tc m (kpq c) -> b tc m kpq c", c=channels)
-        if self.norm_target:
+        if self.target == "motion":  # the predicted change around the cube's true mean frame
+            mean_frame = (cubes - motion_cubes(cubes, self.tubelet))
+            guess = guess + gather_cubes(mean_frame, hidden)
+        elif self.norm_target:
             _, mean, std = normalise_cubes(cubes)
             guess = guess * (gather_cubes(std, hidden) + 1e-6) + gather_cubes(mean, hidden)
         index = hidden[:, None, :, None, None].expand(-1, cubes.shape[1], -1, *cubes.shape[3:])

@@ -70,8 +70,13 @@ class TimeSformerConfig:
     stem_layers: int = 2  # scratch: conv layers; each one after the first halves H and W and doubles channels
     stem_stride: int = 2  # scratch: spatial stride of the stem's first layer (1: 4x the stem's FLOPs)
     embed_std: float = 0.5  # scratch: std of the learnt position and time embeddings
+    # What the classifier reads: "cls", the cls token (the official TimeSformer); "mean", the mean of the
+    # normalised patch tokens (VideoMAE's fine-tuning: masked pre-training never trains the cls token).
+    global_pool: str = "cls"
 
     def __post_init__(self) -> None:
+        if self.global_pool not in ("cls", "mean"):
+            raise ValueError(f"unknown global_pool {self.global_pool!r}; choose cls or mean")
         if self.attention_type not in ATTENTION_TYPES:
             raise ValueError(
                 f"unknown attention_type {self.attention_type!r}; choose one of: {', '.join(ATTENTION_TYPES)}"
@@ -505,10 +510,12 @@ class TimeSformer(nn.Module):
         return tokens
 
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> normalised cls features (B, D)."""
+        """(B, C, T, H, W) -> normalised cls features, or the mean of the normalised patch tokens (B, D)."""
         frames = video.shape[2]
         patches, grid_h, grid_w = self.embed(video)
         tokens = self.encode(patches, (frames, grid_h, grid_w))
+        if self.config.global_pool == "mean":  # space_only: (B*T, 1+N, D), else (B, 1+T*N, D)
+            return reduce(self.norm(tokens[:, 1:]), "(b t) n d -> b d", "mean", b=video.shape[0])
         if self.config.attention_type == "space_only":
             # Official space-only baseline: average the frames' tokens, then the final norm.
             return self.norm(reduce(tokens[:, 0], "(b t) d -> b d", "mean", t=frames))
