@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actionrec.shards.encode import FORMATS, EncodeSettings  # noqa: E402
+from actionrec.shards.encode import FORMATS, FPS_MODES, EncodeSettings  # noqa: E402
 from actionrec.shards.layouts import LAYOUTS  # noqa: E402
 from actionrec.shards.pack import PackError, PackOptions, format_summary, pack_videos  # noqa: E402
 
@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-csv", help="your own split: CSV with source,label,split (source relative to SRC)")
     parser.add_argument("--format", choices=FORMATS, default="mp4", help="mp4: H.264 per video; jpg: one JPEG per frame (default mp4)")
     parser.add_argument("--short-side", type=int, default=256, help="short side in pixels; smaller videos are not upscaled (default 256)")
-    parser.add_argument("--fps", type=float, default=30.0, help="frame rate of every packed video (default 30)")
+    parser.add_argument("--fps", type=float, default=30.0,
+                        help="frame-rate cap: faster sources are down-sampled to it, slower ones keep their own rate "
+                             "(default 30; see --fps-mode)")
+    parser.add_argument("--fps-mode", choices=FPS_MODES, default="cap",
+                        help="cap: never up-sample, a source at or below --fps keeps its rate; exact: re-time every "
+                             "video to exactly --fps, repeating frames of slower sources (default cap)")
     parser.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (default 16)")
     parser.add_argument("--crf", type=int, default=23, help="H.264 quality, lower is better (default 23)")
     parser.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
@@ -65,7 +70,7 @@ def main(argv=None) -> int:
         print(f"error: --out {args.out!r} is a file; give a folder", file=sys.stderr)
         return 2
     try:
-        settings = EncodeSettings(format=args.format, short_side=args.short_side, fps=args.fps, gop=args.gop,
+        settings = EncodeSettings(format=args.format, short_side=args.short_side, fps=args.fps, fps_mode=args.fps_mode, gop=args.gop,
                                   crf=args.crf, preset=args.preset, jpeg_quality=args.jpeg_quality)
         options = PackOptions(encode=settings, layout=args.layout, fold=args.fold, val=args.val, test=args.test,
                               seed=args.seed, split_csv=args.split_csv, shard_bytes=args.shard_size,

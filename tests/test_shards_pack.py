@@ -19,7 +19,7 @@ from PIL import Image
 
 from actionrec.shards import (EncodeSettings, PackOptions, SyntheticSpec, generate_synthetic, pack_videos,
                               read_split_csv, sample_key)
-from tests.shards_media import decode_video
+from tests.shards_media import decode_video, encode_video
 from tests.repo import REPO
 from tests.shards_scripts import run_script
 
@@ -222,3 +222,43 @@ def test_error_mid_pack_publishes_no_open_shard_and_rerun_completes(synth, tmp_p
     assert result.total_packed == 24 and result.resumed == len(held)
     assert published <= set(result.shards["train"])
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def moving_texture(n: int, width: int = 96, height: int = 64, seed: int = 0) -> np.ndarray:
+    """(n, H, W, 3): a smooth random texture panning 3 px per frame, so neighbouring frames clearly differ."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(30, 220, (height // 8 + 1, (width + 3 * n) // 8 + 2, 3), dtype=np.uint8)
+    texture = np.asarray(Image.fromarray(coarse).resize((coarse.shape[1] * 8, coarse.shape[0] * 8), Image.BICUBIC))
+    return np.stack([texture[:height, 3 * i: 3 * i + width] for i in range(n)])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
+
+
+@pytest.mark.parametrize("fps_mode", ["cap", "exact"])
+def test_slower_source_keeps_its_frame_rate_unless_exact_retiming_is_asked(tmp_path, fps_mode):
+    src = tmp_path / "src"
+    (src / "pan").mkdir(parents=True)
+    (src / "other").mkdir(parents=True)
+    source = encode_video(src / "pan" / "ssv2_like.mp4", moving_texture(24), fps=12)
+    encode_video(src / "other" / "other.mp4", moving_texture(24, seed=1), fps=12)
+    source_frames = decode_video(source)
+    options = PackOptions(encode=EncodeSettings(fps=30, fps_mode=fps_mode), workers=0, val=0.0, test=0.0)
+    result = pack_videos(src, tmp_path / "out", options, progress=False, log=quiet)
+    samples = {s["__key__"]: s for s in wds.WebDataset([str(tmp_path / "out" / n) for n in result.shards["train"]],
+                                                       shardshuffle=False)}
+    sample = samples[sample_key("pan/ssv2_like.mp4")]
+    meta, packed = json.loads(sample["json"]), decode_video(sample["mp4"])
+    if fps_mode == "cap":
+        # Same frames at the same rate: frame i of the pack is frame i of the source (a re-encoding away).
+        assert meta["fps"] == 12 and meta["num_frames"] == len(packed) == len(source_frames) == 24
+        scores = [psnr(p, s) for p, s in zip(packed, source_frames)]
+        assert min(scores) > 30, scores
+        assert all(psnr(packed[i], source_frames[i + 1]) < scores[i] - 5 for i in range(23))
+    else:
+        # Today's exact re-timing: 2 s at 30 fps, most source frames shown two or three times.
+        assert meta["fps"] == 30 and meta["num_frames"] == len(packed) == 60
+        repeats = sum(psnr(packed[i], packed[i + 1]) > 45 for i in range(59))
+        assert repeats >= 30
