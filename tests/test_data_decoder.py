@@ -1,15 +1,21 @@
 """The decoder default: `auto` takes torchcodec where it loads and PyAV otherwise, says which in one log line,
-and both backends stay selectable by name (in the loader API and as `data.decoder` in the run config)."""
+and both backends stay selectable by name (in the loader API and as `data.decoder` in the run config).
+Shard sets written by older format versions still decode."""
 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+from pathlib import Path
 
 import pytest
 
 from actionrec.config import ConfigError, build_config
-from actionrec.data import build_eval_loader, build_train_loader, decode
+from actionrec.data import ClipSpec, ShardSet, build_eval_loader, build_train_loader, decode
+from actionrec.data.decode import Decoder
+from actionrec.shards import EncodeSettings, PackOptions, pack_videos
+from tests.data_shard_fixtures import FPS, Video, index_from_pixels, write_source_video
 
 
 @pytest.fixture
@@ -80,3 +86,37 @@ def test_trainer_hands_the_configured_decoder_to_both_loaders(monkeypatch):
     next(trainer.train_batches(cfg, data, 0, rank=0, world_size=1))
     trainer.eval_batches(cfg, data, "val", rank=0, world_size=1)
     assert seen["train"]["decoder"] == "pyav" and seen["eval"]["decoder"] == "pyav"
+
+
+def v1_shard_set(out: Path, sources: Path) -> Path:
+    """A shard set as format v1 wrote it: every video re-timed to exactly --fps, GOP 16 with the preset's
+    B-frames, no tune, and a manifest with format_version 1 whose pack record lacks fps_mode/tune/bframes."""
+    videos = [Video(f"{name}/v{i}.mp4", c, n, "train") for c, name in enumerate(["a", "b"]) for i, n in
+              enumerate([40, 23])]
+    for video in videos:
+        write_source_video(sources / video.relpath, video.num_frames)
+    v1 = EncodeSettings(short_side=48, fps=FPS, fps_mode="exact", gop=16, crf=12, preset="veryfast")
+    pack_videos(sources, out, PackOptions(encode=v1, val=0.0, test=0.0, workers=0), progress=False, log=lambda _: None)
+    manifest = json.loads((out / "dataset.json").read_text())
+    manifest["format_version"] = 1
+    for key in ("fps_mode", "tune", "bframes"):
+        del manifest["pack"][key]
+    (out / "dataset.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "torchcodec", Decoder("pyav", skip_loop_filter=True)])
+def test_shards_packed_by_format_v1_still_load(tmp_path, decoder):
+    if decoder == "torchcodec" and decode.torchcodec_load_error() is not None:
+        pytest.skip(f"torchcodec does not load here: {decode.torchcodec_load_error()}")
+    shards = ShardSet.open(v1_shard_set(tmp_path / "v1", tmp_path / "src"))
+    assert shards.manifest["format_version"] == 1 and shards.num_samples("train") == 4
+    clip = ClipSpec(num_frames=8, sampling="uniform", size=32)
+    loader = build_train_loader(shards, clip=clip, batch_size=2, num_workers=0, batches_per_epoch=4, seed=0,
+                                rank=0, world_size=1, decoder=decoder)
+    seen = 0
+    for batch in loader:
+        for video, indices in zip(batch["video"], batch["frame_index"]):
+            assert index_from_pixels(video) == indices.tolist()  # the frames the sampler chose, decoded right
+            seen += 1
+    assert seen == 8 and loader.skipped_in_last_pass == 0

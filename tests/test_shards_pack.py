@@ -73,7 +73,7 @@ def test_round_trip_every_sample_comes_back_once(synth, tmp_path, fmt):
         assert manifest["splits"][split]["num_frames"] == len(in_split) * SPEC.frames
         assert all(n == (4 if split == "train" else 1) for n in manifest["per_class_counts"][split].values())
     assert manifest["frames_per_category"]["move_left"] == {"videos": 6, "frames": 48, "mean": 8.0, "min": 8, "max": 8}
-    assert manifest["format_version"] == 1 and manifest["pack"]["format"] == fmt
+    assert manifest["format_version"] == 2 and manifest["pack"]["format"] == fmt
     assert (out / "frames_per_category.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -15,6 +15,7 @@ import io
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import av
@@ -26,6 +27,28 @@ logger = logging.getLogger(__name__)
 
 DecoderName = Literal["auto", "pyav", "torchcodec"]
 _JPG_FIELD = re.compile(r"^\d+\.jpg$")
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A backend with libavcodec settings; `build_*_loader(decoder=Decoder(...))` takes it where a name would
+    go. skip_loop_filter skips H.264 deblocking (faster on deblocked streams, slightly different pixels;
+    PyAV only: torchcodec does not expose it). threads > 1 adds FFmpeg threads per worker (thread_type
+    "slice" or "frame"); the loader's parallelism is normally its worker processes."""
+
+    backend: Literal["pyav", "torchcodec"]
+    skip_loop_filter: bool = False
+    threads: int = 1
+    thread_type: Literal["slice", "frame"] = "slice"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("pyav", "torchcodec"):
+            raise ValueError(f"Decoder backend must be 'pyav' or 'torchcodec', got {self.backend!r}")
+        if self.skip_loop_filter and self.backend != "pyav":
+            raise ValueError("skip_loop_filter needs the PyAV backend (torchcodec does not expose it)")
+        if self.threads < 1 or self.thread_type not in ("slice", "frame"):
+            raise ValueError(f"Decoder threads must be >= 1 and thread_type 'slice' or 'frame', got "
+                             f"{self.threads}, {self.thread_type!r}")
 
 
 class CorruptSample(Exception):
@@ -61,9 +84,15 @@ def torchcodec_load_error() -> str | None:
     return None
 
 
-def resolve_decoder(name: DecoderName) -> str:
+def resolve_decoder(name: DecoderName | Decoder) -> str | Decoder:
     """The backend for `name`, picked in the main process: 'auto' prefers torchcodec and falls back to PyAV.
-    Logs once per process which backend decodes and why."""
+    Logs once per process which backend decodes and why. A Decoder (backend plus settings) is checked and
+    passed through."""
+    if isinstance(name, Decoder):
+        if name.backend == "torchcodec" and torchcodec_load_error() is not None:
+            raise RuntimeError(f"Decoder backend 'torchcodec' cannot load ({torchcodec_load_error()}); use 'pyav'")
+        _log_choice(name.backend, f"{name} was asked for")
+        return name
     if name not in ("auto", "pyav", "torchcodec"):
         raise ValueError(f"decoder must be 'auto', 'pyav' or 'torchcodec', got {name!r}")
     if name == "torchcodec" and torchcodec_load_error() is not None:
@@ -102,14 +131,18 @@ class PyAVFrameReader(FrameReader):
     the last needed frame is out.
     """
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, settings: Decoder = Decoder("pyav")):
         try:
             self._container = av.open(io.BytesIO(data), mode="r")
             stream = self._container.streams.video[0]
         except (av.error.FFmpegError, IndexError) as exc:
             raise CorruptSample(f"mp4 does not open as a video: {exc}") from exc
         self._codec = stream.codec_context
-        self._codec.thread_count = 1
+        self._codec.thread_count = settings.threads
+        if settings.threads > 1:
+            self._codec.thread_type = settings.thread_type.upper()
+        if settings.skip_loop_filter:
+            self._codec.options = {"skip_loop_filter": "all"}  # read when the codec opens, at the first decode
         try:
             self._packets = [p for p in self._container.demux(stream) if p.size > 0]
         except av.error.FFmpegError as exc:
@@ -181,14 +214,14 @@ def _split_gops(packets: list[av.Packet]) -> list[list[av.Packet]]:
 class TorchCodecFrameReader(FrameReader):
     """torchcodec's decoder on the same bytes; it does its own keyframe-aware seeking."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, settings: Decoder = Decoder("torchcodec")):
         from torchcodec.decoders import VideoDecoder
 
         try:
             # "approximate" trusts the mp4 index (exact for the constant-rate files the packer writes) and
             # skips the full scan "exact" does; frame numbering is the same for such files.
             self._decoder = VideoDecoder(
-                data, seek_mode="approximate", num_ffmpeg_threads=1, dimension_order="NCHW"
+                data, seek_mode="approximate", num_ffmpeg_threads=settings.threads, dimension_order="NCHW"
             )
             num_frames = self._decoder.metadata.num_frames
         except (RuntimeError, ValueError) as exc:
@@ -234,11 +267,13 @@ class JpegFrameReader(FrameReader):
         return torch.stack([decoded[position[int(i)]] for i in indices])  # (T, 3, H, W)
 
 
-def open_frame_reader(sample: dict, backend: str) -> FrameReader:
-    """The reader for one webdataset sample (fields as raw bytes): mp4 via `backend`, or jpg frames."""
+def open_frame_reader(sample: dict, backend: str | Decoder) -> FrameReader:
+    """The reader for one webdataset sample (fields as raw bytes): mp4 via `backend` (a resolved name or a
+    Decoder), or jpg frames."""
     data = sample.get("mp4")
     if data is None:
         return JpegFrameReader(sample)
-    if backend == "torchcodec":
-        return TorchCodecFrameReader(data)
-    return PyAVFrameReader(data)
+    settings = backend if isinstance(backend, Decoder) else Decoder(backend)
+    if settings.backend == "torchcodec":
+        return TorchCodecFrameReader(data, settings)
+    return PyAVFrameReader(data, settings)

@@ -28,6 +28,7 @@ class UnpackableSource(Exception):
 
 
 FPS_MODES = ("cap", "exact")
+X264_TUNES = ("", "fastdecode", "film", "animation", "grain", "stillimage", "zerolatency")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class EncodeSettings:
     gop: int = 16  # frames per keyframe interval (fixed, no scene-cut keyframes): cheap temporal seeks
     crf: int = 23
     preset: str = "veryfast"
+    tune: str = ""  # x264 tune ("" for none; "fastdecode": no CABAC, no deblocking, no weighted prediction)
+    bframes: int | None = None  # consecutive B-frames (None: the preset's choice, 3 for veryfast)
     jpeg_quality: int = 90
 
     def __post_init__(self):
@@ -53,6 +56,10 @@ class EncodeSettings:
             raise ValueError("short_side must be >= 2, fps > 0 and gop >= 1")
         if not 0 <= self.crf <= 51 or not 1 <= self.jpeg_quality <= 100:
             raise ValueError("crf must be in [0, 51] and jpeg_quality in [1, 100]")
+        if self.tune not in X264_TUNES:
+            raise ValueError(f"tune must be one of {X264_TUNES[1:]} or '' (none), got {self.tune!r}")
+        if self.bframes is not None and not 0 <= self.bframes <= 16:
+            raise ValueError(f"bframes must be in [0, 16], got {self.bframes}")
 
     @property
     def rate(self) -> Fraction:
@@ -180,9 +187,13 @@ class _FrameSink:
         if self.settings.format == "mp4":
             self.buffer = io.BytesIO()
             self.container = av.open(self.buffer, "w", format="mp4")
-            stream = self.container.add_stream("libx264", rate=self.rate, options={
-                "crf": str(self.settings.crf), "preset": self.settings.preset,
-                "sc_threshold": "0", "keyint_min": str(self.settings.gop)})
+            options = {"crf": str(self.settings.crf), "preset": self.settings.preset,
+                       "sc_threshold": "0", "keyint_min": str(self.settings.gop)}
+            if self.settings.tune:
+                options["tune"] = self.settings.tune
+            if self.settings.bframes is not None:
+                options["x264-params"] = f"bframes={self.settings.bframes}"
+            stream = self.container.add_stream("libx264", rate=self.rate, options=options)
             stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
             stream.codec_context.gop_size = self.settings.gop
             stream.codec_context.thread_count = 1  # parallelism comes from --workers processes

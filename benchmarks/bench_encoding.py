@@ -1,0 +1,290 @@
+"""Pack-time encoding against decode cost, side by side in one run: CPU per training clip, bytes, fidelity.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_encoding.py --videos 3
+
+Makes two kinds of camera-like 10 s 456x256 30 fps sources (the loader benchmark's panning textured scene
+with moving objects and sensor noise, and an FFmpeg `mandelbrot` zoom with temporal noise: fine detail in
+motion everywhere), packs them with the real packer once per encoding, and for each (encoding, decoder)
+measures through the real loader (one process, no workers, one thread, CPU clock):
+  - CPU ms per 8 x 224^2 training clip, TSN-uniform and dense (stride 4): tar reading, demux, decode, RGB
+    conversion, crop/resize and collate, the whole per-clip cost of a loader worker;
+  - bytes per video (the shard tar bytes / videos);
+  - PSNR of every 3rd decoded frame against the source frame shown at the same time (RGB, at the source's
+    size; a smaller short side is scaled back up, so its lost detail counts).
+The grid is reduced around the promising settings rather than the full cross product: GOP 32/16/8/4 and
+intra-only at the packer's old settings, x264 `tune=fastdecode` at GOP 16/8/4/1, B-frames off, CRF, a
+15 fps cap and a 224 short side on top of the fastdecode encodings, and the decoder flags (skip_loop_filter,
+2 threads) on the old default encoding. Every row's ratios are against the old defaults measured in the
+same run: GOP 16, crf 23, preset veryfast, no tune, decoder "auto" (torchcodec where it loads).
+Writes benchmarks/out/encoding/{results.json,table.md,cost_vs_bytes.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import av
+import numpy as np
+import psutil
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actionrec.data import ClipSpec, ShardSet, build_train_loader  # noqa: E402
+from actionrec.data.decode import Decoder, PyAVFrameReader, torchcodec_load_error  # noqa: E402
+from actionrec.shards import EncodeSettings, PackOptions, pack_videos  # noqa: E402
+from benchmarks.bench_loader import synthetic_camera_video  # noqa: E402
+
+BATCH = 8
+CLIPS = {"uniform": ClipSpec(num_frames=8, sampling="uniform", size=224),
+         "dense": ClipSpec(num_frames=8, sampling="dense", frame_stride=4, size=224)}
+OLD = EncodeSettings(gop=16, crf=23, preset="veryfast", fps=30, fps_mode="exact")  # the packer's defaults until v2
+NEW = EncodeSettings()  # the packer's defaults now
+
+
+@dataclass(frozen=True)
+class Encoding:
+    name: str
+    settings: EncodeSettings
+    decoders: tuple[str, ...] = ("auto", "pyav")  # "auto", "pyav", "torchcodec", or "pyav+slf", "pyav+2t"
+
+
+def grid() -> list[Encoding]:
+    fast = replace(OLD, tune="fastdecode")
+    rows = [Encoding("old default: GOP 16", OLD, ("auto", "pyav", "torchcodec", "pyav+slf", "pyav+2t")),
+            Encoding("GOP 32", replace(OLD, gop=32)),
+            Encoding("GOP 8", replace(OLD, gop=8)),
+            Encoding("GOP 4", replace(OLD, gop=4), ("auto", "pyav", "pyav+slf")),
+            Encoding("intra-only (GOP 1)", replace(OLD, gop=1)),
+            Encoding("GOP 4, no B-frames", replace(OLD, gop=4, bframes=0), ("pyav",)),
+            Encoding("fastdecode, GOP 16", replace(fast, gop=16)),
+            Encoding("fastdecode, GOP 8", replace(fast, gop=8)),
+            Encoding("fastdecode, GOP 4", replace(fast, gop=4)),
+            Encoding("fastdecode, GOP 8, no B-frames", replace(fast, gop=8, bframes=0)),
+            Encoding("fastdecode, GOP 4, no B-frames", replace(fast, gop=4, bframes=0)),
+            Encoding("fastdecode, GOP 4, no B, crf 24", replace(fast, gop=4, bframes=0, crf=24)),
+            Encoding("fastdecode, GOP 4, no B, crf 25", replace(fast, gop=4, bframes=0, crf=25), ("pyav",)),
+            Encoding("fastdecode, intra-only", replace(fast, gop=1)),
+            Encoding("fastdecode, intra-only, crf 28", replace(fast, gop=1, crf=28), ("pyav",)),
+            Encoding("fastdecode, GOP 8, 15 fps cap", replace(fast, gop=8, fps=15, fps_mode="cap"), ("pyav",)),
+            Encoding("fastdecode, GOP 8, short side 224", replace(fast, gop=8, short_side=224), ("pyav",))]
+    new = Encoding("new default (v2)", NEW)
+    if all(row.settings != NEW for row in rows):
+        rows.insert(1, new)
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=3, help="videos per content type (default 3)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each source video (default 10)")
+    parser.add_argument("--clips", type=int, default=32, help="measured clips per (encoding, decoder, sampling)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="interleaved repetitions; the lowest CPU per clip is kept (the machine is shared)")
+    parser.add_argument("--only", default="", help="comma-separated substrings: measure only matching encodings "
+                                                   "(the old default is always measured)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/encoding"), help="results folder")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder for videos/shards (default: temp)")
+    args = parser.parse_args(argv)
+    if args.videos < 1 or args.seconds <= 0 or args.clips < BATCH or args.repeats < 1:
+        parser.error(f"--videos must be >= 1, --seconds > 0, --clips >= {BATCH} and --repeats >= 1")
+    if shutil.which("ffmpeg") is None:
+        parser.error("the ffmpeg CLI makes the mandelbrot sources: apt-get install ffmpeg")
+    return args
+
+
+# -- sources ------------------------------------------------------------------------------------------------
+
+
+def mandelbrot_video(path: Path, seconds: float, seed: int) -> None:
+    """FFmpeg's mandelbrot zoom with temporal noise: detail in motion over the whole frame."""
+    start_x = -0.743643887037151 + 0.0005 * seed
+    source = (f"mandelbrot=size=456x256:rate=30:maxiter=512:start_x={start_x}:start_y=-0.131825904205330,"
+              f"noise=alls=6:allf=t+u:all_seed={seed},format=yuv420p")
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-f", "lavfi", "-i", source,
+                    "-t", f"{seconds}", "-c:v", "libx264", "-crf", "18", "-preset", "veryfast", str(path)], check=True)
+
+
+def make_sources(folder: Path, videos: int, seconds: float) -> None:
+    jobs = [("camera", i) for i in range(videos)] + [("mandelbrot", i) for i in range(videos)]
+    for kind, i in tqdm(jobs, desc="source videos", unit="video"):
+        target = folder / kind / f"{kind}_{i:03d}.mp4"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            continue
+        if kind == "camera":
+            synthetic_camera_video(target, seconds, 30, seed=i)
+        else:
+            mandelbrot_video(target, seconds, seed=i)
+
+
+def decode_all(data_or_path, settings: Decoder | None = None) -> tuple[np.ndarray, float]:
+    """Every frame as (N, H, W, 3) uint8 and the stream's frame rate."""
+    if settings is not None:  # through the loader's reader, so decoder flags apply as in training
+        with PyAVFrameReader(data_or_path, settings) as reader:
+            frames = reader.read(range(reader.num_frames)).permute(0, 2, 3, 1).numpy()
+        with av.open(io.BytesIO(data_or_path)) as container:
+            rate = float(container.streams.video[0].average_rate)
+        return frames, rate
+    with av.open(str(data_or_path)) as container:
+        stream = container.streams.video[0]
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)]), float(stream.average_rate)
+
+
+# -- measurements -------------------------------------------------------------------------------------------
+
+
+def decoder_for(name: str) -> str | Decoder:
+    return {"pyav+slf": Decoder("pyav", skip_loop_filter=True), "pyav+2t": Decoder("pyav", threads=2)}.get(name, name)
+
+
+def cpu_ms_per_clip(shardset: ShardSet, decoder: str, sampling: str, clips: int, seed: int) -> float:
+    """CPU per clip of a whole loader pass in this process. The shuffle buffer holds one batch, so filling it
+    reads 8 samples more than the clips use (a worker in steady state reads one sample per clip)."""
+    loader = build_train_loader(shardset, clip=CLIPS[sampling], batch_size=BATCH, num_workers=0,
+                                batches_per_epoch=clips // BATCH, seed=seed, rank=0, world_size=1,
+                                shuffle_buffer=BATCH, decoder=decoder_for(decoder))
+    start = time.process_time()
+    count = sum(len(batch["key"]) for batch in loader)
+    return 1000 * (time.process_time() - start) / count
+
+
+def psnr_db(shards: Path, sources: Path, decoder: str) -> dict[str, float]:
+    """Mean PSNR per content type of every 3rd decoded frame against the source frame shown at its time."""
+    import webdataset as wds
+
+    settings = decoder_for(decoder)
+    settings = settings if isinstance(settings, Decoder) else Decoder("pyav")  # torchcodec: identical pixels
+    scores: dict[str, list[float]] = {}
+    for sample in wds.WebDataset(sorted(str(p) for p in shards.glob("*.tar")), shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"])
+        reference, source_rate = decode_all(sources / meta["source"])
+        decoded, rate = decode_all(sample["mp4"], settings)
+        picks = range(0, len(decoded), 3)
+        ref = reference[[min(len(reference) - 1, round(i * source_rate / rate)) for i in picks]]
+        out = torch.from_numpy(decoded[list(picks)]).permute(0, 3, 1, 2)
+        if out.shape[-2:] != ref.shape[1:3]:  # smaller short side: back to the source size, lost detail counts
+            out = torch.nn.functional.interpolate(out.float(), size=ref.shape[1:3], mode="bicubic").clamp(0, 255)
+        err = (out.float() - torch.from_numpy(ref).permute(0, 3, 1, 2).float()) ** 2
+        mse = err.mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        scores.setdefault(meta["label"], []).extend((10 * torch.log10(255.0**2 / mse)).tolist())
+    return {kind: float(np.mean(values)) for kind, values in scores.items()}
+
+
+def pack(sources: Path, out: Path, settings: EncodeSettings) -> ShardSet:
+    if not (out / "dataset.json").exists():
+        pack_videos(sources, out, PackOptions(encode=settings, val=0.0, test=0.0, workers=2), progress=False,
+                    log=lambda _message: None)
+    return ShardSet.open(out)
+
+
+@dataclass
+class Row:
+    encoding: str
+    decoder: str
+    settings: dict
+    bytes_per_video: float
+    psnr: dict[str, float]
+    cpu_ms: dict[str, float] = field(default_factory=lambda: {s: float("inf") for s in CLIPS})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_encoding_"))
+    torch.set_num_threads(1)
+    make_sources(work / "sources", args.videos, args.seconds)
+    encodings = [e for e in grid() if not args.only or e.settings == OLD
+                 or any(s and s in e.name for s in args.only.split(","))]
+    available = {"auto", "pyav", "pyav+slf", "pyav+2t"} | ({"torchcodec"} if torchcodec_load_error() is None else set())
+    rows: list[Row] = []
+    shardsets: dict[str, ShardSet] = {}
+    for index, encoding in enumerate(tqdm(encodings, desc="pack + PSNR", unit="encoding")):
+        folder = work / f"enc{index:02d}"
+        shardsets[encoding.name] = pack(work / "sources", folder, encoding.settings)
+        tar_bytes = sum(p.stat().st_size for p in folder.glob("*.tar"))
+        psnr_default = None
+        for decoder in encoding.decoders:
+            if decoder not in available:
+                continue
+            needs_own = decoder.startswith("pyav+slf")  # the only flag that changes pixels
+            if psnr_default is None or needs_own:
+                scores = psnr_db(folder, work / "sources", decoder)
+                psnr_default = psnr_default or (None if needs_own else scores)
+            rows.append(Row(encoding.name, decoder, asdict(encoding.settings), tar_bytes / (2 * args.videos),
+                            scores if needs_own else psnr_default))
+    runs = [(row, sampling, r) for r in range(args.repeats) for row in rows for sampling in CLIPS]
+    for row, sampling, r in tqdm(runs, desc="CPU per clip", unit="run"):  # interleaved: load spikes hit all rows
+        ms = cpu_ms_per_clip(shardsets[row.encoding], row.decoder, sampling, args.clips, seed=r)
+        row.cpu_ms[sampling] = min(row.cpu_ms[sampling], ms)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"),
+               "machine": f"{psutil.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+               "videos": 2 * args.videos, "seconds": args.seconds, "clips": args.clips, "repeats": args.repeats,
+               "auto_decoder": "torchcodec" if torchcodec_load_error() is None else "pyav",
+               "rows": [asdict(row) for row in rows]}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    command = "PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_encoding.py " + " ".join(argv or sys.argv[1:])
+    print(write_report(results, args.out, command.strip()))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def write_report(results: dict, out: Path, command: str) -> str:
+    from actionrec.logging import headless_pyplot
+
+    rows = results["rows"]
+    base = next(r for r in rows if r["encoding"].startswith("old default") and r["decoder"] == "auto")
+    base_psnr = float(np.mean(list(base["psnr"].values())))
+    lines = [f"Measured {results['date']} on {results['machine']}; {results['videos']} videos "
+             f"({results['videos'] // 2} camera-like, {results['videos'] // 2} mandelbrot), {results['seconds']:g} s "
+             f"456x256 30 fps; {results['clips']} clips per cell, best of {results['repeats']}; "
+             f"\"auto\" = {results['auto_decoder']}. Ratios against the old default with \"auto\".",
+             f"Command: `{command}`", "",
+             "| encoding | decoder | CPU ms/clip TSN | dense | TSN cost vs old | bytes/video | bytes vs old "
+             "| PSNR camera | PSNR mandelbrot | ΔPSNR |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mean_psnr = float(np.mean(list(r["psnr"].values())))
+        lines.append(f"| {r['encoding']} | {r['decoder']} | {r['cpu_ms']['uniform']:.1f} | {r['cpu_ms']['dense']:.1f} "
+                     f"| {r['cpu_ms']['uniform'] / base['cpu_ms']['uniform']:.2f} | {r['bytes_per_video'] / 1e6:.2f} MB "
+                     f"| {r['bytes_per_video'] / base['bytes_per_video']:.2f} | {r['psnr'].get('camera', float('nan')):.2f} "
+                     f"| {r['psnr'].get('mandelbrot', float('nan')):.2f} | {mean_psnr - base_psnr:+.2f} |")
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+
+    plt = headless_pyplot()
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    markers = {"auto": "o", "pyav": "s", "torchcodec": "^", "pyav+slf": "D", "pyav+2t": "v"}
+    for decoder, marker in markers.items():
+        chosen = [r for r in rows if r["decoder"] == decoder]
+        if chosen:
+            axis.scatter([r["bytes_per_video"] / 1e6 for r in chosen], [r["cpu_ms"]["uniform"] for r in chosen],
+                         marker=marker, label=decoder)
+    for r in rows:
+        if r["decoder"] in ("auto", "pyav"):
+            axis.annotate(r["encoding"], (r["bytes_per_video"] / 1e6, r["cpu_ms"]["uniform"]), fontsize=6,
+                          xytext=(3, 2), textcoords="offset points")
+    axis.axhline(base["cpu_ms"]["uniform"] / 3, color="grey", linestyle=":", label="1/3 of the old CPU")
+    axis.axvline(2 * base["bytes_per_video"] / 1e6, color="grey", linestyle="--", label="2x the old bytes")
+    axis.set_xlabel("bytes per 10 s video (MB)")
+    axis.set_ylabel("CPU ms per 8x224² TSN clip (lower is better)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "cost_vs_bytes.png", dpi=120)
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())
