@@ -22,6 +22,7 @@ Writes benchmarks/out/encoding/{results.json,table.md,cost_vs_bytes.png}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -49,7 +50,7 @@ from benchmarks.bench_loader import synthetic_camera_video  # noqa: E402
 BATCH = 8
 CLIPS = {"uniform": ClipSpec(num_frames=8, sampling="uniform", size=224),
          "dense": ClipSpec(num_frames=8, sampling="dense", frame_stride=4, size=224)}
-OLD = EncodeSettings(gop=16, crf=23, preset="veryfast", fps=30, fps_mode="exact")  # the packer's defaults until v2
+OLD = EncodeSettings(gop=16, crf=23, preset="veryfast", tune="none", bframes=None, fps=30, fps_mode="exact")  # the packer's defaults until v2
 NEW = EncodeSettings()  # the packer's defaults now
 
 
@@ -182,6 +183,11 @@ def psnr_db(shards: Path, sources: Path, decoder: str) -> dict[str, float]:
     return {kind: float(np.mean(values)) for kind, values in scores.items()}
 
 
+def settings_slug(settings: EncodeSettings) -> str:
+    """A folder name per encoding, so --work caches packs across runs whatever --only selects."""
+    return "enc-" + hashlib.sha1(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:10]
+
+
 def pack(sources: Path, out: Path, settings: EncodeSettings) -> ShardSet:
     if not (out / "dataset.json").exists():
         pack_videos(sources, out, PackOptions(encode=settings, val=0.0, test=0.0, workers=2), progress=False,
@@ -210,8 +216,8 @@ def main(argv=None) -> int:
     available = {"auto", "pyav", "pyav+slf", "pyav+2t"} | ({"torchcodec"} if torchcodec_load_error() is None else set())
     rows: list[Row] = []
     shardsets: dict[str, ShardSet] = {}
-    for index, encoding in enumerate(tqdm(encodings, desc="pack + PSNR", unit="encoding")):
-        folder = work / f"enc{index:02d}"
+    for encoding in tqdm(encodings, desc="pack + PSNR", unit="encoding"):
+        folder = work / settings_slug(encoding.settings)
         shardsets[encoding.name] = pack(work / "sources", folder, encoding.settings)
         tar_bytes = sum(p.stat().st_size for p in folder.glob("*.tar"))
         psnr_default = None

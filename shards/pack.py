@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actionrec.shards.encode import FORMATS, FPS_MODES, EncodeSettings  # noqa: E402
+from actionrec.shards.encode import FORMATS, FPS_MODES, X264_TUNES, EncodeSettings  # noqa: E402
 from actionrec.shards.layouts import LAYOUTS  # noqa: E402
 from actionrec.shards.pack import PackError, PackOptions, format_summary, pack_videos  # noqa: E402
 
@@ -26,6 +26,9 @@ def byte_size(text: str) -> int:
     if not match or match.group(2).upper() not in SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 256MB, 1GB, 500000)")
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+
+
+DEFAULT = EncodeSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,9 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fps-mode", choices=FPS_MODES, default="cap",
                         help="cap: never up-sample, a source at or below --fps keeps its rate; exact: re-time every "
                              "video to exactly --fps, repeating frames of slower sources (default cap)")
-    parser.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (default 16)")
-    parser.add_argument("--crf", type=int, default=23, help="H.264 quality, lower is better (default 23)")
-    parser.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    parser.add_argument("--gop", type=int, default=DEFAULT.gop,
+                        help=f"keyframe interval in frames (default {DEFAULT.gop}; 1 = intra-only)")
+    parser.add_argument("--crf", type=int, default=DEFAULT.crf, help=f"H.264 quality, lower is better (default {DEFAULT.crf})")
+    parser.add_argument("--preset", default=DEFAULT.preset, help=f"x264 preset (default {DEFAULT.preset})")
+    parser.add_argument("--tune", default=DEFAULT.tune, choices=X264_TUNES,
+                        help=f"x264 tune (default {DEFAULT.tune}; fastdecode: no CABAC and no "
+                             "deblocking, decodes about twice as fast for a few percent more bytes)")
+    parser.add_argument("--bframes", type=int, default=DEFAULT.bframes,
+                        help="consecutive B-frames (default: the preset's)")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for --format jpg (default 90)")
     parser.add_argument("--shard-size", type=byte_size, default="256MB", help="close a shard once it reaches this size (default 256MB)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -71,7 +80,8 @@ def main(argv=None) -> int:
         return 2
     try:
         settings = EncodeSettings(format=args.format, short_side=args.short_side, fps=args.fps, fps_mode=args.fps_mode, gop=args.gop,
-                                  crf=args.crf, preset=args.preset, jpeg_quality=args.jpeg_quality)
+                                  crf=args.crf, preset=args.preset, tune=args.tune, bframes=args.bframes,
+                                  jpeg_quality=args.jpeg_quality)
         options = PackOptions(encode=settings, layout=args.layout, fold=args.fold, val=args.val, test=args.test,
                               seed=args.seed, split_csv=args.split_csv, shard_bytes=args.shard_size,
                               workers=args.workers)

@@ -1,11 +1,11 @@
 """Decode only the frames a clip needs, from the sample's in-memory bytes (never a temp file).
 
-Backends: torchcodec (needs the system's FFmpeg shared libraries) and PyAV (self-contained wheel with its own
-FFmpeg). The default, `decoder="auto"`, takes torchcodec where it loads, the faster of the two in
-benchmarks/bench_loader.py (8 x 224^2 clips, 2 cores: 32.1 / 58.6 clips/s with 1 / 2 workers against PyAV's
-24.9 / 39.8), and PyAV otherwise; both give identical pixels and stay selectable by name. jpg-format samples
-decode only the chosen frames. Every decoder runs one FFmpeg thread: the loader's parallelism is its worker
-processes.
+Backends: PyAV (self-contained wheel with its own FFmpeg) and torchcodec (needs the system's FFmpeg shared
+libraries). The default, `decoder="auto"`, is PyAV: its reader decodes only GOP prefixes and skips unused
+non-reference frames, and costs less CPU per training clip than torchcodec on every encoding measured in
+benchmarks/bench_encoding.py (old GOP 16 shards and the v2 default alike). Both give identical pixels and
+stay selectable by name. jpg-format samples decode only the chosen frames. Every decoder runs one FFmpeg
+thread by default: the loader's parallelism is its worker processes.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def torchcodec_load_error() -> str | None:
 
 
 def resolve_decoder(name: DecoderName | Decoder) -> str | Decoder:
-    """The backend for `name`, picked in the main process: 'auto' prefers torchcodec and falls back to PyAV.
+    """The backend for `name`, picked in the main process: 'auto' is PyAV (always available).
     Logs once per process which backend decodes and why. A Decoder (backend plus settings) is checked and
     passed through."""
     if isinstance(name, Decoder):
@@ -108,10 +108,8 @@ def resolve_decoder(name: DecoderName | Decoder) -> str | Decoder:
 def _choose_backend(name: DecoderName) -> tuple[str, str]:
     if name != "auto":
         return name, f"decoder={name!r} was asked for"
-    error = torchcodec_load_error()
-    if error is None:
-        return "torchcodec", "decoder='auto': torchcodec loads here, faster than PyAV in benchmarks/bench_loader.py"
-    return "pyav", f"decoder='auto': torchcodec does not load here ({error})"
+    return "pyav", ("decoder='auto': PyAV, less CPU per clip than torchcodec in benchmarks/bench_encoding.py "
+                    "(GOP-prefix decoding)")
 
 
 @functools.cache
@@ -121,14 +119,16 @@ def _log_choice(backend: str, reason: str) -> None:
 
 
 class PyAVFrameReader(FrameReader):
-    """H.264/mp4 bytes -> selected frames, decoding only the GOPs that hold a needed frame.
+    """H.264/mp4 bytes -> selected frames, decoding only GOP prefixes that end at a needed frame.
 
     The whole (compressed) sample is already in memory, so demuxing every packet up front is cheap
     (about 20 us per packet) and gives exact frame numbering (sorted presentation timestamps) and the
-    keyframe positions. A needed frame then costs decoding from its GOP's keyframe to that frame; GOPs
-    with no needed frame are never sent to the decoder (the in-memory equivalent of a seek, without the
-    demuxer's seek path, which measured slower than decoding straight through), and decoding stops once
-    the last needed frame is out.
+    keyframe positions. A needed frame then costs decoding from its GOP's keyframe to that frame (in
+    decode order), then the decoder is drained and reset for the next needed GOP; GOPs with no needed
+    frame are never sent to the decoder (the in-memory equivalent of a seek, without the demuxer's seek
+    path, which measured slower than decoding straight through). Non-reference frames (B-frames nothing
+    depends on) that the clip does not use are skipped by the decoder (`skip_frame`). Frames are
+    bit-identical to decoding the whole video.
     """
 
     def __init__(self, data: bytes, settings: Decoder = Decoder("pyav")):
@@ -151,30 +151,39 @@ class PyAVFrameReader(FrameReader):
             raise CorruptSample("mp4 has no video packets with timestamps")
         self._pts_sorted = sorted(p.pts for p in self._packets)
         self.num_frames = len(self._packets)
+        self._gops = _split_gops(self._packets)
+        self._gop_of = {p.pts: g for g, gop in enumerate(self._gops) for p in gop}  # pts -> GOP holding it
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
         wanted = {self._pts_sorted[i]: i for i in set(int(i) for i in indices)}
         frames: dict[int, np.ndarray] = {}
-        gops = _split_gops(self._packets)
-        needed = [g for g, gop in enumerate(gops) if any(p.pts in wanted for p in gop)]
-        # Open-GOP streams: frames shown before their keyframe reference the previous GOP, decode it too.
+        gops = self._gops
+        needed = {self._gop_of[pts] for pts in wanted}
+        # Open-GOP streams: frames shown before their keyframe reference the previous GOP, which is then
+        # decoded whole and straight into this one.
+        feeds_next = set()
         for g in list(needed):
             key_pts = gops[g][0].pts
-            if g > 0 and any(p.pts in wanted and p.pts < key_pts for p in gops[g]):
-                needed.append(g - 1)
-        previous = None
+            if g > 0 and any(pts < key_pts and self._gop_of[pts] == g for pts in wanted):
+                needed.add(g - 1)
+                feeds_next.add(g - 1)
         try:
-            for g in sorted(set(needed)):
-                if previous is not None and g != previous + 1:
-                    self._drain(wanted, frames)
-                    self._codec.flush_buffers()
-                for packet in gops[g]:
+            for g in sorted(needed):
+                gop = gops[g]
+                # Decode order: a GOP's needed frames are out once the last needed packet is sent (and the
+                # decoder drained); the rest of the GOP is never decoded.
+                end = len(gop) if g in feeds_next else 1 + max(i for i, p in enumerate(gop) if p.pts in wanted)
+                for packet in gop[:end]:
+                    # A frame no other frame references (a non-reference B-frame) that the clip does not
+                    # use is skipped by the decoder: nothing depends on it.
+                    self._codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
                     for frame in self._codec.decode(packet):
                         self._keep(frame, wanted, frames)
-                    if len(frames) == len(wanted):
-                        return self._stack(indices, frames)
-                previous = g
-            self._drain(wanted, frames)
+                if g not in feeds_next:
+                    self._drain(wanted, frames)
+                    self._codec.flush_buffers()
+                if len(frames) == len(wanted):
+                    break
         except av.error.FFmpegError as exc:
             raise CorruptSample(f"H.264 decode failed: {exc}") from exc
         if len(frames) != len(wanted):

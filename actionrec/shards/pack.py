@@ -38,7 +38,7 @@ tqdm.monitor_interval = 0
 FORMAT_VERSION = 2
 # Encoding settings that format v1 did not record, with the values v1 used: a v1 pack in progress resumes
 # when run with the same explicit settings.
-V1_ENCODING = {"fps_mode": "exact", "tune": "", "bframes": None}
+V1_ENCODING = {"fps_mode": "exact", "tune": "none", "bframes": None}
 STATE_FILE = ".pack-state.json"  # settings + classes of the pack in progress in OUT, checked on resume
 
 
