@@ -9,21 +9,22 @@ measures through the real loader (one process, no workers, one thread, CPU clock
   - CPU ms per 8 x 224^2 training clip, TSN-uniform and dense (stride 4): tar reading, demux, decode, RGB
     conversion, crop/resize and collate, the whole per-clip cost of a loader worker;
   - bytes per video (the shard tar bytes / videos);
-  - PSNR of every 3rd decoded frame against the source frame shown at the same time (RGB, at the source's
-    size; a smaller short side is scaled back up, so its lost detail counts).
+  - PSNR of every 3rd decoded frame of the first --psnr-seconds against the source frame shown at the same
+    time (RGB, at the source's size; a smaller short side is scaled back up, so its lost detail counts).
 The grid is reduced around the promising settings rather than the full cross product: GOP 32/16/8/4 and
-intra-only at the packer's old settings, x264 `tune=fastdecode` at GOP 16/8/4/1, B-frames off, CRF, a
-15 fps cap and a 224 short side on top of the fastdecode encodings, and the decoder flags (skip_loop_filter,
-2 threads) on the old default encoding. Every row's ratios are against the old defaults measured in the
-same run: GOP 16, crf 23, preset veryfast, no tune, decoder "auto" (torchcodec where it loads).
+intra-only at v1's settings (preset veryfast, crf 23, the preset's 3 B-frames), B-frames off, x264
+`tune=fastdecode` at GOP 16/8/4, the v2 default (fastdecode, GOP 4, no B-frames) with a higher CRF, a
+15 fps cap and a 224 short side, and the decoder flags (skip_loop_filter, 2 threads) on v1's encoding.
+Ratios are against v1's defaults measured in the same run: GOP 16, crf 23, preset veryfast, no tune,
+decoded by v1's decoder="auto" (torchcodec where it loads).
 Writes benchmarks/out/encoding/{results.json,table.md,cost_vs_bytes.png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -58,32 +59,24 @@ NEW = EncodeSettings()  # the packer's defaults now
 class Encoding:
     name: str
     settings: EncodeSettings
-    decoders: tuple[str, ...] = ("auto", "pyav")  # "auto", "pyav", "torchcodec", or "pyav+slf", "pyav+2t"
+    decoders: tuple[str, ...] = ("pyav",)  # "pyav", "torchcodec", "pyav+slf" (skip_loop_filter), "pyav+2t" (2 threads)
 
 
 def grid() -> list[Encoding]:
     fast = replace(OLD, tune="fastdecode")
-    rows = [Encoding("old default: GOP 16", OLD, ("auto", "pyav", "torchcodec", "pyav+slf", "pyav+2t")),
+    return [Encoding("v1 default: GOP 16", OLD, ("torchcodec", "pyav", "pyav+slf", "pyav+2t")),
             Encoding("GOP 32", replace(OLD, gop=32)),
             Encoding("GOP 8", replace(OLD, gop=8)),
-            Encoding("GOP 4", replace(OLD, gop=4), ("auto", "pyav", "pyav+slf")),
+            Encoding("GOP 4", replace(OLD, gop=4), ("torchcodec", "pyav", "pyav+slf")),
+            Encoding("GOP 4, no B-frames", replace(OLD, gop=4, bframes=0)),
             Encoding("intra-only (GOP 1)", replace(OLD, gop=1)),
-            Encoding("GOP 4, no B-frames", replace(OLD, gop=4, bframes=0), ("pyav",)),
             Encoding("fastdecode, GOP 16", replace(fast, gop=16)),
             Encoding("fastdecode, GOP 8", replace(fast, gop=8)),
             Encoding("fastdecode, GOP 4", replace(fast, gop=4)),
-            Encoding("fastdecode, GOP 8, no B-frames", replace(fast, gop=8, bframes=0)),
-            Encoding("fastdecode, GOP 4, no B-frames", replace(fast, gop=4, bframes=0)),
-            Encoding("fastdecode, GOP 4, no B, crf 24", replace(fast, gop=4, bframes=0, crf=24)),
-            Encoding("fastdecode, GOP 4, no B, crf 25", replace(fast, gop=4, bframes=0, crf=25), ("pyav",)),
-            Encoding("fastdecode, intra-only", replace(fast, gop=1)),
-            Encoding("fastdecode, intra-only, crf 28", replace(fast, gop=1, crf=28), ("pyav",)),
-            Encoding("fastdecode, GOP 8, 15 fps cap", replace(fast, gop=8, fps=15, fps_mode="cap"), ("pyav",)),
-            Encoding("fastdecode, GOP 8, short side 224", replace(fast, gop=8, short_side=224), ("pyav",))]
-    new = Encoding("new default (v2)", NEW)
-    if all(row.settings != NEW for row in rows):
-        rows.insert(1, new)
-    return rows
+            Encoding("v2 default: fastdecode, GOP 4, no B", NEW, ("torchcodec", "pyav")),
+            Encoding("v2 default, crf 25", replace(NEW, crf=25)),
+            Encoding("v2 default, 15 fps cap", replace(NEW, fps=15)),
+            Encoding("v2 default, short side 224", replace(NEW, short_side=224))]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,8 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clips", type=int, default=32, help="measured clips per (encoding, decoder, sampling)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved repetitions; the lowest CPU per clip is kept (the machine is shared)")
+    parser.add_argument("--psnr-seconds", type=float, default=4.0, help="PSNR over the first seconds of each video")
     parser.add_argument("--only", default="", help="comma-separated substrings: measure only matching encodings "
-                                                   "(the old default is always measured)")
+                                                   "(the v1 and v2 defaults are always measured)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/encoding"), help="results folder")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for videos/shards (default: temp)")
     args = parser.parse_args(argv)
@@ -130,19 +124,6 @@ def make_sources(folder: Path, videos: int, seconds: float) -> None:
             mandelbrot_video(target, seconds, seed=i)
 
 
-def decode_all(data_or_path, settings: Decoder | None = None) -> tuple[np.ndarray, float]:
-    """Every frame as (N, H, W, 3) uint8 and the stream's frame rate."""
-    if settings is not None:  # through the loader's reader, so decoder flags apply as in training
-        with PyAVFrameReader(data_or_path, settings) as reader:
-            frames = reader.read(range(reader.num_frames)).permute(0, 2, 3, 1).numpy()
-        with av.open(io.BytesIO(data_or_path)) as container:
-            rate = float(container.streams.video[0].average_rate)
-        return frames, rate
-    with av.open(str(data_or_path)) as container:
-        stream = container.streams.video[0]
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)]), float(stream.average_rate)
-
-
 # -- measurements -------------------------------------------------------------------------------------------
 
 
@@ -161,8 +142,9 @@ def cpu_ms_per_clip(shardset: ShardSet, decoder: str, sampling: str, clips: int,
     return 1000 * (time.process_time() - start) / count
 
 
-def psnr_db(shards: Path, sources: Path, decoder: str) -> dict[str, float]:
-    """Mean PSNR per content type of every 3rd decoded frame against the source frame shown at its time."""
+def psnr_db(shards: Path, sources: Path, decoder: str, seconds: float) -> dict[str, float]:
+    """Mean PSNR per content type of every 3rd decoded frame of the first `seconds` against the source frame
+    shown at the same time (RGB, at the source's size)."""
     import webdataset as wds
 
     settings = decoder_for(decoder)
@@ -170,17 +152,27 @@ def psnr_db(shards: Path, sources: Path, decoder: str) -> dict[str, float]:
     scores: dict[str, list[float]] = {}
     for sample in wds.WebDataset(sorted(str(p) for p in shards.glob("*.tar")), shardshuffle=False, empty_check=False):
         meta = json.loads(sample["json"])
-        reference, source_rate = decode_all(sources / meta["source"])
-        decoded, rate = decode_all(sample["mp4"], settings)
-        picks = range(0, len(decoded), 3)
-        ref = reference[[min(len(reference) - 1, round(i * source_rate / rate)) for i in picks]]
-        out = torch.from_numpy(decoded[list(picks)]).permute(0, 3, 1, 2)
+        reference, source_rate = source_frames(sources / meta["source"], seconds)
+        with PyAVFrameReader(sample["mp4"], settings) as reader:
+            picks = list(range(0, min(reader.num_frames, round(seconds * meta["fps"])), 3))
+            out = reader.read(picks)  # (N, 3, H, W)
+        ref = reference[[min(len(reference) - 1, round(i * source_rate / meta["fps"])) for i in picks]]
         if out.shape[-2:] != ref.shape[1:3]:  # smaller short side: back to the source size, lost detail counts
             out = torch.nn.functional.interpolate(out.float(), size=ref.shape[1:3], mode="bicubic").clamp(0, 255)
         err = (out.float() - torch.from_numpy(ref).permute(0, 3, 1, 2).float()) ** 2
         mse = err.mean(dim=(1, 2, 3)).clamp_min(1e-10)
         scores.setdefault(meta["label"], []).extend((10 * torch.log10(255.0**2 / mse)).tolist())
     return {kind: float(np.mean(values)) for kind, values in scores.items()}
+
+
+@functools.cache
+def source_frames(path: Path, seconds: float) -> tuple[np.ndarray, float]:
+    """The first `seconds` of a source as (N, H, W, 3) uint8 and its frame rate (kept for every encoding)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate)
+        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(round(seconds * rate) + 1), container.decode(stream))]
+    return np.stack(frames), rate
 
 
 def settings_slug(settings: EncodeSettings) -> str:
@@ -205,31 +197,36 @@ class Row:
     cpu_ms: dict[str, float] = field(default_factory=lambda: {s: float("inf") for s in CLIPS})
 
 
+def baseline_decoder() -> str:
+    """v1's decoder="auto": torchcodec where it loads, else PyAV (then with this version's faster reader, so the
+    ratios understate the gain over v1)."""
+    return "torchcodec" if torchcodec_load_error() is None else "pyav"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_encoding_"))
     torch.set_num_threads(1)
     make_sources(work / "sources", args.videos, args.seconds)
-    encodings = [e for e in grid() if not args.only or e.settings == OLD
+    encodings = [e for e in grid() if not args.only or e.settings in (OLD, NEW)
                  or any(s and s in e.name for s in args.only.split(","))]
-    available = {"auto", "pyav", "pyav+slf", "pyav+2t"} | ({"torchcodec"} if torchcodec_load_error() is None else set())
+    available = {"pyav", "pyav+slf", "pyav+2t"} | ({"torchcodec"} if torchcodec_load_error() is None else set())
     rows: list[Row] = []
     shardsets: dict[str, ShardSet] = {}
     for encoding in tqdm(encodings, desc="pack + PSNR", unit="encoding"):
         folder = work / settings_slug(encoding.settings)
         shardsets[encoding.name] = pack(work / "sources", folder, encoding.settings)
         tar_bytes = sum(p.stat().st_size for p in folder.glob("*.tar"))
-        psnr_default = None
+        scores = {}
         for decoder in encoding.decoders:
             if decoder not in available:
                 continue
-            needs_own = decoder.startswith("pyav+slf")  # the only flag that changes pixels
-            if psnr_default is None or needs_own:
-                scores = psnr_db(folder, work / "sources", decoder)
-                psnr_default = psnr_default or (None if needs_own else scores)
+            pixels = "slf" if decoder == "pyav+slf" else "default"  # skip_loop_filter is the only flag that changes pixels
+            if pixels not in scores:
+                scores[pixels] = psnr_db(folder, work / "sources", decoder, args.psnr_seconds)
             rows.append(Row(encoding.name, decoder, asdict(encoding.settings), tar_bytes / (2 * args.videos),
-                            scores if needs_own else psnr_default))
+                            scores[pixels]))
     runs = [(row, sampling, r) for r in range(args.repeats) for row in rows for sampling in CLIPS]
     for row, sampling, r in tqdm(runs, desc="CPU per clip", unit="run"):  # interleaved: load spikes hit all rows
         ms = cpu_ms_per_clip(shardsets[row.encoding], row.decoder, sampling, args.clips, seed=r)
@@ -237,7 +234,7 @@ def main(argv=None) -> int:
     results = {"date": time.strftime("%Y-%m-%d %H:%M"),
                "machine": f"{psutil.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
                "videos": 2 * args.videos, "seconds": args.seconds, "clips": args.clips, "repeats": args.repeats,
-               "auto_decoder": "torchcodec" if torchcodec_load_error() is None else "pyav",
+               "baseline_decoder": baseline_decoder(),
                "rows": [asdict(row) for row in rows]}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     command = "PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_encoding.py " + " ".join(argv or sys.argv[1:])
@@ -251,14 +248,14 @@ def write_report(results: dict, out: Path, command: str) -> str:
     from actionrec.logging import headless_pyplot
 
     rows = results["rows"]
-    base = next(r for r in rows if r["encoding"].startswith("old default") and r["decoder"] == "auto")
+    base = next(r for r in rows if r["encoding"].startswith("v1 default") and r["decoder"] == results["baseline_decoder"])
     base_psnr = float(np.mean(list(base["psnr"].values())))
     lines = [f"Measured {results['date']} on {results['machine']}; {results['videos']} videos "
              f"({results['videos'] // 2} camera-like, {results['videos'] // 2} mandelbrot), {results['seconds']:g} s "
-             f"456x256 30 fps; {results['clips']} clips per cell, best of {results['repeats']}; "
-             f"\"auto\" = {results['auto_decoder']}. Ratios against the old default with \"auto\".",
+             f"456x256 30 fps; {results['clips']} clips per cell, best of {results['repeats']}. Ratios against v1's "
+             f"default encoding with v1's default decoder ({results['baseline_decoder']}).",
              f"Command: `{command}`", "",
-             "| encoding | decoder | CPU ms/clip TSN | dense | TSN cost vs old | bytes/video | bytes vs old "
+             "| encoding | decoder | CPU ms/clip TSN | dense | TSN cost vs v1 | bytes/video | bytes vs v1 "
              "| PSNR camera | PSNR mandelbrot | ΔPSNR |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -272,18 +269,18 @@ def write_report(results: dict, out: Path, command: str) -> str:
 
     plt = headless_pyplot()
     figure, axis = plt.subplots(figsize=(9, 5.5))
-    markers = {"auto": "o", "pyav": "s", "torchcodec": "^", "pyav+slf": "D", "pyav+2t": "v"}
+    markers = {"pyav": "s", "torchcodec": "^", "pyav+slf": "D", "pyav+2t": "v"}
     for decoder, marker in markers.items():
         chosen = [r for r in rows if r["decoder"] == decoder]
         if chosen:
             axis.scatter([r["bytes_per_video"] / 1e6 for r in chosen], [r["cpu_ms"]["uniform"] for r in chosen],
                          marker=marker, label=decoder)
     for r in rows:
-        if r["decoder"] in ("auto", "pyav"):
+        if r["decoder"] == "pyav":
             axis.annotate(r["encoding"], (r["bytes_per_video"] / 1e6, r["cpu_ms"]["uniform"]), fontsize=6,
                           xytext=(3, 2), textcoords="offset points")
-    axis.axhline(base["cpu_ms"]["uniform"] / 3, color="grey", linestyle=":", label="1/3 of the old CPU")
-    axis.axvline(2 * base["bytes_per_video"] / 1e6, color="grey", linestyle="--", label="2x the old bytes")
+    axis.axhline(base["cpu_ms"]["uniform"] / 3, color="grey", linestyle=":", label="1/3 of v1's CPU")
+    axis.axvline(2 * base["bytes_per_video"] / 1e6, color="grey", linestyle="--", label="2x v1's bytes")
     axis.set_xlabel("bytes per 10 s video (MB)")
     axis.set_ylabel("CPU ms per 8x224² TSN clip (lower is better)")
     axis.legend(fontsize=8)

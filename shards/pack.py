@@ -31,6 +31,15 @@ def byte_size(text: str) -> int:
 DEFAULT = EncodeSettings()
 
 
+def bframes_arg(text: str) -> int | None:
+    if text == "preset":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of B-frames or 'preset', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Pack labelled videos into WebDataset shards. Layouts: folder (SRC/<class>/<video>), "
@@ -60,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tune", default=DEFAULT.tune, choices=X264_TUNES,
                         help=f"x264 tune (default {DEFAULT.tune}; fastdecode: no CABAC and no "
                              "deblocking, decodes about twice as fast for a few percent more bytes)")
-    parser.add_argument("--bframes", type=int, default=DEFAULT.bframes,
-                        help="consecutive B-frames (default: the preset's)")
+    parser.add_argument("--bframes", type=bframes_arg, default=DEFAULT.bframes,
+                        help=f"consecutive B-frames, or 'preset' for the x264 preset's choice (default {DEFAULT.bframes})")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for --format jpg (default 90)")
     parser.add_argument("--shard-size", type=byte_size, default="256MB", help="close a shard once it reaches this size (default 256MB)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

@@ -262,3 +262,17 @@ def test_slower_source_keeps_its_frame_rate_unless_exact_retiming_is_asked(tmp_p
         assert meta["fps"] == 30 and meta["num_frames"] == len(packed) == 60
         repeats = sum(psnr(packed[i], packed[i + 1]) > 45 for i in range(59))
         assert repeats >= 30
+
+
+def test_a_v1_pack_in_progress_resumes_with_v1_settings_only(synth, tmp_path):
+    out = tmp_path / "out"
+    v1 = EncodeSettings(gop=16, tune="none", bframes=None, fps_mode="exact")
+    pack_videos(synth, out, PackOptions(encode=v1, workers=0, val=0.0, test=0.0), progress=False, log=quiet)
+    state = json.loads((out / ".pack-state.json").read_text())
+    for key in ("fps_mode", "tune", "bframes"):  # what format v1 did not record
+        del state["settings"][key]
+    (out / ".pack-state.json").write_text(json.dumps(state))
+    with pytest.raises(Exception, match="other settings.*gop: 16 -> 4.*tune: none -> fastdecode"):
+        pack_videos(synth, out, PackOptions(workers=0, val=0.0, test=0.0), progress=False, log=quiet)
+    result = pack_videos(synth, out, PackOptions(encode=v1, workers=0, val=0.0, test=0.0), progress=False, log=quiet)
+    assert result.resumed == 24 and result.newly_packed == 0
