@@ -23,7 +23,7 @@ def main() -> int:
         cfg = config_from_args(args)
         from actionrec.engine.trainer import train  # heavy imports after the config is known to be good
 
-        train(cfg, eval_only=args.eval_only, checkpoint=args.checkpoint)
+        train(cfg, eval_only=args.eval_only, checkpoint=args.checkpoint, frames_shuffled=args.shuffle_frames)
     except (ConfigError, CheckpointNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -41,6 +41,9 @@ class DataConfig:
     num_workers: int = 2
     decoder: Literal["auto", "pyav", "torchcodec"] = "auto"  # auto = torchcodec where it loads, else PyAV
     shuffle_buffer: int = 0  # 0 = the loader's default
+    # Training clips drawn from one decode of a video (repeated augmentation): each is sampled and augmented
+    # independently and counts as one clip of the batch; an epoch still visits every video once.
+    clips_per_video: int = 1
     eval_temporal_clips: int = 1  # views per video at evaluation: temporal clips x spatial crops
     eval_spatial_crops: int = 1
     eval_batch_size: int = 0  # per device; 0 = train.per_device_batch_size
@@ -98,8 +101,24 @@ class LogConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Masked video pre-training (task: pretrain; VideoMAE-style, see docs/pretrain.md)."""
+
+    mask_ratio: float = 0.9  # share of patch positions hidden in every frame (tube masking), per clip at random
+    tubelet: int = 2  # frames per predicted cube (cube = tubelet frames x patch x patch)
+    decoder_dim: int = 0  # 0 = half the encoder's width
+    decoder_depth: int = 4
+    decoder_heads: int = 0  # 0 = the encoder's number of heads
+    norm_target: bool = True  # predict each cube's pixels normalised by the cube's own mean and std
+    reconstructions: int = 4  # val clips drawn as original / masked / predicted at every evaluation
+
+
+@dataclass
 class Config:
     name: str = "run"  # run dir = {output_dir}/{name}; re-running the same name resumes
+    # classify: supervised training on labelled shards; pretrain: masked video pre-training of the
+    # model's encoder (labels not read), to fine-tune from with model.pretrained=runs/<that run>
+    task: Literal["classify", "pretrain"] = "classify"
     output_dir: str = "runs"
     deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO) selected from the config, without `accelerate launch`
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,6 +126,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -128,6 +148,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=100")
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint instead of training")
     parser.add_argument(
+        "--shuffle-frames",
+        action="store_true",
+        help="with --eval-only: evaluate on clips whose frames are shuffled (does the model use frame order? one "
+        "that does falls to what single frames tell; reports go to eval/<split>_frames_shuffled_metrics.json)",
+    )
+    parser.add_argument(
         "--checkpoint",
         type=str,
         default=None,
@@ -142,6 +168,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     checkpoint is the base (so `train.py --eval-only --checkpoint runs/x` needs nothing else)."""
     if args.eval_only and not args.checkpoint:
         raise ConfigError("--eval-only needs --checkpoint PATH (a run dir, checkpoints/latest or a model.safetensors)")
+    if getattr(args, "shuffle_frames", False) and not args.eval_only:
+        raise ConfigError("--shuffle-frames is an evaluation of a saved model: add --eval-only --checkpoint PATH")
     data: dict[str, Any] = {}
     if args.eval_only and not args.config:
         from actionrec.engine.checkpoint import CheckpointNotFound, checkpoint_metadata, resolve_checkpoint
@@ -208,11 +236,32 @@ def model_build_options(cfg: Config) -> dict[str, Any]:
 
 def resolved_model_options(cfg: Config) -> dict[str, Any]:
     """`model.options` with `init: auto` resolved by whether weights are loaded: the official (ViT) set-up
-    when `model.pretrained` names a weights file, the from-scratch set-up when it names none."""
+    when `model.pretrained` names a weights file, the from-scratch set-up when it names none, and the set-up
+    a masked pre-training run of ours used when it names that run (its encoder comes with its stem)."""
     options = dict(cfg.model.options)
     if options.get("init", "auto") == "auto":
-        options["init"] = "vit" if cfg.model.pretrained else "scratch"
+        pretrain_run = pretrain_run_config(cfg.model.pretrained) if cfg.model.pretrained else None
+        if pretrain_run is not None:
+            options["init"] = resolved_model_options(build_config(pretrain_run, check_paths=False))["init"]
+        else:
+            options["init"] = "vit" if cfg.model.pretrained else "scratch"
     return options
+
+
+def pretrain_run_config(path: str) -> dict[str, Any] | None:
+    """The saved config of a masked pre-training run that `path` names (its run dir or its
+    model.safetensors), or None when `path` is anything else."""
+    run_dir = Path(path)
+    if run_dir.is_file():
+        run_dir = run_dir.parent
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        data = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) and data.get("task") == "pretrain" else None
 
 
 def world_size_from_env() -> int:
@@ -428,6 +477,7 @@ def _validate(cfg: Config, check_paths: bool) -> None:
         "data.num_frames": cfg.data.num_frames,
         "data.size": cfg.data.size,
         "data.frame_stride": cfg.data.frame_stride,
+        "data.clips_per_video": cfg.data.clips_per_video,
         "data.eval_temporal_clips": cfg.data.eval_temporal_clips,
         "data.eval_spatial_crops": cfg.data.eval_spatial_crops,
         "optim.lr": cfg.optim.lr,
@@ -467,6 +517,8 @@ def _validate(cfg: Config, check_paths: bool) -> None:
             f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
             f"train.per_device_batch_size={cfg.train.per_device_batch_size}"
         )
+    if cfg.task == "pretrain":
+        _validate_pretrain(cfg)
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"config key 'name' must be a non-empty run name without '/', got {cfg.name!r}")
     _validate_model(cfg)
@@ -480,9 +532,39 @@ def _validate(cfg: Config, check_paths: bool) -> None:
             json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"deepspeed_config {cfg.deepspeed_config} is not valid JSON: {exc}") from None
-    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
-        raise ConfigError(f"model.pretrained {cfg.model.pretrained} does not exist: give a local weights file")
-    _validate_shards(cfg.data.shards)
+    if cfg.model.pretrained and Path(cfg.model.pretrained).is_dir() and pretrain_run_config(cfg.model.pretrained):
+        if not (Path(cfg.model.pretrained) / "model.safetensors").is_file():
+            raise ConfigError(f"model.pretrained {cfg.model.pretrained} is a pre-training run without its final "
+                              "model.safetensors: let it finish (re-run its command to resume it) first")
+    elif cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+        raise ConfigError(f"model.pretrained {cfg.model.pretrained} does not exist: give a local weights file "
+                          "or the run dir of a masked pre-training run")
+    _validate_shards(cfg.data.shards, cfg.task)
+
+
+def _validate_pretrain(cfg: Config) -> None:
+    pre = cfg.pretrain
+    if not 0.0 < pre.mask_ratio < 1.0:
+        raise ConfigError(f"config key 'pretrain.mask_ratio' must be in (0, 1), got {pre.mask_ratio}")
+    for key in ("tubelet", "decoder_depth"):
+        if getattr(pre, key) < 1:
+            raise ConfigError(f"config key 'pretrain.{key}' must be >= 1, got {getattr(pre, key)}")
+    for key in ("decoder_dim", "decoder_heads", "reconstructions"):
+        if getattr(pre, key) < 0:
+            raise ConfigError(f"config key 'pretrain.{key}' must be >= 0, got {getattr(pre, key)}")
+    if cfg.data.num_frames % pre.tubelet:
+        raise ConfigError(f"data.num_frames={cfg.data.num_frames} is not a multiple of pretrain.tubelet={pre.tubelet}")
+    if cfg.optim.mixup_alpha > 0 or cfg.optim.cutmix_alpha > 0:
+        raise ConfigError("optim.mixup_alpha / optim.cutmix_alpha mix labels: set them to 0 for task=pretrain")
+    from actionrec.models import model_config_class
+    from actionrec.models.masked import check_maskable
+
+    if model_config_class(cfg.model.name).__name__ != "TimeSformerConfig":
+        raise ConfigError(f"task=pretrain pre-trains a TimeSformer encoder; model.name {cfg.model.name} is not one")
+    try:
+        check_maskable(cfg.model.options.get("attention_type", "divided_space_time"))
+    except ValueError as exc:
+        raise ConfigError(f"model.attention_type: {exc}") from None
 
 
 def _validate_model(cfg: Config) -> None:
@@ -500,8 +582,9 @@ def _validate_model(cfg: Config) -> None:
         ) from None
 
 
-def _validate_shards(source: str) -> None:
-    """A local shard set must exist; URLs and brace patterns are checked by the loader when it opens them."""
+def _validate_shards(source: str, task: str = "classify") -> None:
+    """A local shard set must exist (and be labelled, for classification); URLs and brace patterns are
+    checked by the loader when it opens them."""
     if "://" in source or source.startswith("pipe:") or "{" in source:
         return
     path = Path(source)
@@ -509,3 +592,13 @@ def _validate_shards(source: str) -> None:
         raise ConfigError(f"data.shards {source} has no dataset.json: pack videos first with shards/pack.py")
     if not path.exists():
         raise ConfigError(f"data.shards {source} does not exist: pack videos with shards/pack.py or fix the path")
+    manifest = path / "dataset.json" if path.is_dir() else path
+    if task == "classify" and manifest.suffix == ".json":
+        try:
+            labelled = json.loads(manifest.read_text()).get("labelled", True)
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return  # the loader says what is wrong with it
+        if labelled is False:
+            raise ConfigError(f"data.shards {source} is unlabelled (packed without classes): supervised training "
+                              "needs labels; pre-train on it with task=pretrain (configs/pretrain_demo.yaml), or "
+                              "pack labelled videos (SRC/<class>/<video>) for classification")

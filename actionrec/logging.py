@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import string
@@ -196,8 +197,9 @@ class RunMonitor:
         if self.is_main:
             plot_loss_curve(self.metrics_path, self.plots_dir / "loss.png")
 
-    def finish(self, results: dict[str, Any] | None = None, summary: bool = True) -> None:
-        """Final loss plot, close WandB, and print a summary: headline numbers and where everything is (not for
+    def finish(self, results: dict[str, Any] | None = None, summary: bool = True, num_workers: int | None = None) -> None:
+        """Final loss plot, close WandB, and print a summary: headline numbers, the data wait (with advice when
+        the run was data-bound; `num_workers`: loader workers per process) and where everything is (not for
         a run that stopped early: its own message says what happened)."""
         if not self.is_main:
             return
@@ -212,10 +214,15 @@ class RunMonitor:
                 warnings.warn(f"WandB finish failed: {exc!r}")
             self.wandb_run = None
         if summary:
-            self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode))
+            self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode, num_workers))
 
 
-def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, wandb_mode: str | None) -> str:
+# Above this share of step time spent waiting for batches, the summary calls a run data-bound.
+DATA_BOUND_SHARE = 0.10
+
+
+def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, wandb_mode: str | None,
+                num_workers: int | None = None) -> str:
     lines = [f"summary of {run_dir}:"]
     for split in ("test", "val"):
         if f"{split}/video/top1" in results:
@@ -224,6 +231,13 @@ def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, 
                 f"mean class {results[f'{split}/video/mean_class_accuracy']:.1%} "
                 f"({int(results[f'{split}/video/count'])} videos); clip-level top-1 {results[f'{split}/clip/top1']:.1%}"
             )
+    wait = mean_data_wait(run_dir / "metrics.jsonl")
+    if wait is not None:
+        line = f"  data wait: {wait:.0%} of step time (train/data_wait_fraction, mean over the run)"
+        if wait > DATA_BOUND_SHARE and num_workers is not None:
+            line += (f"; data-bound: {extra_workers_needed(wait, num_workers)} more workers or decode_on: device "
+                     f"(data.num_workers is {num_workers} per process)")
+        lines.append(line)
     lines.append(f"  metrics:  {run_dir / 'metrics.jsonl'}")
     lines.append(f"  plots:    {run_dir / 'plots'} (loss.png, confusion_matrix_*.png, pr_curves_*.png)")
     if wandb_dir is not None:
@@ -231,6 +245,37 @@ def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, 
         lines.append(f"  WandB:    {wandb_dir} ({wandb_mode}; view with `{how}`)")
     lines.append(f"  model:    {run_dir / 'model.safetensors'} (python predict.py VIDEO --checkpoint {run_dir})")
     return "\n".join(lines)
+
+
+def mean_data_wait(metrics_path: Path) -> float | None:
+    """Mean of the logged `train/data_wait_fraction` windows (equal steps each; evaluation and checkpoint
+    time excluded, worker start-up included), or None before any training window was logged."""
+    if not metrics_path.exists():
+        return None
+    shares = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            continue
+        if "train/data_wait_fraction" in record:
+            shares.append(float(record["train/data_wait_fraction"]))
+    return sum(shares) / len(shares) if shares else None
+
+
+def extra_workers_needed(wait_share: float, num_workers: int) -> int:
+    """Loader workers (per process) to add so that batches arrive as fast as the model takes them.
+
+    With W >= 1 workers and a data-bound run, the loader sets the pace: a step lasts T = 1 / (W r) for a
+    per-worker rate r, of which the model needs (1 - w) T when w is the wait share. Workers matching the
+    model's rate: W' r = 1 / ((1 - w) T), so W' = W / (1 - w). With W = 0 the training process decodes
+    between steps (the decode time is w T): w / (1 - w) workers decoding in parallel keep up, and at least
+    one is needed. Rounded up; it assumes a free core per worker (with fewer cores, decode_on: device).
+    """
+    w = min(max(wait_share, 0.0), 0.99)  # a run that only waited would ask for unbounded workers
+    if num_workers == 0:
+        return max(1, math.ceil(w / (1 - w) - 1e-9))
+    return max(1, math.ceil(num_workers / (1 - w) - 1e-9) - num_workers)
 
 
 def per_class_records(result: EvalResult, class_names: list[str]) -> dict[str, dict[str, dict[str, float]]]:
@@ -273,8 +318,12 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     if not Path(metrics_path).exists():
         return
     steps, losses, lrs, eval_steps, eval_acc = [], [], [], [], []
+    val_steps, val_losses = [], []
     for line in Path(metrics_path).read_text().splitlines():
         record = json.loads(line)
+        if "val/loss" in record:
+            val_steps.append(record["step"])
+            val_losses.append(record["val/loss"])
         if "train/loss" in record:
             steps.append(record["step"])
             losses.append(record["train/loss"])
@@ -288,6 +337,8 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, label="train loss", color="tab:blue")
+    if val_steps:
+        ax.plot(val_steps, val_losses, "s--", label="val loss", color="tab:orange")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -84,9 +84,11 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
         checkpoint: str | None = None,
         max_requeues: int = 10,
         cpu: bool = False,
+        frames_shuffled: bool = False,
     ) -> None:
         self.cfg = cfg
         self.eval_only = eval_only
+        self.frames_shuffled = frames_shuffled
         self.checkpoint_path = checkpoint
         self.max_requeues = max_requeues
         self.cpu = cpu
@@ -123,7 +125,7 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
             raise RuntimeError("SlurmTrainingJob runs inside a submitit job (launch/slurm.py submits it)")
         try:
             result = train(self.cfg, eval_only=self.eval_only, checkpoint=checkpoint,
-                           stop_signals=(_preemption_signal(),))
+                           stop_signals=(_preemption_signal(),), frames_shuffled=self.frames_shuffled)
         except TrainingInterrupted as stop:
             if dist_env.rank == 0:
                 print(f"actionrec.slurm: {stop.summary}", flush=True)
@@ -133,7 +135,7 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
                     _exit_now()  # requeued: SLURM is ending the job's processes, leave without teardown
             _wait_for_slurm_to_end_this_task()
         # submitit writes the result file after this returns, then the interpreter exits; that exit can
-        # abort in gloo/DeepSpeed teardown ("terminate called without an active exception", ENVIRONMENT.md),
+        # abort in gloo/DeepSpeed teardown ("terminate called without an active exception", docs/training.md),
         # which SLURM would record as a failed task. Leave without running those destructors, as train.py does.
         atexit.register(_exit_now)
         return result

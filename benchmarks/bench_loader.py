@@ -9,6 +9,10 @@ measures clips/s for 8x224^2 clips (TSN-uniform sampling) with 1 and 2 workers:
   - (b) a naive map-style DataLoader decoding each whole video file with PyAV (SlowFast/TimeSformer style);
 peak memory (PSS of the loader's process tree) over N and 10N videos; and a profile of where the loader's
 time goes. Writes benchmarks/out/loader/{results.json,table.md,clips_per_s.png}.
+
+With --clips-per-video 1,2,4 it measures only repeated augmentation instead: CPU ms per training clip when
+each decoded video gives K clips (data.clips_per_video), TSN-uniform and dense, 1 worker, against K = 1 in
+the same run. Writes benchmarks/out/loader/clips_per_video.{json,md}.
 """
 
 from __future__ import annotations
@@ -61,11 +65,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="interleaved repetitions per measurement; the best is kept (the machine is shared)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/loader"), help="results folder")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for videos/shards (default: temp)")
+    parser.add_argument("--clips-per-video", default="",
+                        help="comma-separated K values: measure only CPU per clip with K clips per decoded video")
     args = parser.parse_args(argv)
     try:
         args.worker_counts = [int(w) for w in args.workers.split(",")]
+        args.clip_counts = [int(k) for k in args.clips_per_video.split(",")] if args.clips_per_video else []
     except ValueError:
-        parser.error(f"--workers must be comma-separated integers, got {args.workers!r}")
+        parser.error(f"--workers and --clips-per-video must be comma-separated integers, got {args.workers!r}, "
+                     f"{args.clips_per_video!r}")
+    if any(k < 1 for k in args.clip_counts):
+        parser.error(f"every --clips-per-video value must be >= 1, got {args.clips_per_video!r}")
     if args.videos < 2 or args.memory_videos < BATCH or args.seconds <= 0 or args.repeats < 1 \
             or any(w < 1 for w in args.worker_counts):
         parser.error(f"--videos must be >= 2, --memory-videos >= {BATCH}, --seconds > 0, --repeats >= 1 and "
@@ -165,9 +175,11 @@ def _measure(batches: Iterator[dict], size_of) -> Throughput:
     return Throughput(count / wall, 1000 * (_cpu_seconds() - cpu_start) / (count + first))
 
 
-def loader_throughput(workers: int, shardset: ShardSet, batches: int, decoder: str) -> Throughput:
-    loader = build_train_loader(shardset, clip=CLIP, batch_size=BATCH, num_workers=workers, batches_per_epoch=batches,
-                                seed=0, rank=0, world_size=1, decoder=decoder, augment=TrainAugment())
+def loader_throughput(workers: int, shardset: ShardSet, batches: int, decoder: str, clip: ClipSpec = CLIP,
+                      clips_per_video: int = 1) -> Throughput:
+    loader = build_train_loader(shardset, clip=clip, batch_size=BATCH, num_workers=workers, batches_per_epoch=batches,
+                                seed=0, rank=0, world_size=1, decoder=decoder, augment=TrainAugment(),
+                                clips_per_video=clips_per_video)
     return _measure(iter(loader), lambda batch: len(batch["key"]))
 
 
@@ -346,6 +358,40 @@ def write_report(results: dict, out: Path, command: str) -> str:
     return table
 
 
+def clips_per_video_report(args, mp4: ShardSet, command: str) -> str:
+    """CPU ms per 8x224² training clip with K clips per decoded video, 1 worker, the default decoder."""
+    samplings = {"TSN-uniform": CLIP, "dense, stride 4": ClipSpec(num_frames=8, sampling="dense", frame_stride=4, size=224)}
+    # The same number of clips for every K (so K = 4 decodes a quarter of the videos); enough of them that
+    # the first fill of the shuffle buffer (counted in the CPU time) weighs little.
+    batches = max(24, 4 * args.videos // BATCH)
+    cpu = {name: {k: float("inf") for k in args.clip_counts} for name in samplings}
+    clips = {name: {k: 0.0 for k in args.clip_counts} for name in samplings}
+    runs = [(name, k) for _ in range(args.repeats) for name in samplings for k in args.clip_counts]
+    for name, k in tqdm(runs, desc="clips per video", unit="run"):  # interleaved, best of the repeats
+        result = loader_throughput(1, mp4, batches, "auto", clip=samplings[name], clips_per_video=k)
+        cpu[name][k] = min(cpu[name][k], result.cpu_ms_per_clip)
+        clips[name][k] = max(clips[name][k], result.clips_per_s)
+    decoder = "torchcodec" if torchcodec_load_error() is None else "pyav"
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "videos": args.videos, "seconds": args.seconds,
+               "fps": args.fps, "repeats": args.repeats, "decoder": decoder, "clips_per_batch": BATCH,
+               "batches": batches, "cpu_ms_per_clip": cpu, "clips_per_s": clips}
+    (args.out / "clips_per_video.json").write_text(json.dumps(results, indent=1))
+    lines = [f"Measured {results['date']}; {args.videos} videos of {args.seconds:g} s at {args.fps:g} fps, 456x256, "
+             f"packed with the default settings; 1 worker, {decoder}; {batches} batches of {BATCH} clips per run, "
+             f"best of {args.repeats} interleaved runs.", f"Command: `{command}`", "",
+             "| 8x224² clips | " + " | ".join(f"K = {k}" for k in args.clip_counts) + " |",
+             "|---|" + "---|" * len(args.clip_counts)]
+    for name in samplings:
+        base = cpu[name][args.clip_counts[0]]
+        lines.append(f"| {name}: CPU ms per clip | " + " | ".join(
+            f"{cpu[name][k]:.0f} ({base / cpu[name][k]:.2f}x)" for k in args.clip_counts) + " |")
+        lines.append(f"| {name}: clips/s, 1 worker | " + " | ".join(f"{clips[name][k]:.1f}" for k in args.clip_counts)
+                     + " |")
+    table = "\n".join(lines)
+    (args.out / "clips_per_video.md").write_text(table + "\n")
+    return table
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +400,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     make_sources(work / "sources", args.videos, args.seconds, args.fps)
     mp4 = pack(work / "sources", work / "mp4", "mp4", args.fps)
+    command = "PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_loader.py " + " ".join(argv or sys.argv[1:])
+    if args.clip_counts:
+        print(clips_per_video_report(args, mp4, command.strip()))
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     jpg = pack(work / "sources", work / "jpg", "jpg", args.fps)
     files, num_frames = extract_mp4s(mp4, work / "files")
     batches = max(8, 4 * args.videos // BATCH)
@@ -389,7 +441,6 @@ def main(argv=None) -> int:
     }
     results["profile"], results["profile_top_functions"] = profile_loader(mp4, "pyav", batches)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    command = "PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_loader.py " + " ".join(argv or sys.argv[1:])
     print(write_report(results, args.out, command.strip()))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

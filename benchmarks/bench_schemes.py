@@ -3,10 +3,14 @@
     python benchmarks/bench_schemes.py                       # every model, the demo's size and step budget
     python benchmarks/bench_schemes.py --steps 100 --models timesformer_divided r3d_18
 
+The CNN rows are the demo-sized models of configs/demo_<model>.yaml (their model sections).
+
 Each model is trained by `train.py` itself (one process, same shards, clip size, global batch, optimiser,
 schedule and step budget as `configs/demo.yaml`; only the `model` section differs) and evaluated on the
-held-out test split. Writes benchmarks/out/schemes/table.md (+ .json) with parameters, clip- and video-level
-top-1, video-level mAP and train clips/s, and prints the table. The synthetic classes come in time-reversed pairs, so a model
+held-out test split, then evaluated again on the same test clips with their frames shuffled (a model that
+uses frame order falls to what single frames tell; one that ignores it stays where it was). Writes
+benchmarks/out/schemes/table.md (+ .json) with parameters, clip- and video-level top-1, video-level mAP, the
+shuffled-frames video top-1 and train clips/s, and prints the table. The synthetic classes come in time-reversed pairs, so a model
 that ignores frame order (space-only, whose from-scratch stem is per-frame too) can at best name the pair:
 50% top-1.
 
@@ -29,22 +33,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from actionrec.config import parse_config  # noqa: E402
-from actionrec.models import build_model_for  # noqa: E402
+from actionrec.engine.run_model import build_model_for  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out" / "schemes"
 
 TINY_TIMESFORMER = {"name": "timesformer_tiny", "embed_dim": 96, "depth": 4, "num_heads": 4}
-# Same trunk-free transformer width for the CNN heads, so the comparison is about the space-time modelling.
-CNN_HEAD = {"hidden_dim": 96, "num_layers": 2, "num_heads": 4}
+
+
+def demo_model(name: str) -> dict:
+    """The model section of the CNN family's demo config (configs/demo_<name>.yaml): the demo-sized model."""
+    return yaml.safe_load((REPO / "configs" / f"demo_{name}.yaml").read_text())["model"]
+
+
 MODELS: dict[str, dict] = {
     "timesformer_space_only": {**TINY_TIMESFORMER, "attention_type": "space_only"},
     "timesformer_joint": {**TINY_TIMESFORMER, "attention_type": "joint_space_time"},
     "timesformer_divided": {**TINY_TIMESFORMER, "attention_type": "divided_space_time"},
     "timesformer_sparse_local_global": {**TINY_TIMESFORMER, "attention_type": "sparse_local_global"},
     "timesformer_axial": {**TINY_TIMESFORMER, "attention_type": "axial"},
-    "r3d_18": {"name": "r3d_18_transformer", **CNN_HEAD},
-    "r2plus1d_18": {"name": "r2plus1d_18_transformer", **CNN_HEAD},
-    "resnet18_temporal": {"name": "resnet18_temporal", **CNN_HEAD},
+    "r3d_18": demo_model("r3d_18_transformer"),
+    "r2plus1d_18": demo_model("r2plus1d_18_transformer"),
+    "resnet18_temporal": demo_model("resnet18_temporal"),
 }
 
 
@@ -78,6 +87,11 @@ def run_one(label: str, model: dict, base: dict, steps: int) -> dict:
     print(f"== {label}: training {steps} steps", flush=True)
     subprocess.run([sys.executable, "train.py", "--config", str(config_path)], cwd=REPO, check=True)
 
+    # "Does it use time?": the same test clips with their frames shuffled (train.py --eval-only --shuffle-frames).
+    subprocess.run([sys.executable, "train.py", "--eval-only", "--shuffle-frames", "--checkpoint", str(run_dir),
+                    "data.val_split=", "log.progress_bar=false"], cwd=REPO, check=True)
+    shuffled = json.loads((run_dir / "eval" / "test_frames_shuffled_metrics.json").read_text())
+
     config, _ = parse_config(["--config", str(config_path)])
     classes = json.loads((run_dir / "classes.json").read_text())
     params = sum(p.numel() for p in build_model_for(config, len(classes)).parameters())
@@ -89,21 +103,24 @@ def run_one(label: str, model: dict, base: dict, steps: int) -> dict:
         "clip_top1": test.get("test/clip/top1", float("nan")),
         "video_top1": test.get("test/video/top1", float("nan")),
         "video_map": test.get("test/video/mAP", float("nan")),
+        "shuffled_video_top1": shuffled["video/top1"],
         "train_clips_per_s": mean_train_throughput(metrics),
     }
 
 
 def write_table(rows: list[dict], steps: int) -> str:
     lines = [
-        "| model | params (M) | clip top-1 | video top-1 | video mAP | train clips/s |",
-        "|---|---|---|---|---|---|",
+        "| model | params (M) | clip top-1 | video top-1 | video mAP | video top-1, frames shuffled | train clips/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['params_m']:.2f} | {row['clip_top1']:.3f} | {row['video_top1']:.3f} "
-            f"| {row['video_map']:.2f} | {row['train_clips_per_s']:.1f} |"
+            f"| {row['video_map']:.2f} | {row['shuffled_video_top1']:.3f} | {row['train_clips_per_s']:.1f} |"
         )
-    lines.append(f"\n{steps} steps per model, 1 process, test split (video level: mean of the views' probabilities).")
+    lines.append(f"\n{steps} steps per model, 1 process, test split (video level: mean of the views' probabilities); "
+                 "frames shuffled: the same test clips with their frames in a random order (`train.py --eval-only "
+                 "--shuffle-frames`).")
     return "\n".join(lines) + "\n"
 
 

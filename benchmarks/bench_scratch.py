@@ -38,8 +38,24 @@ from actionrec.shards.synthetic import ALL_CLASSES, render_video  # noqa: E402
 from benchmarks.motion_heldout import DIRECTIONS, render_motion_video  # noqa: E402
 
 
+CACHE = Path(__file__).resolve().parent / "out" / "scratch_sets"
+
+
 def render_set(data: str, classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(N, T, C, H, W) uint8 videos and (N,) labels."""
+    """(N, T, C, H, W) uint8 videos and (N,) labels, rendered once and kept in benchmarks/out/scratch_sets
+    (a sweep of many runs would otherwise spend a minute per run rendering the same videos)."""
+    cached = CACHE / f"{data}-{classes}x{per_class}-seed{seed}.pt"
+    if cached.is_file():
+        return tuple(torch.load(cached, weights_only=False))
+    result = _render_set(data, classes, per_class, seed)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{id(result)}")
+    torch.save(list(result), tmp)
+    tmp.replace(cached)
+    return result
+
+
+def _render_set(data: str, classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     names = list(DIRECTIONS) if data == "motion4" else list(ALL_CLASSES[:classes])
     videos, labels = [], []
     for label, name in enumerate(tqdm(names, desc=f"rendering {data}", leave=False)):

@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = "CPU processes" if args.cpu else "GPUs"
     shape = f"{resources.nodes} node(s) x {resources.tasks_per_node} {kind} = world size {world_size}"
     job = SlurmTrainingJob(
-        cfg, eval_only=args.eval_only, checkpoint=args.checkpoint, max_requeues=args.max_requeues, cpu=args.cpu
+        cfg, eval_only=args.eval_only, checkpoint=args.checkpoint, max_requeues=args.max_requeues, cpu=args.cpu,
+        frames_shuffled=args.shuffle_frames,
     )
 
     if args.dry_run:

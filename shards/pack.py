@@ -1,6 +1,8 @@
-"""Pack a folder of labelled videos into WebDataset shards (+ split.csv, dataset.json, frames_per_category.png).
+"""Pack a folder of videos into WebDataset shards (+ split.csv, dataset.json, frames_per_category.png).
 
     python shards/pack.py SRC --out OUT [--layout L] [--workers N] [--format mp4|jpg] ...
+    python shards/pack.py VIDEOS --out OUT --layout unlabelled --test 0   # no classes: for masked pre-training
+    python shards/pack.py SRC --out OUT --train-per-class 8               # a few-label training set
 
 Re-running the same command resumes an interrupted pack (and packs videos added since) without
 changing the split. Exit status: 0 when anything was packed, 1 when nothing could be, 2 on bad arguments.
@@ -42,11 +44,13 @@ def bframes_arg(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Pack labelled videos into WebDataset shards. Layouts: folder (SRC/<class>/<video>), "
+        description="Pack videos into WebDataset shards. Layouts: folder (SRC/<class>/<video>), "
                     "frames (SRC/<class>/<video>/<frame>.jpg), csv (path,label[,split]), ucf101 (classInd.txt + "
                     "train/testlist0N.txt), kinetics (label,youtube_id,time_start,time_end,split CSV), "
-                    "ssv2 (labels.json + train/validation JSON).")
-    parser.add_argument("src", help="folder (or CSV manifest) of labelled videos")
+                    "ssv2 (labels.json + train/validation JSON), unlabelled (every video under SRC, or a CSV "
+                    "with a path column and no label column; detected for a folder of videos without class "
+                    "folders): a shard set for masked pre-training (task: pretrain).")
+    parser.add_argument("src", help="folder (or CSV manifest) of videos")
     parser.add_argument("--out", required=True, help="output folder for shards, split.csv, dataset.json")
     parser.add_argument("--layout", choices=LAYOUTS, help="force a layout instead of auto-detecting it")
     parser.add_argument("--fold", type=int, default=1, help="UCF101 split (1-3) (default 1)")
@@ -73,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"consecutive B-frames, or 'preset' for the x264 preset's choice (default {DEFAULT.bframes})")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for --format jpg (default 90)")
     parser.add_argument("--shard-size", type=byte_size, default="256MB", help="close a shard once it reaches this size (default 256MB)")
+    parser.add_argument("--train-per-class", type=int, default=0, metavar="N",
+                        help="pack only N train videos per class (a seeded choice; val and test stay whole): the "
+                             "few-label set for fine-tuning (default 0: all)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="encoding processes (default: min(4, CPU count))")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
                                   jpeg_quality=args.jpeg_quality)
         options = PackOptions(encode=settings, layout=args.layout, fold=args.fold, val=args.val, test=args.test,
                               seed=args.seed, split_csv=args.split_csv, shard_bytes=args.shard_size,
-                              workers=args.workers)
+                              workers=args.workers, train_per_class=args.train_per_class)
         result = pack_videos(args.src, args.out, options, progress=not args.no_progress)
     except (PackError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

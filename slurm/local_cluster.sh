@@ -12,7 +12,8 @@
 # ($ACTIONREC_SLURM_DIR, default /var/tmp/actionrec-slurm); daemons are found by the PID files there, so
 # `start` is idempotent and `stop` never touches a munged/mariadbd/slurmd this script did not start.
 # Partitions: "batch" (default, preemptable: PreemptMode=REQUEUE) and "urgent" (higher PriorityTier,
-# preempts batch jobs). The measured recipe behind every setting is in ENVIRONMENT.md.
+# preempts batch jobs). Why each setting is what it is (measured): docs/slurm.md, "Why the local cluster is
+# set up the way it is".
 set -euo pipefail
 
 STATE="${ACTIONREC_SLURM_DIR:-/var/tmp/actionrec-slurm}"

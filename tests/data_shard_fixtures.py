@@ -96,8 +96,9 @@ def pack_test_shards(out: Path, videos: list[Video], fmt: str = "mp4", shard_byt
     return out
 
 
-def replicate_shards(shard_dir: Path, out: Path, copies: int) -> Path:
-    """The packed train samples `copies` times under new keys: the same videos, a data set `copies` x larger."""
+def replicate_shards(shard_dir: Path, out: Path, copies: int, pad_bytes: int = 0) -> Path:
+    """The packed train samples `copies` times under new keys: the same videos, a data set `copies` x larger.
+    pad_bytes > 0 adds a field of that many random bytes to every sample (the loader reads and ignores it)."""
     out.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((shard_dir / "dataset.json").read_text())
     names = []
@@ -107,6 +108,8 @@ def replicate_shards(shard_dir: Path, out: Path, copies: int) -> Path:
             with wds.TarWriter(str(out / names[-1])) as sink:
                 for sample in wds.WebDataset(str(shard_dir / shard), shardshuffle=False):
                     fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+                    if pad_bytes:
+                        fields["pad"] = os.urandom(pad_bytes)
                     sink.write({**fields, "__key__": f"{sample['__key__']}-copy{copy}"})
     train = manifest["splits"]["train"]
     manifest["splits"] = {"train": {**train, "shards": names, "num_samples": train["num_samples"] * copies}}

@@ -32,6 +32,10 @@ train = build_train_loader(f"{root}/val", split="train", clip=clip, batch_size=2
                            batches_per_epoch=5, seed=3)
 out["train_batches_per_epoch"] = [len(list(train)) for _ in range(2)]
 out["rank"] = train.stream.rank
+# 3 clips per video, 2 per batch: a video's clips straddle batches
+repeated = build_train_loader(f"{root}/val", split="train", clip=clip, batch_size=2, num_workers=2, seed=3,
+                              batches_per_epoch=5, clips_per_video=3)
+out["repeated"] = [[[b["key"], b["view"].tolist()] for b in repeated] for _ in range(2)]
 print(json.dumps(out))
 """
 
@@ -80,3 +84,12 @@ def test_two_ranks_get_the_same_number_of_train_batches_from_one_shard(per_rank)
     # 1 train shard of 2 videos for 2 ranks x 2 workers: every rank still gets 5 batches every epoch
     assert [r["train_batches_per_epoch"] for r in per_rank] == [[5, 5], [5, 5]]
     assert sorted(r["rank"] for r in per_rank) == [0, 1]  # rank taken from the environment
+
+
+def test_two_ranks_get_the_same_full_batches_with_several_clips_per_video(per_rank):
+    for result in per_rank:
+        assert [len(epoch) for epoch in result["repeated"]] == [5, 5]
+        for epoch in result["repeated"]:
+            for keys, views in epoch:
+                assert len(keys) == 2 and all(v in (0, 1, 2) for v in views)
+    assert per_rank[0]["repeated"] != per_rank[1]["repeated"]  # each rank its own stream

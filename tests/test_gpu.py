@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from actionrec.models import ATTENTION_TYPES, build_model
-from tests.train_fixtures import BIN, PYTHON, REPO, build_tiny_shards, launch, metrics, run_env, tiny_overrides, train_losses
+from tests.train_fixtures import BIN, PYTHON, REPO, launch, metrics, run_env, tiny_overrides, train_losses
 
 pytestmark = [
     pytest.mark.gpu,
@@ -139,16 +139,6 @@ def test_nccl_all_reduce_on_the_gpu(tmp_path):
     result = launch(str(script), [], launcher=[str(BIN / "torchrun"), "--standalone", "--nproc_per_node=1"],
                     env=gpu_env(), timeout=120)
     assert "backend nccl sum [2.0, 2.0, 2.0, 2.0]" in ok(result)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return build_tiny_shards(tmp_path_factory.mktemp("gpu_data"))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("gpu_runs")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import save_file
 import torchvision
 from transformers import TimesformerConfig, TimesformerForVideoClassification
 
@@ -91,7 +92,7 @@ def test_a_from_scratch_model_round_trips_through_its_own_checkpoints(tmp_path, 
 
 def test_a_run_config_picks_the_set_up_by_whether_weights_are_loaded(tmp_path):
     from actionrec.config import build_config
-    from actionrec.models import build_model_for
+    from actionrec.engine.run_model import build_model_for
 
     official = build_model("timesformer_tiny", 5, **TINY)
     export_official_checkpoint(official, tmp_path / "official.pth")
@@ -244,7 +245,8 @@ def torchvision_trunk_files(tmp_path_factory):
 
 
 def test_torchvision_video_weights_load_into_the_trunk(torchvision_trunk_files):
-    model = build_model("r3d_18_transformer", 10, hidden_dim=32, num_heads=2, num_layers=1)
+    # init "vit" is what a run config picks when model.pretrained names weights: torchvision's exact trunk.
+    model = build_model("r3d_18_transformer", 10, hidden_dim=32, num_heads=2, num_layers=1, init="vit")
     with pytest.warns(UserWarning, match="fc.weight"):
         report = load_pretrained(model, torchvision_trunk_files["r3d_18"])
     assert report.source_format == "torchvision_video" and report.complete
@@ -260,7 +262,7 @@ def test_torchvision_video_weights_load_into_the_trunk(torchvision_trunk_files):
 
 
 def test_torchvision_resnet18_weights_load_into_the_frame_trunk(torchvision_trunk_files):
-    model = build_model("resnet18_temporal", 10, hidden_dim=32, num_heads=2, num_layers=1)
+    model = build_model("resnet18_temporal", 10, hidden_dim=32, num_heads=2, num_layers=1, init="vit")
     with pytest.warns(UserWarning, match="fc.weight"):
         report = load_pretrained(model, torchvision_trunk_files["resnet18"])
     assert report.complete
@@ -269,6 +271,34 @@ def test_torchvision_resnet18_weights_load_into_the_frame_trunk(torchvision_trun
     assert torch.equal(model.trunk["layer4"][1].bn2.running_var, source["layer4.1.bn2.running_var"])
     with pytest.raises(CheckpointMismatchError):
         load_pretrained(model, torchvision_trunk_files["r3d_18"])
+
+
+@pytest.mark.parametrize("name", ["r3d_18_transformer", "r2plus1d_18_transformer", "resnet18_temporal"])
+def test_from_scratch_cnn_trunks_refuse_torchvision_weights_with_the_reason(name, torchvision_trunk_files):
+    # The from-scratch trunk has instance norm (no running statistics) and may be narrower: torchvision
+    # weights do not fit it, and the error says which tensors differ.
+    source = {"r3d_18_transformer": "r3d_18", "r2plus1d_18_transformer": "r2plus1d_18"}.get(name, "resnet18")
+    model = build_model(name, 10, hidden_dim=32, num_heads=2, num_layers=1, init="scratch", width=16)
+    with pytest.raises(CheckpointMismatchError, match="shape mismatch|unexpected"):
+        load_pretrained(model, torchvision_trunk_files[source])
+
+
+@pytest.mark.parametrize("name", ["r3d_18_transformer", "r2plus1d_18_transformer", "resnet18_temporal"])
+def test_a_from_scratch_cnn_checkpoint_reloads_with_its_own_norm_and_width(name, tmp_path):
+    options = dict(hidden_dim=32, num_heads=2, num_layers=1, init="scratch", width=8)
+    torch.manual_seed(0)
+    trained = build_model(name, 3, **options).eval()
+    path = tmp_path / "model.safetensors"
+    save_file(trained.state_dict(), str(path))
+    torch.manual_seed(1)
+    rebuilt = build_model(name, 3, **options).eval()
+    report = load_pretrained(rebuilt, path)
+    assert report.complete
+    clip = torch.randn(2, 3, 8, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(clip), trained(clip))
+    with pytest.raises(CheckpointMismatchError):  # torchvision's full-width BatchNorm trunk is another model
+        load_pretrained(build_model(name, 3, hidden_dim=32, num_heads=2, num_layers=1, init="vit"), path)
 
 
 class NotATensor:

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+import torchvision
 
 from actionrec.models import ATTENTION_TYPES, build_model, list_models, model_config_class
 
@@ -14,14 +15,16 @@ TINY = {
     "timesformer_base": TINY_TIMESFORMER,
     "timesformer_small": TINY_TIMESFORMER,
     "timesformer_tiny": TINY_TIMESFORMER,
-    "r3d_18_transformer": dict(hidden_dim=32, num_heads=2, num_layers=1, token_size=2),
-    "r2plus1d_18_transformer": dict(hidden_dim=32, num_heads=2, num_layers=1, token_size=2),
-    "mc3_18_transformer": dict(hidden_dim=32, num_heads=2, num_layers=1, token_frames=2, token_size=2),
-    "resnet18_temporal": dict(hidden_dim=32, num_heads=2, num_layers=1, num_frames=4),
+    "r3d_18_transformer": dict(hidden_dim=32, num_heads=2, num_layers=1, token_size=2, width=16),
+    "r2plus1d_18_transformer": dict(hidden_dim=32, num_heads=2, num_layers=1, token_size=2, width=16),
+    "mc3_18_transformer": dict(hidden_dim=32, num_heads=2, num_layers=1, token_frames=2, token_size=2, width=16),
+    "resnet18_temporal": dict(hidden_dim=32, num_heads=2, num_layers=1, num_frames=4, width=16),
 }
+CNN_SET_UPS = [{"init": "vit", "width": 64}, {"norm": "batch"}, {"norm": "group"}]
 SWEEP = [(name, {}) for name in list_models()] + [
     ("timesformer_tiny", {"attention_type": scheme}) for scheme in ATTENTION_TYPES
-]
+] + [(name, set_up) for name in ("r3d_18_transformer", "r2plus1d_18_transformer", "resnet18_temporal")
+     for set_up in CNN_SET_UPS] + [("resnet18_temporal", {"temporal_shift": "off"}), ("resnet18_temporal", {"init": "vit", "width": 64, "temporal_shift": "on"})]
 
 
 def sweep_id(case):
@@ -84,9 +87,42 @@ def test_sdpa_and_eager_attention_agree(scheme):
     torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
 
 
+TORCHVISION_TRUNKS = {
+    "r3d_18_transformer": torchvision.models.video.r3d_18,
+    "r2plus1d_18_transformer": torchvision.models.video.r2plus1d_18,
+    "resnet18_temporal": torchvision.models.resnet18,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_TRUNKS))
+def test_cnn_set_ups_official_is_torchvision_exactly_scratch_has_instance_norm_and_width(name):
+    reference = {k: v.shape for k, v in TORCHVISION_TRUNKS[name](weights=None).state_dict().items()
+                 if not k.startswith("fc.")}
+    official = build_model(name, 5, **{**TINY[name], "width": 64}, init="vit")
+    trunk = {k.removeprefix("trunk."): v.shape for k, v in official.state_dict().items() if k.startswith("trunk.")}
+    if name == "resnet18_temporal":  # torchvision's conv1/bn1 live in the frame stem (stem.0 / stem.1)
+        trunk = {k.replace("stem.0.", "conv1.").replace("stem.1.", "bn1."): v for k, v in trunk.items()}
+    assert trunk == reference
+
+    scratch = build_model(name, 5, **TINY[name], init="scratch")
+    norms = [m for m in scratch.trunk.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm))]
+    if name == "resnet18_temporal":  # a frame trunk normalises B x T frames: BatchNorm from scratch too
+        assert norms and all(isinstance(m, torch.nn.BatchNorm2d) for m in norms)
+    else:
+        assert norms and all(isinstance(m, torch.nn.GroupNorm) and m.num_groups == m.num_channels for m in norms)
+    last_conv = [m for m in scratch.trunk.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))][-1]
+    assert last_conv.out_channels == 8 * 16
+    assert sum(p.numel() for p in scratch.parameters()) < sum(p.numel() for p in official.parameters()) / 4
+
+    with pytest.raises(ValueError, match="init 'vit' builds torchvision's trunk .*width 16"):
+        build_model(name, 5, **TINY[name], init="vit")
+    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+        build_model(name, 5, **TINY[name], norm="layer")
+
+
 @pytest.mark.parametrize("name", ["r3d_18_transformer", "resnet18_temporal"])
 def test_frozen_trunk_is_not_trained(name):
-    model = build_model(name, 4, **TINY[name], freeze_trunk=True).train()
+    model = build_model(name, 4, **{**TINY[name], "width": 64}, freeze_trunk=True, init="vit").train()
     stats_before = {k: v.clone() for k, v in model.trunk.named_buffers()}
     model(torch.randn(CLIP)).sum().backward()
     assert all(p.grad is None for p in model.trunk.parameters())
@@ -146,6 +182,10 @@ def test_incompatible_sizes_are_explained():
     local_global = build_model("timesformer_tiny", 10, **TINY_TIMESFORMER, attention_type="sparse_local_global")
     with pytest.raises(ValueError, match="3 frames"):
         local_global(torch.randn(1, 3, 3, 32, 32))
+    frames = build_model("resnet18_temporal", 10, **TINY["resnet18_temporal"], token_size=2)
+    assert frames(torch.randn(1, 3, 4, 64, 64)).shape == (1, 10)  # 2x2 tokens per frame
+    with pytest.raises(ValueError, match="a 32x32 frame gives a 1x1 feature map, smaller than token_size 2"):
+        frames(torch.randn(1, 3, 4, 32, 32))
     cnn = build_model("r3d_18_transformer", 10, **TINY["r3d_18_transformer"], token_frames=2)
     with pytest.raises(ValueError, match="4x32x32 .* gives a 1x2x2 r3d_18 feature map, smaller than the 2x2x2 token grid"):
         cnn(torch.randn(1, 3, 4, 32, 32))

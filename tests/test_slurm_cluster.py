@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.repo import REPO
-from tests.train_fixtures import build_tiny_shards, launch, train_losses
+from tests.train_fixtures import launch, train_losses
 
 LAUNCHER = REPO / "launch" / "slurm.py"
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
@@ -58,11 +58,6 @@ def slurm_cluster():
         os.environ["SLURM_CONF"] = previous
     if not already_up:
         subprocess.run([CLUSTER, "stop"], capture_output=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> Path:
-    return build_tiny_shards(tmp_path_factory.mktemp("slurm-data"))
 
 
 NO_EVAL = ("data.val_split=", "data.test_split=")  # where the test is about the job, not about its evaluation
@@ -109,9 +104,9 @@ def test_local_cluster_start_is_idempotent_with_two_idle_nodes(slurm_cluster):
     assert states == {"node1": "idle", "node2": "idle"}
 
 
-def test_two_node_cpu_job_trains_with_world_size_two(slurm_cluster, tiny_shards, tmp_path):
+def test_two_node_cpu_job_trains_with_world_size_two(slurm_cluster, shards, tmp_path):
     run = subprocess.run(
-        launcher_command(*tiny_run(tiny_shards, tmp_path, "two-node", "train.max_steps=4"), "--wait"),
+        launcher_command(*tiny_run(shards, tmp_path, "two-node", "train.max_steps=4"), "--wait"),
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -138,14 +133,14 @@ def logged_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_preempted_job_resumes_at_the_signalled_step_with_the_uninterrupted_losses(slurm_cluster, tiny_shards, tmp_path):
+def test_preempted_job_resumes_at_the_signalled_step_with_the_uninterrupted_losses(slurm_cluster, shards, tmp_path):
     """Preemption mid-run: every rank finishes its step, a checkpoint is written at that step (there is no periodic
     one), the job requeues and the next attempt resumes at exactly that step; the losses of the whole run equal
     those of the same run without preemption."""
     overrides = ("train.max_steps=150", "train.checkpoint_every=1000", *NO_EVAL)
     run_dir = tmp_path / "preempted"
     launcher = subprocess.Popen(
-        launcher_command(*tiny_run(tiny_shards, tmp_path, "preempted", *overrides), "--wait"),
+        launcher_command(*tiny_run(shards, tmp_path, "preempted", *overrides), "--wait"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -157,7 +152,7 @@ def test_preempted_job_resumes_at_the_signalled_step_with_the_uninterrupted_loss
                                 capture_output=True, text=True, check=True)
         assert "Submitted batch job" in urgent.stdout
         # meanwhile, the same run uninterrupted (2 processes, one thread each, as the job's tasks)
-        reference = launch("train.py", tiny_run(tiny_shards, tmp_path, "reference", *overrides), nproc=2, timeout=300)
+        reference = launch("train.py", tiny_run(shards, tmp_path, "reference", *overrides), nproc=2, timeout=300)
         assert reference.returncode == 0, reference.stderr[-3000:]
         stdout, stderr = launcher.communicate(timeout=300)
     finally:
@@ -183,13 +178,13 @@ def test_preempted_job_resumes_at_the_signalled_step_with_the_uninterrupted_loss
     assert sacct_state(job_id) == "COMPLETED"
 
 
-def test_job_at_its_time_limit_requeues_and_resumes_at_the_signalled_step(slurm_cluster, tiny_shards, tmp_path):
+def test_job_at_its_time_limit_requeues_and_resumes_at_the_signalled_step(slurm_cluster, shards, tmp_path):
     """--time 2 with the signal 30 s before it: SLURM's time-limit signal (not a preemption) makes the job
     checkpoint at a step boundary and requeue itself, and the next attempt resumes at that step. (SLURM checks
     time limits every 30 s and signals when the limit is within the delay plus that period: with --time 1 the
     signal could come during start-up, before training, where it requeues at once without a checkpoint.)"""
     run = subprocess.run(
-        [*launcher_command(*tiny_run(tiny_shards, tmp_path, "timed", "train.max_steps=100000",
+        [*launcher_command(*tiny_run(shards, tmp_path, "timed", "train.max_steps=100000",
                                      "train.checkpoint_every=100000", "log.log_every=100", *NO_EVAL)),
          "--time", "2", "--signal-delay", "30"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -210,11 +205,11 @@ def test_job_at_its_time_limit_requeues_and_resumes_at_the_signalled_step(slurm_
     assert re.search(rf"resumed from \S+/step_{step:07d} \(step {step}\)", text), text[-4000:]
 
 
-def test_training_that_raises_is_reported_failed_without_hanging(slurm_cluster, tiny_shards, tmp_path):
+def test_training_that_raises_is_reported_failed_without_hanging(slurm_cluster, shards, tmp_path):
     broken = tmp_path / "weights.safetensors"
     broken.write_bytes(b"not a weights file")
     run = subprocess.run(
-        launcher_command(*tiny_run(tiny_shards, tmp_path, "broken", "train.max_steps=4", f"model.pretrained={broken}", *NO_EVAL),
+        launcher_command(*tiny_run(shards, tmp_path, "broken", "train.max_steps=4", f"model.pretrained={broken}", *NO_EVAL),
                          "--wait"),
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -224,12 +219,12 @@ def test_training_that_raises_is_reported_failed_without_hanging(slurm_cluster, 
     assert sacct_state(job_id) == "FAILED"
 
 
-def test_plain_sbatch_template_trains_on_two_nodes(slurm_cluster, tiny_shards, tmp_path):
+def test_plain_sbatch_template_trains_on_two_nodes(slurm_cluster, shards, tmp_path):
     log = tmp_path / "train.sbatch.out"
     submit = subprocess.run(
         ["sbatch", "--parsable", "--nodes", "2", "--cpus-per-task", "1", "--output", str(log),
          "--export", f"ALL,PYTHON={sys.executable}", str(REPO / "slurm" / "train.sbatch"),
-         *tiny_run(tiny_shards, tmp_path, "template", "train.max_steps=2", *NO_EVAL)],
+         *tiny_run(shards, tmp_path, "template", "train.max_steps=2", *NO_EVAL)],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
     )
     job_id = submit.stdout.strip().split(";")[0]

@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from actionrec.engine.checkpoint import (
     CheckpointManager, CheckpointNotFound, TrainProgress, checkpoint_metadata, load_fp32_state_dict, resolve_checkpoint,
 )
-from actionrec.engine.evaluation import _VideoAccumulator, evaluate
+from actionrec.engine.evaluation import _VideoAccumulator, evaluate, shuffle_frames
 from actionrec.engine.faults import CheckpointWriteError
 from actionrec.models import build_model
 
@@ -158,6 +158,59 @@ def test_video_level_averages_view_probabilities_per_key():
     assert result.skipped == 3
     # Binned PR curves: one curve per class over fixed thresholds, bounded whatever the number of clips.
     assert result.video.pr_precision.shape == (3, 102) and result.video.pr_recall.shape == (3, 102)
+
+
+class BrightnessTrend(torch.nn.Module):
+    """Class 1 if the clip gets brighter over time, class 0 if darker: uses frame order only."""
+
+    def forward(self, video):
+        trend = video[:, :, -1].mean(dim=(1, 2, 3)) - video[:, :, 0].mean(dim=(1, 2, 3))
+        return torch.stack([-trend, trend], dim=1) * 10
+
+
+class MeanBrightness(torch.nn.Module):
+    """Class 1 if the clip is bright on average: blind to frame order."""
+
+    def forward(self, video):
+        level = video.mean(dim=(1, 2, 3, 4)) - 0.5
+        return torch.stack([-level, level], dim=1) * 10
+
+
+def ramp_batches(count: int = 24, frames: int = 8) -> list[dict]:
+    """Clips whose brightness ramps up (label 1) or down (label 0) over time, 4 views of each."""
+    batches = []
+    for i in range(count):
+        up = i % 2
+        ramp = torch.linspace(0.1, 0.9, frames)
+        levels = (ramp if up else ramp.flip(0)) + (0.05 if up else -0.05)  # brighter videos also ramp up
+        video = levels.view(1, 1, frames, 1, 1).expand(4, 3, frames, 4, 4).clone()
+        batches.append({"video": video, "label": torch.full((4,), up), "key": [f"v{i}"] * 4,
+                        "view": torch.arange(4)})
+    return batches
+
+
+def test_shuffled_frames_evaluation_tells_a_model_that_uses_time_from_one_that_does_not():
+    common = dict(num_classes=2, device=torch.device("cpu"), to_inputs=lambda v: v, autocast=contextlib.nullcontext)
+    ordered = evaluate(BrightnessTrend(), ramp_batches(), **common)
+    shuffled = evaluate(BrightnessTrend(), ramp_batches(), **common, frames_shuffled=True)
+    assert ordered.video.top1 == 1.0 and ordered.clip.top1 == 1.0
+    assert shuffled.clip.top1 < 0.8  # the trend between first and last frame is now chance
+    blind = evaluate(MeanBrightness(), ramp_batches(), **common)
+    blind_shuffled = evaluate(MeanBrightness(), ramp_batches(), **common, frames_shuffled=True)
+    assert blind.video.top1 == blind_shuffled.video.top1 == 1.0
+    assert blind.loss == pytest.approx(blind_shuffled.loss)
+
+
+def test_frame_shuffling_is_a_permutation_seeded_by_video_and_view():
+    video = torch.arange(8).view(1, 1, 8, 1, 1).expand(3, 2, 8, 2, 2).clone()
+    keys, views = ["a", "a", "b"], torch.tensor([0, 1, 0])
+    first, again = shuffle_frames(video, keys, views), shuffle_frames(video, keys, views)
+    assert torch.equal(first, again)  # the same on every run, rank and worker
+    orders = [first[i, 0, :, 0, 0].tolist() for i in range(3)]
+    for order in orders:
+        assert sorted(order) == list(range(8)) and order != list(range(8))
+    assert orders[0] != orders[1] != orders[2]
+    assert torch.equal(first[:, 0], first[:, 1])  # channels move together
 
 
 def test_a_view_seen_twice_is_an_error_not_a_double_count():

@@ -14,22 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train_fixtures import (
-    BIN, REPO, build_tiny_shards, launch, metrics, run_env, tiny_overrides, train_losses, wandb_history_keys,
+    BIN, REPO, launch, metrics, run_env, tiny_overrides, train_losses, wandb_history_keys,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ACCELERATE = [str(BIN / "accelerate"), "launch"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return build_tiny_shards(tmp_path_factory.mktemp("train_data"))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
 
 
 def ok(result) -> str:
@@ -175,6 +165,22 @@ def test_zero3_from_run_config_with_uneven_eval_shards_is_exact(shards, runs):
     for key in ("video/top1", "video/mean_class_accuracy", "clip/top1", "video/count", "clip/count"):
         assert single[key] == pytest.approx(two[f"val/{key}"], abs=1e-6), key
     assert single["loss"] == pytest.approx(two["val/loss"], rel=1e-4)
+
+
+def test_eval_only_with_shuffled_frames_reports_the_same_on_one_and_two_processes(ddp_run, runs):
+    """`train.py --eval-only --shuffle-frames`: does the model use frame order? The shuffle is seeded per video
+    and view, so 1 and 2 processes score exactly the same shuffled clips."""
+    run_dir, _ = ddp_run
+    reports = {}
+    for nproc in (1, 2):
+        name = f"shuffled_ws{nproc}"
+        stdout = ok(launch("train.py", ["--eval-only", "--shuffle-frames", "--checkpoint", str(run_dir),
+                                        f"name={name}", f"output_dir={runs}"], nproc=nproc))
+        assert "val (frames shuffled): video top-1" in stdout
+        reports[nproc] = json.loads((runs / name / "eval" / "val_frames_shuffled_metrics.json").read_text())
+    for key in ("video/top1", "clip/top1", "video/count", "clip/count", "loss"):
+        assert reports[1][key] == pytest.approx(reports[2][key], rel=1e-5), key
+    assert reports[1]["loss"] != pytest.approx(final_record(run_dir, "val/loss")["val/loss"], rel=1e-6)
 
 
 def test_world_size_one_and_two_follow_the_same_loss_trajectory(shards, runs):

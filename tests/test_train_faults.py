@@ -5,8 +5,10 @@ tests/test_slurm_cluster.py.)"""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,8 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.data_shard_fixtures import corrupt_samples
 from tests.train_fixtures import (
-    BIN, PYTHON, REPO, build_tiny_shards, launch, metrics, run_env, tiny_overrides, train_losses, wandb_history_keys,
+    BIN, PYTHON, REPO, launch, metrics, run_env, tiny_overrides, train_losses, wandb_history_keys,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -27,22 +30,12 @@ QUICK = {"train.max_steps": 20, "train.eval_every": 0, "train.checkpoint_every":
          "data.test_split": ""}
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return build_tiny_shards(tmp_path_factory.mktemp("faults_data"))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
-
-
-def signal_after_steps(cmd: list[str], run_dir, steps: int, signum: int, whole_group: bool):
+def signal_after_steps(cmd: list[str], run_dir, steps: int, signum: int, whole_group: bool, wait_s: float = 180):
     """Start `cmd`, send `signum` once `steps` steps are logged (to its process group: a terminal's Ctrl-C),
     and return (exit status, stdout, stderr)."""
     process = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + wait_s
     path = run_dir / "metrics.jsonl"
     while not (path.exists() and len(path.read_text().splitlines()) >= steps):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
@@ -53,6 +46,14 @@ def signal_after_steps(cmd: list[str], run_dir, steps: int, signum: int, whole_g
         process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     return process.returncode, stdout, stderr
+
+
+def assert_same_losses(resumed_run, reference_run, steps: int) -> None:
+    """The interrupted-then-resumed run logged every step once, with the uninterrupted run's losses."""
+    expected, got = train_losses(reference_run), train_losses(resumed_run)
+    assert sorted(got) == list(range(1, steps + 1))
+    for s in got:
+        assert got[s] == pytest.approx(expected[s], rel=1e-6), s
 
 
 def test_ctrl_c_on_two_processes_checkpoints_the_step_and_the_rerun_continues_with_the_same_losses(shards, runs):
@@ -75,10 +76,46 @@ def test_ctrl_c_on_two_processes_checkpoints_the_step_and_the_rerun_continues_wi
     resumed = launch("train.py", args, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {checkpoint} (step {step})" in resumed.stdout
-    expected, got = train_losses(runs / "uninterrupted"), train_losses(runs / "interrupted")
-    assert sorted(got) == list(range(1, 21))
-    for s in got:
-        assert got[s] == pytest.approx(expected[s], rel=1e-6), s
+    assert_same_losses(runs / "interrupted", runs / "uninterrupted", steps=20)
+
+
+def test_resume_with_loader_workers_and_corrupt_samples_continues_with_the_same_losses(shards, runs, tmp_path):
+    """2 processes x 2 loader workers, 4 clips per video, 2 garbage training videos: Ctrl-C after some steps,
+    the re-run resumes at the stream position each rank's workers had reached (the corrupt samples they had
+    consumed included) and logs the losses of the uninterrupted run. Resuming at steps x batch clips instead
+    lands after the wrong sample once a corrupt one came before."""
+    corrupt = tmp_path / "shards"
+    shutil.copytree(shards, corrupt)
+    train_shards = json.loads((shards / "dataset.json").read_text())["splits"]["train"]["shards"]
+    keys = sorted(k for name in train_shards for k in _sample_keys(corrupt / name))
+    corrupt_samples(corrupt, {keys[2]: "garbage_mp4", keys[7]: "garbage_mp4"})
+    # 4 clips per video: an epoch is 12 videos x 4 clips / 4 clips a step = 12 steps, so the stop (step 5-9)
+    # is inside an epoch (at an epoch's start there is nothing to skip), and a video's clips span 2 batches.
+    settings = {**QUICK, "train.max_steps": 10, "data.num_workers": 2, "data.clips_per_video": 4}
+    reference = launch("train.py", tiny_overrides(corrupt, runs, "workers_uninterrupted", **settings), nproc=2,
+                       timeout=480)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert "data wait: " in reference.stdout  # the end-of-run summary
+
+    args = tiny_overrides(corrupt, runs, "workers_interrupted", **settings)
+    code, stdout, stderr = signal_after_steps([*TORCHRUN, "train.py", *args], runs / "workers_interrupted", 5,
+                                              signal.SIGINT, whole_group=True, wait_s=480)
+    assert code != 0 and "stopped by SIGINT after step" in stdout, stderr[-3000:]
+    step = max(train_losses(runs / "workers_interrupted"))
+    assert step < 10
+    skipped = {r["step"]: r["train/skipped_samples"] for r in metrics(runs / "workers_uninterrupted")}
+    assert skipped[step] > 0  # corrupt samples were consumed before the checkpoint
+
+    resumed = launch("train.py", args, nproc=2, timeout=480)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {step})" in resumed.stdout
+    assert_same_losses(runs / "workers_interrupted", runs / "workers_uninterrupted", steps=10)
+
+
+def _sample_keys(tar):
+    import webdataset as wds
+
+    return [sample["__key__"] for sample in wds.WebDataset(str(tar), shardshuffle=False)]
 
 
 def test_sigterm_on_one_process_checkpoints_the_step_and_says_how_to_resume(shards, runs):

@@ -104,3 +104,33 @@ def test_the_run_ends_with_a_summary_of_accuracy_and_where_everything_is(tmp_pat
     offline_run = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert f"wandb sync {offline_run}" in summary
     assert (tmp_path / "run" / "plots" / "loss.png").is_file() and str(tmp_path / "run" / "metrics.jsonl") in summary
+
+
+def test_the_summary_gives_the_runs_data_wait_and_says_when_it_is_data_bound(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    get_logger(True)
+    bound = RunMonitor(tmp_path / "bound", is_main_process=True, config={}, wandb_mode="disabled", project="t")
+    for step, wait in enumerate([0.5, 0.3, 0.4], start=1):  # mean 40 %
+        bound.log_scalars({"train/loss": 1.0, "train/data_wait_fraction": wait}, step)
+    bound.finish({}, num_workers=2)
+    summary = capsys.readouterr().out
+    # 2 workers keep the model waiting 40 % of the time: 2 / (1 - 0.4) = 3.3 -> 4 workers, 2 more
+    assert "data wait: 40% of step time" in summary
+    assert "data-bound: 2 more workers or decode_on: device (data.num_workers is 2 per process)" in summary
+
+    fed = RunMonitor(tmp_path / "fed", is_main_process=True, config={}, wandb_mode="disabled", project="t")
+    for step in (1, 2):
+        fed.log_scalars({"train/loss": 1.0, "train/data_wait_fraction": 0.05}, step)
+    fed.finish({}, num_workers=2)
+    summary = capsys.readouterr().out
+    assert "data wait: 5% of step time" in summary and "data-bound" not in summary
+
+
+def test_extra_workers_follow_from_the_wait_share_and_the_worker_count():
+    from actionrec.logging import extra_workers_needed
+
+    assert extra_workers_needed(0.5, 4) == 4  # the loader delivers half the model's rate: twice the workers
+    assert extra_workers_needed(0.2, 8) == 2  # 8 / 0.8 = 10
+    assert extra_workers_needed(0.5, 0) == 1  # decoding in the training process as long as the model computes
+    assert extra_workers_needed(0.75, 0) == 3
+    assert extra_workers_needed(1.0, 1) == 99  # bounded: a run that only waited

@@ -60,6 +60,14 @@ def run_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def modules_loaded_by(imports: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `imports` (what importing that code pulls in)."""
+    code = f"import json, sys; {imports}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([PYTHON, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
 def launch(script: str, args: list[str], nproc: int = 1, launcher: list[str] | None = None,
            timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `script` in 1 process, or in `nproc` via torchrun (or the given accelerate launch prefix)."""

@@ -2,13 +2,13 @@
 
 from actionrec.data.assignment import ShardPart, eval_shard_parts, train_worker_plan
 from actionrec.data.decode import CorruptSample, resolve_decoder
-from actionrec.data.pipeline import ClipLoader, build_eval_loader, build_train_loader
+from actionrec.data.pipeline import ClipLoader, StreamPosition, build_eval_loader, build_train_loader
 from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices
 from actionrec.data.shardset import ShardSet
 from actionrec.data.transforms import KINETICS_MEAN, KINETICS_STD, TrainAugment, normalize_on_device
 
 __all__ = [
     "ClipLoader", "ClipSpec", "CorruptSample", "KINETICS_MEAN", "KINETICS_STD", "ShardPart", "ShardSet",
-    "TrainAugment", "build_eval_loader", "build_train_loader", "eval_frame_indices", "eval_shard_parts",
-    "normalize_on_device", "resolve_decoder", "train_frame_indices", "train_worker_plan",
+    "StreamPosition", "TrainAugment", "build_eval_loader", "build_train_loader", "eval_frame_indices",
+    "eval_shard_parts", "normalize_on_device", "resolve_decoder", "train_frame_indices", "train_worker_plan",
 ]

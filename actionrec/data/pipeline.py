@@ -15,6 +15,7 @@ import logging
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
@@ -39,7 +40,8 @@ class ClipStream(IterableDataset):
     """The per-worker part of a loader: one instance is copied into every DataLoader worker.
 
     Yields whole batches (dicts, see `collate`) built in the worker, with `skipped` = corrupt samples this
-    worker dropped since its previous batch.
+    worker dropped since its previous batch. A training sample gives `clips_per_video` clips (K), each
+    sampled and augmented on its own from one decode of the union of their frames.
     """
 
     def __init__(
@@ -59,8 +61,11 @@ class ClipStream(IterableDataset):
         batches_per_epoch: int = 0,
         temporal_clips: int = 1,
         spatial_crops: int = 1,
+        labels: bool = True,
+        clips_per_video: int = 1,
     ):
         self.urls = urls
+        self.labels = labels
         self.train = train
         self.clip = clip
         self.batch_size = batch_size
@@ -74,9 +79,12 @@ class ClipStream(IterableDataset):
         self.batches_per_epoch = batches_per_epoch
         self.temporal_clips = temporal_clips
         self.spatial_crops = spatial_crops
+        self.clips_per_video = clips_per_video
         self.epoch = 0
         self.first_batch = 0
+        self.start_clips: list[int] | None = None  # per logical worker: clips consumed before first_batch
         self._worker = (0, 1)
+        self._logical = (0, 1)  # (logical worker, logical workers) of the current training pass
         self._skipped = 0
         self._failures_in_a_row = 0
 
@@ -95,6 +103,7 @@ class ClipStream(IterableDataset):
         plan = train_worker_plan(self.batches_per_epoch, self.first_batch, worker, num_workers)
         if plan.num_batches == 0:
             return
+        self._logical = (plan.logical_worker, num_workers)
         stream_id = f"{self.seed}/{self.rank}/{self.epoch}/{plan.logical_worker}"
         pipeline = wds.DataPipeline(
             functools.partial(_resampled_urls, self.urls, random.Random(f"shards/{stream_id}")),
@@ -102,31 +111,44 @@ class ClipStream(IterableDataset):
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(f"shuffle/{stream_id}")),
         )
         samples = iter(pipeline)
-        # Fast-forward for resume: drop this worker's earlier batches' samples without decoding them.
-        skipped_samples = plan.skip_batches * self.batch_size
-        for _ in islice(samples, skipped_samples):
+        # Fast-forward for resume: drop the samples this logical worker consumed before the resume point
+        # without decoding them. Counted in clips (stream position = sample position x K + clip), so that a
+        # corrupt sample (consumed, no clips) and a video whose K clips straddle two batches resume exactly.
+        # Without a recorded position, the estimate assumes no corrupt sample came before.
+        if self.start_clips is not None:
+            clips_before = self.start_clips[plan.logical_worker]
+        else:
+            clips_before = plan.skip_batches * self.batch_size
+        first_sample, first_clip = divmod(clips_before, self.clips_per_video)
+        for _ in islice(samples, first_sample):
             pass
-        items = self._train_items(samples, first_position=skipped_samples, logical_worker=plan.logical_worker)
+        items = self._train_items(samples, first_sample, first_clip, logical_worker=plan.logical_worker)
         yield from self._batches(items, max_batches=plan.num_batches)
 
-    def _train_items(self, samples: Iterator[dict], first_position: int, logical_worker: int) -> Iterator[dict]:
-        for position, sample in enumerate(samples, start=first_position):
+    def _train_items(self, samples: Iterator[dict], first_sample: int, first_clip: int,
+                     logical_worker: int) -> Iterator[dict]:
+        k_clips, t = self.clips_per_video, self.clip.num_frames
+        for position, sample in enumerate(samples, start=first_sample):
             self._heap.tick()
-            # Per-sample generator: the clip and augmentation of a sample do not depend on what came before
-            # (so fast-forwarding skips samples without replaying their random draws).
+            # Per-sample generator: the clips and augmentation of a sample do not depend on what came before
+            # (so fast-forwarding skips samples without replaying their random draws). Draw order: the K
+            # clips' frame indices, then the K augmentations (for K = 1, the order of a single clip).
             rng = np.random.default_rng([self.seed, self.rank, self.epoch, logical_worker, position])
             try:
                 label = self._label(sample)
                 with open_frame_reader(sample, self.backend) as reader:
-                    indices = train_frame_indices(self.clip, reader.num_frames, rng)
-                    frames = reader.read(indices)  # (T, 3, H, W)
-                clip = train_transform(frames, self.clip, self.augment, rng)
+                    indices = [train_frame_indices(self.clip, reader.num_frames, rng) for _ in range(k_clips)]
+                    # One decode of the union of the K clips' frames (readers decode each index once).
+                    frames = reader.read(np.concatenate(indices))  # (K*T, 3, H, W)
+                clips = [train_transform(frames[k * t : (k + 1) * t], self.clip, self.augment, rng)
+                         for k in range(k_clips)]  # K x (T, 3, S, S)
             except Exception as exc:  # noqa: BLE001 - any failure of one sample is that sample's corruption
                 self._skip(sample, exc)
                 continue
             self._failures_in_a_row = 0
-            yield {"video": clip.permute(1, 0, 2, 3), "label": label, "key": sample["__key__"], "view": 0,
-                   "frame_index": torch.from_numpy(indices)}
+            for k in range(first_clip if position == first_sample else 0, k_clips):
+                yield {"video": clips[k].permute(1, 0, 2, 3), "label": label, "key": sample["__key__"], "view": k,
+                       "frame_index": torch.from_numpy(indices[k]), "position": position * k_clips + k + 1}
 
     # -- evaluation: every (video, view) exactly once over ranks x workers -------------------------------
 
@@ -185,10 +207,15 @@ class ClipStream(IterableDataset):
             "frame_index": torch.stack([i["frame_index"] for i in items]) if items else torch.empty(0, t, dtype=torch.int64),
             "skipped": torch.tensor(self._skipped, dtype=torch.int64),
         }
+        if items and "position" in items[-1]:
+            # Training: where this logical worker's stream stands after the batch (see StreamPosition).
+            batch["stream_position"] = torch.tensor([self.epoch, *self._logical, items[-1]["position"]])
         self._skipped = 0
         return batch
 
     def _label(self, sample: dict) -> int:
+        if not self.labels:
+            return -1  # masked pre-training: labels are not read (an unlabelled set has none)
         raw = sample.get("cls")
         if raw is None:
             raise CorruptSample("no cls field")
@@ -262,17 +289,55 @@ def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
         yield {"url": urls[rng.randrange(len(urls))]}
 
 
+@dataclass
+class StreamPosition:
+    """How far a training loader's streams have been consumed in one epoch: per logical worker, the clips
+    of its sample stream consumed so far (stream position = sample position x clips_per_video + clip; a
+    corrupt sample is consumed whole and gives no clip). Updated from each consumed batch's
+    `stream_position`; what a checkpoint stores so that a resumed loader gives exactly the batches of the
+    uninterrupted one, whatever corrupt samples came before.
+    """
+
+    epoch: int = -1
+    clips: list[int] = field(default_factory=list)
+
+    def advance(self, batch: dict) -> None:
+        position = batch.get("stream_position")
+        if position is None:  # an eval batch, or batches from elsewhere (tests)
+            return
+        epoch, worker, num_workers, clips = (int(v) for v in position)
+        if epoch != self.epoch or len(self.clips) != num_workers:
+            self.epoch, self.clips = epoch, [0] * num_workers
+        self.clips[worker] = clips
+
+    def clips_for(self, epoch: int, num_workers: int) -> list[int] | None:
+        """The per-logical-worker clips to resume `epoch` with `num_workers` loader workers, or None when
+        this position is of another epoch (resume at an epoch's start) or another worker count (whose
+        streams differ anyway)."""
+        if epoch != self.epoch or len(self.clips) != max(num_workers, 1):
+            return None
+        return list(self.clips)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "clips": list(self.clips)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.clips = int(state["epoch"]), [int(c) for c in state["clips"]]
+
+
 class ClipLoader:
     """Iterate to get one epoch (train) or one full pass (eval) of batch dicts.
 
     batch = {"video": uint8 (B, C, T, H, W), "label": int64 (B,), "key": list[str], "view": int64 (B,),
-             "frame_index": int64 (B, T), "skipped": int64 scalar}
+             "frame_index": int64 (B, T), "skipped": int64 scalar,
+             train only: "stream_position": int64 (4,) = epoch, logical worker, workers, clips consumed}
     Training loaders advance their epoch after each full pass (or use `set_epoch`). `skipped_in_last_pass`
-    totals the corrupt samples of the last pass.
+    totals the corrupt samples of the last pass; `position` is where the batches yielded so far leave the
+    streams (pass its `clips_for(...)` as `start_clips` with `start_batch` to resume exactly there).
     """
 
     def __init__(self, stream: ClipStream, num_workers: int, start_batch: int = 0,
-                 pin_memory: bool | None = None, prefetch_factor: int = 2):
+                 pin_memory: bool | None = None, prefetch_factor: int = 2, start_clips: list[int] | None = None):
         self.stream = stream
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -281,10 +346,26 @@ class ClipLoader:
             self.epoch, self._first_batch = divmod(start_batch, stream.batches_per_epoch)
         else:
             self.epoch, self._first_batch = 0, 0
+        self._start_clips = self._checked_start_clips(start_clips)
+        self.position = StreamPosition()
+        if self._start_clips is not None:
+            self.position = StreamPosition(self.epoch, list(self._start_clips))
         self.skipped_in_last_pass = 0
 
+    def _checked_start_clips(self, start_clips: list[int] | None) -> list[int] | None:
+        if start_clips is None:
+            return None
+        workers = max(self.num_workers, 1)
+        # Logical worker w made the batches w, w + workers, ... of the epoch: at least that many full batches.
+        least = [len(range(w, self._first_batch, workers)) * self.stream.batch_size for w in range(workers)]
+        if len(start_clips) != workers or any(c < low for c, low in zip(start_clips, least)):
+            raise ValueError(f"start_clips {list(start_clips)} is not a stream position of batch {self._first_batch} "
+                             f"of epoch {self.epoch} with {workers} logical worker(s) of {self.stream.batch_size} "
+                             "clips a batch: pass the loader's own `position.clips_for(epoch, num_workers)`")
+        return list(start_clips)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._first_batch = epoch, 0
+        self.epoch, self._first_batch, self._start_clips = epoch, 0, None
 
     def __len__(self) -> int:
         if not self.stream.train:
@@ -293,6 +374,7 @@ class ClipLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.stream.epoch, self.stream.first_batch = self.epoch, self._first_batch
+        self.stream.start_clips = self._start_clips
         expected = len(self) if self.stream.train else None
         loader = wds.WebLoader(
             self.stream,
@@ -312,15 +394,17 @@ class ClipLoader:
                 continue
             if held is not None:
                 produced += 1
+                self.position.advance(held)
                 yield held
             held = batch
         if held is not None:
             produced += 1
+            self.position.advance(held)
             yield held
         if self.stream.train:
             if produced != expected:
                 raise RuntimeError(f"training loader produced {produced} batches instead of {expected}")
-            self.epoch, self._first_batch = self.epoch + 1, 0
+            self.epoch, self._first_batch, self._start_clips = self.epoch + 1, 0, None
         elif self.skipped_in_last_pass and held is None:
             logger.warning("rank %d: all %d samples of this rank's evaluation shards were corrupt",
                            self.stream.rank, self.skipped_in_last_pass)
@@ -369,13 +453,21 @@ def build_train_loader(
     decoder: DecoderName = "auto",
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
+    labels: bool = True,
+    clips_per_video: int = 1,
+    start_clips: list[int] | None = None,
 ) -> ClipLoader:
     """Resampled training batches: exactly `batches_per_epoch` per rank per epoch, deterministic given
     (seed, rank, epoch, num_workers), resumable at global batch `start_batch` (= optimizer step x accumulation).
+    Resuming is exact when `start_clips` gives the stream position the earlier loader's `position` recorded
+    at that batch; without it the position is estimated as if no sample before it was corrupt.
 
-    batch_size is per process. batches_per_epoch defaults to the split's videos / (batch_size x world_size).
+    batch_size is per process, in clips. clips_per_video (K): clips drawn from each decoded video, sampled and
+    augmented independently (repeated augmentation; a batch of B clips holds about B / K videos).
+    batches_per_epoch defaults to the split's videos x K / (batch_size x world_size): every video once.
     Memory per worker is bounded by `shuffle_buffer` compressed samples (default 128 for mp4 shards, 16 for
     jpg shards, whose samples are about 15x larger). Workers restart each epoch and refill the buffer.
+    labels=False: labels are not read (label -1), for unlabelled sets (masked pre-training).
     """
     _check_common(batch_size, num_workers)
     shardset = _as_shardset(shardset)
@@ -383,20 +475,24 @@ def build_train_loader(
     if shuffle_buffer is None:
         # Compressed samples held per worker: ~1 MB per 10 s mp4 at 256p, ~15 MB as jpg frames.
         shuffle_buffer = 16 if shardset.format == "jpg" else 128
+    if clips_per_video < 1:
+        raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
     if batches_per_epoch is None:
         videos = shardset.num_samples(split)
         if not videos:
             raise ValueError(f"batches_per_epoch is needed: the shard set does not say how many {split} videos it has")
-        batches_per_epoch = max(1, videos // (batch_size * world_size))
+        batches_per_epoch = max(1, videos * clips_per_video // (batch_size * world_size))
     if batches_per_epoch < 1 or start_batch < 0 or shuffle_buffer < 1:
         raise ValueError("batches_per_epoch and shuffle_buffer must be >= 1 and start_batch >= 0")
     augment.resolved_range(clip.size)
     stream = ClipStream(
         shardset.urls(split), train=True, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),
         rank=rank, world_size=world_size, num_classes=shardset.num_classes, seed=seed, augment=augment,
-        shuffle_buffer=shuffle_buffer, batches_per_epoch=batches_per_epoch,
+        shuffle_buffer=shuffle_buffer, batches_per_epoch=batches_per_epoch, labels=labels,
+        clips_per_video=clips_per_video,
     )
-    return ClipLoader(stream, num_workers, start_batch=start_batch, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+    return ClipLoader(stream, num_workers, start_batch=start_batch, pin_memory=pin_memory,
+                      prefetch_factor=prefetch_factor, start_clips=start_clips)
 
 
 def build_eval_loader(
@@ -412,6 +508,7 @@ def build_eval_loader(
     decoder: DecoderName = "auto",
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
+    labels: bool = True,
 ) -> ClipLoader:
     """Every (video, view) of `split` exactly once over all ranks and workers, no padding duplicates.
 
@@ -427,6 +524,6 @@ def build_eval_loader(
     stream = ClipStream(
         shardset.urls(split), train=False, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),
         rank=rank, world_size=world_size, num_classes=shardset.num_classes,
-        temporal_clips=temporal_clips, spatial_crops=spatial_crops,
+        temporal_clips=temporal_clips, spatial_crops=spatial_crops, labels=labels,
     )
     return ClipLoader(stream, num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)

@@ -97,6 +97,14 @@ class ShardSet:
         return cls(shards=shards)
 
     @property
+    def labelled(self) -> bool | None:
+        """False for a set packed without classes (shards/pack.py --layout unlabelled); None when unknown
+        (plain shard URLs)."""
+        if self.manifest is None:
+            return None
+        return bool(self.manifest.get("labelled", True))
+
+    @property
     def num_classes(self) -> int | None:
         return len(self.classes) if self.classes is not None else None
 

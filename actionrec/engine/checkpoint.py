@@ -23,7 +23,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ class TrainProgress:
     micro_batches: int = 0  # train batches consumed per rank: the data position to resume from
     skipped: int = 0  # corrupt samples skipped so far, summed over ranks
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm so far
+    # Per rank, where its loader's streams stand (actionrec.data.StreamPosition.state_dict): clips consumed per
+    # logical worker, corrupt samples included, so that resume is exact after skipped samples too.
+    stream_positions: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +56,7 @@ class TrainProgress:
         self.micro_batches = int(state["micro_batches"])
         self.skipped = int(state.get("skipped", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.stream_positions = list(state.get("stream_positions", []))  # absent in older checkpoints
 
 
 def step_dir_name(step: int) -> str:

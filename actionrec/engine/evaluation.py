@@ -13,7 +13,8 @@ The result equals a single-process evaluation of the same weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,21 @@ class _VideoAccumulator:
                 self.labels[key] = label
 
 
+def shuffle_frames(video: torch.Tensor, keys: Sequence[str], views: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> the same clips with their frames in a random order: "does the model use time?".
+    Each clip's permutation is seeded by its video key and view, so the shuffled evaluation is the same on any
+    number of ranks and workers. A permutation that left the order unchanged is redrawn (T > 1)."""
+    frames = video.shape[2]
+    out = torch.empty_like(video)
+    for i, (key, view) in enumerate(zip(keys, views.tolist())):
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{key}/{view}".encode()))
+        order = torch.randperm(frames, generator=generator)
+        while frames > 1 and bool((order == torch.arange(frames)).all()):
+            order = torch.randperm(frames, generator=generator)
+        out[i] = video[i][:, order]
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -159,8 +175,12 @@ def evaluate(
     autocast: Callable[[], object],
     dummy_input: torch.Tensor | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    frames_shuffled: bool = False,
 ) -> EvalResult:
     """Evaluate `model` on the eval `batches` of this rank; returns the same result on every rank.
+
+    `frames_shuffled`: every clip's frames are put in a random order first (`shuffle_frames`): a model that uses
+    frame order falls to what the frames' content alone gives; one that ignores it keeps its accuracy.
 
     `dummy_input` (ZeRO-3 only): every forward is a collective there (parameters are gathered layer by layer),
     so a rank whose shard ran out keeps running forwards on this input until all ranks are done.
@@ -188,8 +208,9 @@ def evaluate(
         elif batch is None:
             break
         labels = batch["label"].to(device)
+        video = shuffle_frames(batch["video"], batch["key"], batch["view"]) if frames_shuffled else batch["video"]
         with autocast():
-            logits = model(to_inputs(batch["video"]))
+            logits = model(to_inputs(video))
         logits = logits.float()  # (B, C)
         probs = logits.softmax(dim=1)
         clip_metrics.update(probs, labels)

@@ -13,7 +13,7 @@ import torch
 
 from actionrec.config import Config, build_config, resolved_model_options
 from actionrec.engine.checkpoint import checkpoint_metadata, load_fp32_state_dict, resolve_checkpoint
-from actionrec.models import build_model_for
+from actionrec.engine.run_model import build_model_for
 
 
 @dataclass

@@ -4,7 +4,7 @@ Runs in whatever process group the environment describes (RANK / WORLD_SIZE / LO
 MASTER_PORT from `accelerate launch`, `torchrun` or the SLURM launcher; none = one process). DeepSpeed ZeRO
 comes from `accelerate launch --config_file configs/accelerate/zero*.yaml` or from `deepspeed_config` in the
 run config. The WebDataset loaders are iterated here, never handed to `accelerator.prepare` (that would
-drop data, see ENVIRONMENT.md); batches are moved and normalised on the device.
+drop data, see docs/training.md); batches are moved and normalised on the device.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from actionrec.atomic import atomic_path, write_atomic
@@ -45,6 +45,7 @@ from actionrec.engine.checkpoint import (
 )
 from actionrec.engine.evaluation import EvalResult, evaluate
 from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, StopSignals, TrainingInterrupted
+from actionrec.engine.pretraining import masked_reconstruction_loss, step_mask_generator
 from actionrec.logging import RunMonitor, get_logger
 
 # DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the warning repeats on every rank and step.
@@ -180,16 +181,21 @@ def open_data(cfg: Config, world_size: int) -> DataSetup:
         size=cfg.data.size,
     )
     train_samples = shardset.num_samples(cfg.data.train_split) if cfg.data.train_split else 0
-    per_rank_epoch = max(1, train_samples // (cfg.train.per_device_batch_size * world_size))
+    # An epoch visits every video once; each gives clips_per_video clips.
+    per_rank_epoch = max(1, train_samples * cfg.data.clips_per_video // (cfg.train.per_device_batch_size * world_size))
     return DataSetup(shardset, list(shardset.classes), clip, train_samples, per_rank_epoch)
 
 
-def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: int, world_size: int) -> Iterator[dict]:
+def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: int, world_size: int,
+                  position: Any = None) -> Iterator[dict]:
     """Endless train batches of this rank from data position `start_micro_batch` (micro batches consumed
-    per rank). The loader is deterministic given (seed, rank, epoch, workers) and skips to the position,
-    so a resumed run sees the batches the uninterrupted run would have seen."""
+    per rank) and `position` (this rank's StreamPosition there, from the checkpoint). The loader is
+    deterministic given (seed, rank, epoch, workers) and skips to the position, so a resumed run sees the
+    batches the uninterrupted run would have seen, corrupt samples before the position included."""
     from actionrec.data import build_train_loader
 
+    epoch = start_micro_batch // data.batches_per_epoch
+    start_clips = position.clips_for(epoch, cfg.data.num_workers) if position is not None else None
     extra = {"shuffle_buffer": cfg.data.shuffle_buffer} if cfg.data.shuffle_buffer else {}
     loader = build_train_loader(
         data.shardset,
@@ -203,6 +209,9 @@ def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: in
         rank=rank,
         world_size=world_size,
         decoder=cfg.data.decoder,
+        labels=cfg.task == "classify",
+        clips_per_video=cfg.data.clips_per_video,
+        start_clips=start_clips,
         **extra,
     )
     while True:
@@ -223,6 +232,7 @@ def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size
         rank=rank,
         world_size=world_size,
         decoder=cfg.data.decoder,
+        labels=cfg.task == "classify",
     )
 
 
@@ -251,6 +261,9 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.progress = TrainProgress()
         accelerator.register_for_checkpointing(self.progress)
+        from actionrec.data import StreamPosition
+
+        self.stream_position = StreamPosition()  # this rank's, as of the last batch trained on
         self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last, logger)
 
     def to_inputs(self, video_uint8: torch.Tensor) -> torch.Tensor:
@@ -267,9 +280,18 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        # Every rank's stream position into the progress that rank 0 saves (a collective, as save is).
+        self.progress.stream_positions = gather_object([self.stream_position.state_dict()])
         return self.checkpoints.save(self.progress.step, self.checkpoint_files())
 
-    def evaluate(self, split: str) -> EvalResult:
+    def restore_stream_position(self) -> None:
+        """After a resume: this rank's stream position from the checkpoint (none from an older checkpoint or
+        another world size, whose streams differ: the loader then estimates it from the batch count)."""
+        saved = self.progress.stream_positions
+        if len(saved) == self.world_size:
+            self.stream_position.load_state_dict(saved[self.rank])
+
+    def evaluate(self, split: str, frames_shuffled: bool = False) -> EvalResult:
         zero3 = is_zero3(self.acc)
         dummy = None
         if zero3:
@@ -288,6 +310,7 @@ class Trainer:
             autocast=self.acc.autocast,
             dummy_input=dummy,
             progress=(lambda it: tqdm(it, desc=f"eval {split}", leave=False, dynamic_ncols=True)) if show else None,
+            frames_shuffled=frames_shuffled,
         )
 
     def train_step(self, batches: Iterator[dict], stop_signal: int) -> StepResult:
@@ -303,6 +326,7 @@ class Trainer:
             batch = next(batches)
             waited += time.perf_counter() - start
             self.progress.micro_batches += 1
+            self.stream_position.advance(batch)
             skipped += int(batch["skipped"]) if "skipped" in batch else 0
             keys.extend(batch["key"])
             video = self.to_inputs(batch["video"])
@@ -310,9 +334,15 @@ class Trainer:
             if self.mixing is not None:
                 video, targets = self.mixing(video, targets)
             with self.acc.accumulate(self.model):
-                with self.acc.autocast():
-                    logits = self.model(video)  # (B, num_classes)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.optim.label_smoothing)
+                if self.cfg.task == "pretrain":
+                    core = self.acc.unwrap_model(self.model)
+                    generator = step_mask_generator(self.cfg.train.seed, self.rank, self.progress.micro_batches)
+                    loss = masked_reconstruction_loss(self.model, core, video, core.random_mask(len(video), generator),
+                                                      self.acc.autocast)
+                else:
+                    with self.acc.autocast():
+                        logits = self.model(video)  # (B, num_classes)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.optim.label_smoothing)
                 # Under DeepSpeed the last micro batch's backward also takes the optimizer step (and skips it
                 # itself when the gradient norm is not finite).
                 self.acc.backward(loss)
@@ -360,8 +390,9 @@ class StepResult:
 
 
 def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
-          stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> dict[str, Any]:
-    """Train (or with eval_only, evaluate `checkpoint`) in the process group the environment describes.
+          stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), frames_shuffled: bool = False) -> dict[str, Any]:
+    """Train (or with eval_only, evaluate `checkpoint`; with frames_shuffled too, on clips whose frames are
+    shuffled: metrics and reports under `{split}_frames_shuffled`) in the process group the environment describes.
     Returns the final metrics (the same on every rank). One of `stop_signals` during training makes every rank
     finish its step and write a checkpoint there, then raises TrainingInterrupted; a run stopped by a fault
     raises NonFiniteLossError or CheckpointWriteError (see actionrec.engine.faults)."""
@@ -376,6 +407,12 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
             f"WORLD_SIZE={world_size} but Accelerate joined {accelerator.num_processes} process(es): "
             "on CPU launch with `accelerate launch --multi_gpu --num_processes N` or torchrun"
         )
+    if cfg.task == "pretrain" and is_zero3(accelerator):
+        from actionrec.config import ConfigError
+
+        # Its evaluation runs the bare module on uneven per-rank batch counts; ZeRO-3 would need every rank in
+        # every forward. ZeRO-2 and DDP replicate the weights and pre-train as they train.
+        raise ConfigError("task=pretrain does not run under DeepSpeed ZeRO-3: use ZeRO-2 (configs/accelerate/zero2.yaml) or DDP")
     logger = get_logger(accelerator.is_main_process)
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     if accelerator.device.type == "cuda":
@@ -391,14 +428,14 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         cfg.train.global_batch_size, cfg.train.per_device_batch_size, accumulation, world_size, len(data.classes),
     )
 
-    from actionrec.models import build_model_for
+    from actionrec.engine.run_model import build_model_for
 
     model = build_model_for(cfg, len(data.classes))
     if weights_from is not None:
         model.load_state_dict(load_fp32_state_dict(weights_from))
         logger.info("weights from %s", weights_from)
     flops_per_clip = 0.0  # forward + backward of one training clip, for the MFU estimate
-    if cfg.log.peak_tflops_per_device > 0 and not eval_only:
+    if cfg.log.peak_tflops_per_device > 0 and not eval_only and cfg.task == "classify":
         from actionrec.models import count_flops_per_clip
 
         clip_shape = (3, cfg.data.num_frames, cfg.data.size, cfg.data.size)
@@ -410,7 +447,8 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
     trainer = Trainer(cfg, accelerator, data, model, flops_per_clip, logger)
 
     if eval_only:
-        results = run_evaluations(trainer, None, [cfg.data.val_split, cfg.data.test_split], step=0)
+        results = run_evaluations(trainer, None, [cfg.data.val_split, cfg.data.test_split], step=0,
+                                  frames_shuffled=frames_shuffled)
         accelerator.end_training()
         return results
 
@@ -448,14 +486,16 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         raise
     results.update(run_evaluations(trainer, monitor, [cfg.data.val_split, cfg.data.test_split], trainer.progress.step))
     export_model(trainer, final_dir)
-    monitor.finish(results)
+    monitor.finish(results, num_workers=cfg.data.num_workers)
     accelerator.end_training()
     return results
 
 
 def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dict[str, Any]:
     cfg, acc, progress = trainer.cfg, trainer.acc, trainer.progress
-    batches = train_batches(cfg, trainer.data, progress.micro_batches, trainer.rank, trainer.world_size)
+    trainer.restore_stream_position()
+    batches = train_batches(cfg, trainer.data, progress.micro_batches, trainer.rank, trainer.world_size,
+                            trainer.stream_position)
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=progress.step,
@@ -547,7 +587,8 @@ def skip_nonfinite_step(trainer: Trainer, monitor: RunMonitor, result: StepResul
         )
 
 
-def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[str], step: int) -> dict[str, Any]:
+def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[str], step: int,
+                    frames_shuffled: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for split in splits:
         if not split:
@@ -555,19 +596,51 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
         if trainer.data.shardset.num_samples(split) == 0:
             trainer.logger.info("no %s split in %s: not evaluated", split, trainer.cfg.data.shards)
             continue
-        result = trainer.evaluate(split)
-        scalars = {f"{split}/{k}": v for k, v in result.scalars().items()}
+        if trainer.cfg.task == "pretrain":
+            results.update(evaluate_pretraining(trainer, monitor, split, step))
+            continue
+        result = trainer.evaluate(split, frames_shuffled)
+        name = f"{split}_frames_shuffled" if frames_shuffled else split
+        scalars = {f"{name}/{k}": v for k, v in result.scalars().items()}
         results.update(scalars)
         trainer.logger.info(
             "step %d %s: video top-1 %.4f top-5 %.4f mean-class %.4f | clip top-1 %.4f | loss %.4f (%d videos, %d clips)",
-            step, split, result.video.top1, result.video.top5, result.video.mean_class_accuracy,
+            step, split + (" (frames shuffled)" if frames_shuffled else ""), result.video.top1, result.video.top5, result.video.mean_class_accuracy,
             result.clip.top1, result.loss, result.video.count, result.clip.count,
         )
         if monitor is not None:
             monitor.log_eval(result, split, step, trainer.data.classes)
         elif trainer.acc.is_main_process:
-            write_eval_report(trainer, result, split)
+            write_eval_report(trainer, result, name)
     return results
+
+
+def evaluate_pretraining(trainer: Trainer, monitor: RunMonitor | None, split: str, step: int) -> dict[str, float]:
+    """Masked pre-training: the loss on `split` (a fixed mask per video) and a PNG of reconstructions."""
+    from actionrec.engine.pretraining import evaluate_reconstruction, plot_reconstructions
+
+    cfg = trainer.cfg
+    show = trainer.acc.is_main_process and cfg.log.progress_bar
+    batches = eval_batches(cfg, trainer.data, split, trainer.rank, trainer.world_size)
+    result = evaluate_reconstruction(
+        trainer.acc.unwrap_model(trainer.model),
+        tqdm(batches, desc=f"eval {split}", leave=False, dynamic_ncols=True) if show else batches,
+        trainer.device, trainer.to_inputs, trainer.acc.autocast, cfg.train.seed,
+        cfg.pretrain.reconstructions if trainer.acc.is_main_process else 0, trainer.world_size,
+    )
+    scalars = {f"{split}/loss": result.loss, f"{split}/count": float(result.count)}
+    trainer.logger.info("step %d %s: masked reconstruction loss %.4f (%d clips)", step, split, result.loss, result.count)
+    if trainer.acc.is_main_process and result.shown is not None:
+        folder = monitor.plots_dir if monitor is not None else cfg.run_dir / "eval"
+        png = plot_reconstructions(result.shown, trainer.acc.unwrap_model(trainer.model).patch_size, cfg.data.mean, cfg.data.std,
+                                   folder / f"reconstructions_{split}_step{step:07d}.png",
+                                   f"{split} clips at step {step}: original / masked / predicted")
+        if monitor is not None:
+            monitor.log_image(f"{split}/reconstructions", png, step)
+    if monitor is not None:
+        monitor.log_scalars(scalars, step)
+        monitor.plot_loss_curve()
+    return scalars
 
 
 def write_eval_report(trainer: Trainer, result: EvalResult, split: str) -> None:

@@ -6,7 +6,6 @@
 """
 
 from actionrec.models.flops import count_flops_per_clip
-from actionrec.models.from_config import build_model_for
 from actionrec.models.pretrained import (
     CheckpointMismatchError,
     LoadReport,
@@ -29,7 +28,6 @@ __all__ = [
     "TimeSformer",
     "TimeSformerConfig",
     "build_model",
-    "build_model_for",
     "list_models",
     "model_config",
     "model_config_class",

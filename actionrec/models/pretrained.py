@@ -8,6 +8,8 @@
 | HuggingFace dir (`facebook/timesformer-*`)     | `timesformer.encoder.layer.N...`      | TimeSformer            |
 | torchvision `vit_b_16` state dict              | `encoder.layers.encoder_layer_N...`   | TimeSformer (spatial)  |
 | timm ViT state dict / our own `state_dict()`   | `blocks.N.attn.qkv...`                | TimeSformer            |
+| our masked pre-training (a run dir, or its     | `encoder.blocks.N...`, `mask_token`   | TimeSformer (encoder;  |
+|   model.safetensors)                           |                                       |   decoder not used)    |
 | torchvision r3d_18 / r2plus1d_18 / mc3_18      | `stem.0.weight`, `layer1...`          | *_transformer trunk    |
 | torchvision resnet18                           | `conv1.weight`, `layer1...`           | resnet18_temporal trunk|
 
@@ -101,6 +103,8 @@ def read_checkpoint(path: str | Path) -> tuple[str, dict[str, torch.Tensor], dic
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     hf_config = None
+    if path.is_dir() and not (path / "config.json").exists() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"  # the run dir of one of our runs
     if path.is_dir():
         config_file = path / "config.json"
         weights = [path / "model.safetensors", path / "pytorch_model.bin"]
@@ -136,6 +140,8 @@ def _detect_format(state: dict[str, torch.Tensor], hf_config: dict | None) -> st
         return "torchvision_video"
     if "conv1.weight" in keys and "layer1.0.conv1.weight" in keys:
         return "torchvision_resnet"
+    if "mask_token" in keys and any(k.startswith("encoder.") for k in keys):
+        return "masked_pretrain"
     return "native"
 
 
@@ -220,6 +226,10 @@ def _to_model_names(fmt: str, state: dict[str, torch.Tensor]) -> tuple[dict[str,
         return _from_huggingface(state), []
     if fmt == "torchvision_vit":
         return _from_torchvision_vit(state), []
+    if fmt == "masked_pretrain":
+        # The encoder is the classifier's trunk; the decoder and mask token only served the pre-training.
+        encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        return encoder, [f"decoder ({sum(1 for k in state if not k.startswith('encoder.'))} tensors)"]
     if fmt in ("torchvision_video", "torchvision_resnet"):
         # The trunk's own classifier (e.g. Kinetics-400 / ImageNet fc) has no place in our models.
         dropped = sorted(k for k in state if k.startswith("fc."))
@@ -301,6 +311,8 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
         allowed_missing |= _adapt_timesformer(model, state, report)
     if fmt in ("torchvision_video", "torchvision_resnet"):
         allowed_missing |= {k for k in target if not k.startswith("trunk.")}  # head: not part of the trunk
+    if fmt == "masked_pretrain":
+        allowed_missing |= set(HEAD_KEYS.get(type(model), ()))  # pre-training has no classifier
     for key in HEAD_KEYS.get(type(model), ()):
         if key in state and key in target and state[key].shape != target[key].shape:
             report.dropped_head.append(f"{key} {tuple(state.pop(key).shape)} (model: {tuple(target[key].shape)})")

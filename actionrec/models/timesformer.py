@@ -223,8 +223,39 @@ class SpaceTimeStem(nn.Module):
         self.out_channels = in_chans
         self.downsample = first_stride * 2 ** (layers - 1)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.layers(video)  # (B, C, T, H, W) -> (B, out_channels, T, H / downsample, W / downsample)
+    def forward(self, video: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, out_channels, T, H / downsample, W / downsample).
+
+        keep: (B, h, w) bool, the visible patches of masked pre-training (the same in every frame). Then no
+        pixel of a hidden patch reaches a visible one: the input of every conv is zero outside the visible
+        patches (so a receptive field that crosses a patch border reads zeros there, as at the clip's edge),
+        and the instance norm takes its statistics over the visible positions only. With every patch
+        visible this computes exactly what the plain stem computes, so a pre-trained stem fine-tunes as it is.
+        """
+        if keep is None:
+            return self.layers(video)
+        keep = keep[:, None, None].to(video.dtype)  # (B, 1, 1, h, w)
+        x = video
+        for conv, norm, relu in zip(self.layers[0::3], self.layers[1::3], self.layers[2::3]):
+            x = conv(x * _patch_mask_at(keep, x.shape[-2:]))
+            out_keep = _patch_mask_at(keep, x.shape[-2:])
+            x = relu(_masked_instance_norm(x, out_keep, norm)) * out_keep
+        return x
+
+
+def _patch_mask_at(keep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A patch-grid mask (B, 1, 1, h, w) at a feature map's resolution (every patch covers whole pixels)."""
+    return keep.repeat_interleave(size[0] // keep.shape[-2], dim=-2).repeat_interleave(size[1] // keep.shape[-1], dim=-1)
+
+
+def _masked_instance_norm(x: torch.Tensor, keep: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """`norm` (GroupNorm with one group per channel) with its statistics over the positions where keep is 1:
+    x (B, C, T, H, W), keep (B, 1, 1, H, W)."""
+    count = keep.sum(dim=(-2, -1), keepdim=True) * x.shape[2]  # (B, 1, 1, 1, 1)
+    mean = (x * keep).sum(dim=(2, 3, 4), keepdim=True) / count  # (B, C, 1, 1, 1)
+    var = (((x - mean) * keep) ** 2).sum(dim=(2, 3, 4), keepdim=True) / count
+    shape = (1, -1, 1, 1, 1)
+    return (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight.view(shape) + norm.bias.view(shape)
 
 
 class JointSpaceTimeBlock(SpaceTimeBlock):
@@ -436,40 +467,78 @@ class TimeSformer(nn.Module):
         if cfg.attention_type == "sparse_local_global":
             _check_local_global_grid(video.shape[2], height // cfg.patch_size, width // cfg.patch_size)
 
-    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> normalised cls features (B, D)."""
+    def embed(self, video: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
+        """(B, C, T, H, W) -> patch tokens with position (and time) embeddings (B, T, N, D) and the patch grid
+        (h, w). keep: (B, N) bool, the patches visible in masked pre-training (see SpaceTimeStem.forward)."""
         self._check_input(video)
-        batch, frames = video.shape[0], video.shape[2]
         if self.setup == "scratch":
-            video = self.stem(video)  # (B, stem out channels, T, H / 4, W / 4) with the default 2 layers
-        patches, grid_h, grid_w = self.patch_embed(video)  # (B, T, N, D)
+            grid = (video.shape[-2] // self.config.patch_size, video.shape[-1] // self.config.patch_size)
+            stem_keep = None if keep is None else rearrange(keep, "b (h w) -> b h w", h=grid[0], w=grid[1])
+            video = self.stem(video, stem_keep)  # (B, stem out channels, T, H / 4, W / 4) with the default 2 layers
+        patches, grid_h, grid_w = self.patch_embed(video)  # (B, T, N, D); each token sees its own patch only
         pos = resize_space_embed(self.pos_embed[:, 1:], (grid_h, grid_w), mode="nearest")  # (1, N, D)
         patches = self.pos_drop(patches + pos.unsqueeze(1))
-        cls_token = self.pos_drop(self.cls_token + self.pos_embed[:, :1])  # (1, 1, D)
+        if self.config.attention_type != "space_only":
+            time = resize_time_embed(self.time_embed, video.shape[2], mode="nearest")  # (1, T, D)
+            patches = self.time_drop(patches + time.unsqueeze(2))
+        return patches, grid_h, grid_w
 
+    def encode(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Patch tokens (B, T, L, D) laid out on grid (T, h, w), L = h * w -> the blocks' output with the cls
+        token first: (B, 1 + T*L, D), or for space_only (B*T, 1 + L, D), before the final norm."""
+        batch, frames = patches.shape[:2]
+        cls_token = self.pos_drop(self.cls_token + self.pos_embed[:, :1])  # (1, 1, D)
         if self.config.attention_type == "space_only":
             # Every frame is its own sequence with its own cls copy; frames are averaged at the end.
             tokens = torch.cat(
                 [cls_token.expand(batch * frames, -1, -1), rearrange(patches, "b t n d -> (b t) n d")], dim=1
             )  # (B*T, 1+N, D)
         else:
-            time = resize_time_embed(self.time_embed, frames, mode="nearest")  # (1, T, D)
-            patches = self.time_drop(patches + time.unsqueeze(2))
             tokens = torch.cat(
                 [cls_token.expand(batch, -1, -1), rearrange(patches, "b t n d -> b (t n) d")], dim=1
             )  # (B, 1+T*N, D)
-
-        grid = (frames, grid_h, grid_w)
         for block in self.blocks:
             if self.config.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, grid, use_reentrant=False)
             else:
                 tokens = block(tokens, grid)
+        return tokens
 
+    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> normalised cls features (B, D)."""
+        frames = video.shape[2]
+        patches, grid_h, grid_w = self.embed(video)
+        tokens = self.encode(patches, (frames, grid_h, grid_w))
         if self.config.attention_type == "space_only":
             # Official space-only baseline: average the frames' tokens, then the final norm.
             return self.norm(reduce(tokens[:, 0], "(b t) d -> b d", "mean", t=frames))
         return self.norm(tokens[:, 0])
+
+    def forward_visible(self, video: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Masked pre-training: encode only the visible patches. visible: (B, V) indices of the patch positions
+        each clip shows (the same V in every frame: tube masking) -> normalised patch tokens (B, T, V, D).
+
+        Defined for the schemes whose attention groups stay whole under tube masking: joint (all tokens),
+        divided (each position over time: all T frames of a visible position are visible; each frame over
+        its V visible positions) and space-only (each frame). Sparse local-global and axial attend within
+        quadrants and rows of the patch grid, which a random mask leaves with a different number of visible
+        tokens in every clip: refused (see actionrec/models/masked.py)."""
+        if self.config.attention_type not in ("space_only", "joint_space_time", "divided_space_time"):
+            raise ValueError(f"attention_type {self.config.attention_type!r} cannot encode visible tokens only "
+                             "(its groups are quadrants or rows of the patch grid); use joint_space_time, "
+                             "divided_space_time or space_only")
+        batch, _, frames = video.shape[:3]
+        num_patches = (video.shape[-2] // self.config.patch_size) * (video.shape[-1] // self.config.patch_size)
+        keep = torch.zeros(batch, num_patches, dtype=torch.bool, device=video.device).scatter_(1, visible, True)
+        patches, _, _ = self.embed(video, keep)  # (B, T, N, D)
+        dim = patches.shape[-1]
+        index = repeat(visible, "b v -> b t v d", t=frames, d=dim)
+        patches = patches.gather(2, index)  # (B, T, V, D)
+        # Divided attention groups tokens by (h, w) position: the V visible positions as a (V, 1) grid.
+        tokens = self.encode(patches, (frames, visible.shape[1], 1))
+        if self.config.attention_type == "space_only":
+            return self.norm(rearrange(tokens[:, 1:], "(b t) v d -> b t v d", t=frames))
+        return self.norm(rearrange(tokens[:, 1:], "b (t v) d -> b t v d", t=frames))
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(self.forward_features(video)))

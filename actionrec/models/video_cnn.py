@@ -8,13 +8,19 @@
 
 Trunk parameter names are torchvision's under `trunk.`, so torchvision weight files load by name
 (`pretrained.py`). Nothing is downloaded: trunks are built with `weights=None`.
+
+Two set-ups, as for the TimeSformer (`init`): `vit` (the set-up of published weights) is torchvision's trunk
+exactly (BatchNorm, 64 base channels); `scratch` reshapes the same trunk for training without weights: a norm
+layer that does not depend on the batch (instance norm), and optionally a narrower `width` (see
+`reshape_trunk`, and docs/models.md for what each change measured).
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +33,65 @@ from torchvision.models.video import mc3_18, r2plus1d_18, r3d_18
 from actionrec.models.layers import check_init_setup
 
 VIDEO_TRUNKS = {"r3d_18": r3d_18, "r2plus1d_18": r2plus1d_18, "mc3_18": mc3_18}
-TRUNK_CHANNELS = 512
+TORCHVISION_WIDTH = 64  # base channels of torchvision's ResNet-18 trunks (stages: 64, 128, 256, 512)
+NORMS = ("auto", "batch", "group", "instance")
+
+
+def make_norm(kind: str, channels: int, dims: int) -> nn.Module:
+    """`batch`: BatchNorm (torchvision's); `group`: GroupNorm with groups of 4 channels (at the narrow widths
+    used from scratch, 32 groups would be one channel each); `instance`: one group per channel."""
+    if kind == "batch":
+        return nn.BatchNorm3d(channels) if dims == 3 else nn.BatchNorm2d(channels)
+    groups = channels if kind == "instance" else math.gcd(channels, max(1, channels // 4))
+    return nn.GroupNorm(groups, channels)
+
+
+def reshape_trunk(module: nn.Module, width: int, norm: str) -> None:
+    """Rebuild a torchvision ResNet trunk in place with `width` base channels instead of 64 (every conv's
+    channels scaled by width / 64, the image's 3 kept) and `norm` instead of BatchNorm. Module names stay
+    torchvision's, so the same code walks all trunks (R3D, R(2+1)D with its mid-planes, MC3, 2D ResNet).
+    Written here because torchvision's builders fix both the width (64) and the norm (BatchNorm3d inside the
+    video blocks)."""
+
+    def scaled(channels: int) -> int:
+        return max(1, round(channels * width / TORCHVISION_WIDTH))
+
+    for name, child in module.named_children():
+        if isinstance(child, (nn.Conv2d, nn.Conv3d)):
+            # torchvision's Conv3DSimple / Conv3DNoTemporal are nn.Conv3d with other constructors: a plain
+            # nn.Conv3d of the same geometry is the same layer.
+            conv = (nn.Conv3d if isinstance(child, nn.Conv3d) else nn.Conv2d)(
+                child.in_channels if child.in_channels == 3 else scaled(child.in_channels),
+                scaled(child.out_channels), child.kernel_size, child.stride, child.padding, bias=child.bias is not None,
+            )
+            # torchvision's own initialisation of its ResNet convs.
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+            setattr(module, name, conv)
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+            dims = 3 if isinstance(child, nn.BatchNorm3d) else 2
+            setattr(module, name, make_norm(norm, scaled(child.num_features), dims))
+        else:
+            reshape_trunk(child, width, norm)
+
+
+def check_trunk_setup(config: VideoResNetTransformerConfig | FrameResNetTransformerConfig) -> None:
+    if config.norm not in NORMS:
+        raise ValueError(f"unknown norm {config.norm!r}; choose one of: {', '.join(NORMS)}")
+    if config.width < 4 or config.width % 4:
+        raise ValueError(f"width must be a multiple of 4 (torchvision's trunk: 64), got {config.width}")
+    if config.init == "vit" and (config.width != TORCHVISION_WIDTH or config.norm not in ("auto", "batch")):
+        raise ValueError(f"init 'vit' builds torchvision's trunk (width 64, BatchNorm), the one its weights fit; got "
+                         f"width {config.width}, norm {config.norm}: drop them or train from scratch (init 'scratch')")
+
+
+def trunk_norm(config: VideoResNetTransformerConfig | FrameResNetTransformerConfig) -> str:
+    """The trunk's norm layer: `auto` is torchvision's BatchNorm with weights, the family's `scratch_norm`
+    without."""
+    if config.norm != "auto":
+        return config.norm
+    return "batch" if config.init == "vit" else config.scratch_norm
 
 
 @contextmanager
@@ -80,8 +144,10 @@ class TransformerHead(nn.Module):
         num_classes: int,
         grad_checkpointing: bool,
         pos_std: float = 0.02,
+        tokens_per_frame: int = 0,
     ) -> None:
         super().__init__()
+        self.tokens_per_frame = tokens_per_frame  # > 0: tokens are (frames x tokens_per_frame), frames may vary
         if dim % num_heads != 0:
             raise ValueError(f"hidden_dim {dim} is not divisible by num_heads {num_heads}")
         self.grad_checkpointing = grad_checkpointing
@@ -101,14 +167,16 @@ class TransformerHead(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=pos_std, a=-2 * pos_std, b=2 * pos_std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> logits (B, num_classes). L must equal num_tokens, except for a 1-D (frame) sequence,
-        whose position embeddings are linearly resampled to L."""
+        """(B, L, D) -> logits (B, num_classes). L must equal num_tokens, except for frame token sequences
+        (tokens_per_frame > 0), whose position embeddings are linearly resampled in time to L / tokens_per_frame
+        frames."""
         pos = self.pos_embed
-        if tokens.shape[1] + 1 != pos.shape[1]:
-            resized = F.interpolate(
-                rearrange(pos[:, 1:], "1 l d -> 1 d l"), size=tokens.shape[1], mode="linear", align_corners=False
-            )
-            pos = torch.cat([pos[:, :1], rearrange(resized, "1 d l -> 1 l d")], dim=1)
+        if tokens.shape[1] + 1 != pos.shape[1] and self.tokens_per_frame:
+            frames = tokens.shape[1] // self.tokens_per_frame
+            grid = rearrange(pos[:, 1:], "1 (t n) d -> 1 (n d) t", n=self.tokens_per_frame)
+            resized = F.interpolate(grid, size=frames, mode="linear", align_corners=False)  # (1, n*D, frames)
+            resized = rearrange(resized, "1 (n d) t -> 1 (t n) d", n=self.tokens_per_frame)
+            pos = torch.cat([pos[:, :1], resized], dim=1)
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + pos  # (B, 1+L, D)
         for layer in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -120,6 +188,7 @@ class TransformerHead(nn.Module):
 
 @dataclass
 class VideoResNetTransformerConfig:
+    scratch_norm: ClassVar[str] = "instance"  # what norm "auto" means without weights (see `norm`)
     trunk: str = "r3d_18"
     # The trunk's last feature map is average-pooled to (token_frames, token_size, token_size) tokens.
     token_frames: int = 1
@@ -133,13 +202,22 @@ class VideoResNetTransformerConfig:
     # Train only the transformer head: trunk parameters get no gradient and its BatchNorm stays in eval mode.
     freeze_trunk: bool = False
     grad_checkpointing: bool = False
-    # "scratch" draws the head's position embeddings with embed_std, "vit" with 0.02; "auto" is "scratch"
+    # "vit": torchvision's trunk exactly (the set-up its weights need), head position embeddings std 0.02;
+    # "scratch": the trunk reshaped by `norm` and `width`, embeddings drawn with embed_std. "auto" is "scratch"
     # here, and a run config makes it "vit" when model.pretrained loads weights (see TimeSformerConfig.init).
     init: str = "auto"
     embed_std: float = 0.5
+    # Trunk norm layer: batch | group | instance; "auto" = batch with init vit, instance from scratch: a 3D trunk
+    # normalises over whole clips, and at a few clips per device BatchNorm's statistics are too noisy to train
+    # on (docs/models.md: from scratch, R3D with instance norm was at 97.5% on the demo set by step 100, with
+    # BatchNorm at 17%, and 88.5% by step 300).
+    norm: str = "auto"
+    # Trunk base channels (stages: width, 2x, 4x, 8x); 64 is torchvision's, the only width its weights fit.
+    width: int = 64
 
     def __post_init__(self) -> None:
         check_init_setup(self.init, self.embed_std)
+        check_trunk_setup(self)
         if self.trunk not in VIDEO_TRUNKS:
             raise ValueError(f"unknown trunk {self.trunk!r}; choose one of: {', '.join(VIDEO_TRUNKS)}")
         for name in ("token_frames", "token_size", "hidden_dim", "num_layers", "num_heads"):
@@ -164,12 +242,17 @@ class TrunkTransformer(nn.Module):
         num_classes: int,
         trunk: nn.ModuleDict,
         num_tokens: int,
+        tokens_per_frame: int = 0,
     ) -> None:
         super().__init__()
         self.config = config
         self.num_classes = num_classes
+        norm = trunk_norm(config)
+        if (config.width, norm) != (TORCHVISION_WIDTH, "batch"):
+            reshape_trunk(trunk, config.width, norm)
         self.trunk = trunk
-        self.proj = nn.Identity() if config.hidden_dim == TRUNK_CHANNELS else nn.Linear(TRUNK_CHANNELS, config.hidden_dim)
+        channels = 8 * config.width  # the last stage's
+        self.proj = nn.Identity() if config.hidden_dim == channels else nn.Linear(channels, config.hidden_dim)
         self.head = TransformerHead(
             config.hidden_dim,
             num_tokens,
@@ -181,6 +264,7 @@ class TrunkTransformer(nn.Module):
             num_classes,
             config.grad_checkpointing,
             pos_std=0.02 if config.init == "vit" else config.embed_std,
+            tokens_per_frame=tokens_per_frame,
         )
         if config.freeze_trunk:
             self.trunk.requires_grad_(False)
@@ -238,6 +322,7 @@ class VideoResNetTransformer(TrunkTransformer):
 
 @dataclass
 class FrameResNetTransformerConfig:
+    scratch_norm: ClassVar[str] = "batch"  # see `norm`
     # Frames the temporal position embeddings are made for (other clip lengths resample them linearly).
     num_frames: int = 8
     hidden_dim: int = 512
@@ -250,12 +335,49 @@ class FrameResNetTransformerConfig:
     grad_checkpointing: bool = False
     init: str = "auto"  # as VideoResNetTransformerConfig.init
     embed_std: float = 0.5
+    # Trunk norm layer, as VideoResNetTransformerConfig.norm, but "auto" is BatchNorm from scratch too: this
+    # trunk normalises single frames, B x T per device (64 in the demo), and instance norm over the last
+    # stage's 1x1 or 2x2 maps erases the features (docs/models.md).
+    norm: str = "auto"
+    width: int = 64  # as VideoResNetTransformerConfig.width
+    # Each frame's last feature map is average-pooled to token_size x token_size tokens (1: torchvision's
+    # global pool, one token per frame).
+    token_size: int = 1
+    # Temporal shift (TSM, Lin et al. 2019) in every residual block: a quarter of the channels of the block's
+    # input come from the previous (1/8) and the next (1/8) frame, so the 2D convolutions see motion at no
+    # extra cost. "auto": on from scratch, off with weights (torchvision's network unchanged); "on" with
+    # weights loads ImageNet ResNet-18 weights into a shifted trunk (TSM's own recipe).
+    temporal_shift: str = "auto"
 
     def __post_init__(self) -> None:
         check_init_setup(self.init, self.embed_std)
-        for name in ("num_frames", "hidden_dim", "num_layers", "num_heads"):
+        check_trunk_setup(self)
+        if self.temporal_shift not in ("auto", "on", "off"):
+            raise ValueError(f"temporal_shift must be auto, on or off, got {self.temporal_shift!r}")
+        for name in ("num_frames", "hidden_dim", "num_layers", "num_heads", "token_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class TemporalShift:
+    """Temporal shift (TSM): 1/8 of the channels of (B*T, C, H, W) frame features taken from the next frame and
+    1/8 from the previous one (zeros at the clip's ends). Registered as a forward pre-hook on each residual
+    block's first conv (TSM's "residual shift": the skip connection keeps the unshifted input), so parameter
+    names stay torchvision's and ImageNet ResNet weights load into a shifted trunk. Written here because
+    torchvision has no temporal shift."""
+
+    def __init__(self) -> None:
+        self.frames = 1  # the clip's T, set by the model before each forward
+
+    def __call__(self, conv: nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+        (x,) = inputs
+        fold = x.shape[1] // 8
+        clips = rearrange(x, "(b t) c h w -> b t c h w", t=self.frames)
+        shifted = torch.zeros_like(clips)
+        shifted[:, :-1, :fold] = clips[:, 1:, :fold]  # from the next frame
+        shifted[:, 1:, fold : 2 * fold] = clips[:, :-1, fold : 2 * fold]  # from the previous frame
+        shifted[:, :, 2 * fold :] = clips[:, :, 2 * fold :]
+        return (rearrange(shifted, "b t c h w -> (b t) c h w"),)
 
 
 class FrameResNetTransformer(TrunkTransformer):
@@ -269,11 +391,25 @@ class FrameResNetTransformer(TrunkTransformer):
                 layer1=net.layer1, layer2=net.layer2, layer3=net.layer3, layer4=net.layer4,
             )
         )
-        super().__init__(config, num_classes, trunk, config.num_frames)
+        tokens_per_frame = config.token_size**2
+        super().__init__(config, num_classes, trunk, config.num_frames * tokens_per_frame, tokens_per_frame)
+        self.pool = nn.AdaptiveAvgPool2d(config.token_size)
+        self.temporal_shift = None
+        if config.temporal_shift == "on" or (config.temporal_shift == "auto" and config.init != "vit"):
+            self.temporal_shift = TemporalShift()
+            for stage in ("layer1", "layer2", "layer3", "layer4"):
+                for block in self.trunk[stage]:
+                    block.conv1.register_forward_pre_hook(self.temporal_shift)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         _check_clip(video)
         batch = video.shape[0]
-        x = self.run_trunk(rearrange(video, "b c t h w -> (b t) c h w"))
-        frame_features = rearrange(x.mean(dim=(-2, -1)), "(b t) c -> b t c", b=batch)  # (B, T, 512)
-        return self.head(self.proj(frame_features))
+        if self.temporal_shift is not None:
+            self.temporal_shift.frames = video.shape[2]
+        x = self.run_trunk(rearrange(video, "b c t h w -> (b t) c h w"))  # (B*T, C, h, w)
+        if min(x.shape[-2:]) < self.config.token_size:
+            raise ValueError(f"a {video.shape[3]}x{video.shape[4]} frame gives a {x.shape[-2]}x{x.shape[-1]} "
+                             f"feature map, smaller than token_size {self.config.token_size}: use larger clips or a "
+                             f"lower token_size")
+        tokens = rearrange(self.pool(x), "(b t) c h w -> b (t h w) c", b=batch)  # (B, T*s*s, C)
+        return self.head(self.proj(tokens))

@@ -24,15 +24,20 @@ def load_manifest(out: str | Path) -> dict:
 def describe(out: str | Path) -> str:
     manifest = load_manifest(out)
     pack = manifest["pack"]
-    lines = [f"{out}: format v{manifest['format_version']}, {manifest['format']}, {len(manifest['classes'])} classes, "
+    labelled = manifest.get("labelled", True)
+    what = f"{len(manifest['classes'])} classes" if labelled else "unlabelled (no classes: for masked pre-training)"
+    lines = [f"{out}: format v{manifest['format_version']}, {manifest['format']}, {what}, "
              f"short side {pack['short_side']}, {pack['fps']} fps, layout {pack['layout']}, created {manifest['created']}"]
     for split in SPLITS:
         info = manifest["splits"][split]
         lines.append(f"  {split:5s} {info['num_samples']:7d} videos {info['num_frames']:9d} frames "
                      f"in {len(info['shards'])} shard(s)")
-    width = max(len(name) for name in manifest["classes"])
+    if pack.get("train_per_class"):
+        lines.append(f"  train: at most {pack['train_per_class']} videos per class (--train-per-class)")
+    groups = list(manifest["frames_per_category"]) if not labelled else manifest["classes"]
+    width = max([len(name) for name in groups] + [5])
     lines.append(f"  {'class'.ljust(width)}  {'train':>6s} {'val':>6s} {'test':>6s}  frames/video (min-max)")
-    for name in manifest["classes"]:
+    for name in groups:
         counts = [manifest["per_class_counts"][split][name] for split in SPLITS]
         stats = manifest["frames_per_category"][name]
         lines.append(f"  {name.ljust(width)}  {counts[0]:6d} {counts[1]:6d} {counts[2]:6d}  "
@@ -84,4 +89,4 @@ def dump_sample(out: str | Path, key: str, dest: str | Path) -> list[Path]:
 def list_keys(out: str | Path) -> list[tuple[str, str, str]]:
     """(split, key, label) of every sample, reading only the json members."""
     samples, _ = read_published_shards(Path(out))
-    return [(s.split, s.key, s.meta["label"]) for s in samples]
+    return [(s.split, s.key, s.meta["label"] or "-") for s in samples]

@@ -1,8 +1,12 @@
-"""Finding the labelled videos in a source tree: the data set layouts users download, auto-detected.
+"""Finding the videos in a source tree: the data set layouts users download, auto-detected.
 
 Every layout reduces to a list of `Source`s (one per video or frames folder, with its label and, where the
 layout has one, its official split) plus the entries that were found but cannot be packed (`Unusable`),
 so a missing file named in a list is reported rather than dropped.
+
+`unlabelled` is the layout of videos without classes (for masked pre-training): every video file under SRC
+at any depth, or a CSV manifest with a `path` column and no `label` column. Its sources have the label ""
+and its listing no classes.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .bmp .webp".split())
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
                  "validation": "val", "test": "test", "testing": "test"}
-LAYOUTS = ("folder", "frames", "csv", "ucf101", "kinetics", "ssv2")
+LAYOUTS = ("folder", "frames", "csv", "ucf101", "kinetics", "ssv2", "unlabelled")
+UNLABELLED_GROUP = "(all videos)"  # the one group of an unlabelled set in counts, statistics and plots
 KINETICS_HEADER = ("label", "youtube_id", "time_start", "time_end")
 
 
@@ -36,7 +41,7 @@ class Source:
 
     relpath: str  # POSIX path relative to SRC: the id in split.csv and the base of the sample key
     path: str  # where to read it
-    label: str
+    label: str  # "" in an unlabelled set
     split: str | None = None  # the layout's official split, if it has one
     kind: str = "video"
     start: float | None = None  # trim window in seconds (Kinetics CSV rows over untrimmed downloads)
@@ -104,6 +109,8 @@ def list_sources(src: str | os.PathLike, layout: str | None = None, fold: int = 
         listing = _read_class_tree(src, frames_only=layout == "frames")
     elif layout == "ucf101":
         listing = _read_ucf101(src, fold)
+    elif layout == "unlabelled":
+        listing = _read_unlabelled(src)
     else:
         listing = {"csv": _read_csv_manifest, "kinetics": _read_kinetics, "ssv2": _read_ssv2}[layout](src)
     listing.layout = layout
@@ -116,7 +123,10 @@ def list_sources(src: str | os.PathLike, layout: str | None = None, fold: int = 
 def detect_layout(src: Path) -> str:
     if src.is_file():
         if src.suffix.lower() == ".csv":
-            return "kinetics" if _csv_header(src)[:4] == KINETICS_HEADER else "csv"
+            header = _csv_header(src)
+            if header[:4] == KINETICS_HEADER:
+                return "kinetics"
+            return "unlabelled" if "path" in header and "label" not in header else "csv"
         raise LayoutError(f"SRC {str(src)!r} is a file but not a CSV manifest; pass a folder or a .csv file")
     if _find_ucf_lists(src) is not None:
         return "ucf101"
@@ -129,7 +139,11 @@ def detect_layout(src: Path) -> str:
             return "kinetics"
         if any({"path", "label"} <= set(h) for h in headers):
             return "csv"
+        if any("path" in h for h in headers):
+            return "unlabelled"
     class_dirs = [d for d in src.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if not class_dirs and any(is_video_name(e.name) for e in os.scandir(src) if e.is_file()):
+        return "unlabelled"  # videos and no class folders
     if not class_dirs:
         raise LayoutError(f"cannot tell the layout of {str(src)!r}: no class folders, CSV, UCF101 lists or "
                           "SSv2 JSON found; pass --layout (one of " + ", ".join(LAYOUTS) + ")")
@@ -341,3 +355,40 @@ def _read_ssv2(src: Path) -> Listing:
                 continue
             sources.append(Source(Path(found).relative_to(src).as_posix(), found, label, split))
     return Listing("ssv2", classes, sources, unusable)
+
+
+def _read_unlabelled(src: Path) -> Listing:
+    """Videos without classes: a CSV manifest with a `path` column (relative to its folder, or absolute), or
+    every video file under SRC at any depth (folders are not classes here)."""
+    manifests = [src] if src.is_file() else [p for p in sorted(src.glob("*.csv")) if "path" in _csv_header(p)]
+    sources: list[Source] = []
+    unusable: list[Unusable] = []
+    if manifests:
+        for manifest in manifests:
+            with open(manifest, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
+                if "path" not in reader.fieldnames:
+                    raise LayoutError(f"{manifest}: an unlabelled manifest needs a 'path' column, got "
+                                      f"{','.join(reader.fieldnames)}")
+                for line, row in enumerate(reader, start=2):
+                    path_text = (row.get("path") or "").strip()
+                    if not path_text:
+                        raise LayoutError(f"{manifest}:{line}: empty path")
+                    split_text = (row.get("split") or "").strip()
+                    split = normalize_split(split_text, f"{manifest}:{line}") if split_text else None
+                    sources.append(_source_for_path(manifest.parent, path_text, "", split))
+        return Listing("unlabelled", [], sources)
+    if not src.is_dir():
+        raise LayoutError(f"layout unlabelled needs a folder of videos or a CSV with a 'path' column, got {str(src)!r}")
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            relpath = Path(root, name).relative_to(src).as_posix()
+            if is_video_name(name):
+                sources.append(Source(relpath, os.path.join(root, name), ""))
+            elif not is_image_name(name) and Path(name).suffix.lower() not in (".csv", ".txt", ".json"):
+                unusable.append(Unusable(relpath, f"not a video file (extension {Path(name).suffix!r})"))
+    return Listing("unlabelled", [], sources, unusable)

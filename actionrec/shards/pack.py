@@ -1,4 +1,7 @@
-"""pack_videos: a source tree of labelled videos -> split.csv + WebDataset shards + dataset.json + plot.
+"""pack_videos: a source tree of videos -> split.csv + WebDataset shards + dataset.json + plot.
+
+Labelled layouts give samples with a `cls` field; the `unlabelled` layout (videos without classes, for
+masked pre-training) gives samples without one and a manifest with `"labelled": false` and no classes.
 
 Flow: list the sources (layouts), fix the split (split.csv, written once), look at what earlier runs
 already published (resume), re-encode the rest in worker processes with a bounded number in flight, write
@@ -23,7 +26,7 @@ from tqdm import tqdm
 
 from actionrec.atomic import write_atomic
 from actionrec.shards.encode import EncodedVideo, EncodeSettings, UnpackableSource, encode_source
-from actionrec.shards.layouts import SPLITS, LayoutError, Source, list_sources, sample_key
+from actionrec.shards.layouts import SPLITS, UNLABELLED_GROUP, LayoutError, Source, list_sources, sample_key
 from actionrec.shards.split import check_split_fractions, resolve_split
 from actionrec.shards.stats import frames_per_category, per_class_counts, plot_frames_per_category
 from actionrec.shards.writer import (PackedSample, SplitShardWriter, read_published_shards,
@@ -57,11 +60,14 @@ class PackOptions:
     split_csv: str | None = None  # a user's own split (source,label,split)
     shard_bytes: int = 256 * 1024 * 1024
     workers: int = 1  # worker processes; 0 encodes in this process (debugging)
+    train_per_class: int = 0  # pack only this many train videos per class (seeded choice); 0 = all
 
     def __post_init__(self):
         check_split_fractions(self.val, self.test)  # before any work, not when the split is first needed
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.train_per_class < 0:
+            raise ValueError(f"--train-per-class must be >= 0, got {self.train_per_class}")
         if self.shard_bytes < 1024:
             raise ValueError(f"--shard-size must be at least 1 KB, got {self.shard_bytes} bytes")
         if self.split_csv is not None and not os.path.isfile(self.split_csv):
@@ -80,6 +86,7 @@ class PackResult:
     layout: str
     classes: list[str]
     packed: dict[str, int]  # per split, including samples from earlier (resumed) runs
+    left_out: int  # train videos not packed because of --train-per-class
     newly_packed: int
     resumed: int  # samples found already published
     skipped: list[Skipped]
@@ -97,8 +104,11 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
         listing = list_sources(src, options.layout, options.fold)
     except LayoutError as err:
         raise PackError(str(err)) from None
+    labelled = listing.layout != "unlabelled"
+    if options.train_per_class and not labelled:
+        raise PackError("--train-per-class limits labelled videos per class; an unlabelled set has no classes")
     if out.resolve() == src.resolve() or (src.is_dir() and src.resolve() in out.resolve().parents
-                                          and listing.layout in ("folder", "frames")):
+                                          and listing.layout in ("folder", "frames", "unlabelled")):
         raise PackError(f"--out {out} is inside SRC {src}: its shards would be read as videos; pick another --out")
     out.mkdir(parents=True, exist_ok=True)
     classes = _check_state(out, src, listing.layout, listing.classes, options, log)
@@ -109,6 +119,7 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
                                  options.val, options.test, options.seed)
     except (LayoutError, ValueError) as err:
         raise PackError(str(err)) from None
+    sources, left_out = _limit_train_per_class(listing.sources, split_of, options.train_per_class, options.seed)
     removed = remove_partial_shards(out)
     if removed:
         log(f"removed {len(removed)} incomplete shard(s) of an interrupted run; their videos are packed again")
@@ -116,7 +127,7 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
     done = {s.key for s in published}
     # Shards hold samples in a seeded random order, not grouped by class: a streaming reader's shuffle
     # buffer only mixes neighbours, and a class-sorted shard would give it batches of one class.
-    todo = sorted((s for s in listing.sources if sample_key(s.relpath) not in done),
+    todo = sorted((s for s in sources if sample_key(s.relpath) not in done),
                   key=lambda s: (SPLITS.index(split_of[s.relpath]), _shuffled_rank(options.seed, s.relpath)))
     if published:
         log(f"resuming: {len(published)} videos already in {len({s.shard for s in published})} shard(s), "
@@ -135,8 +146,8 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
                 split = split_of[source.relpath]
                 key = sample_key(source.relpath)
                 meta = _sample_meta(source, result, options.encode.format)
-                writers[split].write(key, {**result.fields, "cls": str(class_index[source.label]).encode("ascii"),
-                                           "json": json.dumps(meta).encode("utf-8")})
+                label = {"cls": str(class_index[source.label]).encode("ascii")} if labelled else {}
+                writers[split].write(key, {**result.fields, **label, "json": json.dumps(meta).encode("utf-8")})
                 newly_packed += 1
             bar.update(1)
             bar.set_postfix(packed=newly_packed, skipped=len(skipped), refresh=False)
@@ -155,8 +166,25 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
     shards = {split: sorted({s.shard for s in samples if s.split == split}) for split in SPLITS}
     _write_manifest(out, src, listing.layout, classes, samples, shards, skipped, options)
     packed = Counter(s.split for s in samples)
-    return PackResult(out, listing.layout, classes, {split: packed[split] for split in SPLITS},
+    return PackResult(out, listing.layout, classes, {split: packed[split] for split in SPLITS}, left_out,
                       newly_packed, len(published), skipped, shards)
+
+
+def _limit_train_per_class(sources: list[Source], split_of: dict[str, str], per_class: int,
+                           seed: int) -> tuple[list[Source], int]:
+    """The few-label set: the first `per_class` train videos of each class in a seeded order (the same
+    videos on every run), and every val and test video. Returns (sources to pack, train videos left out)."""
+    if not per_class:
+        return sources, 0
+    kept_train: dict[str, list[Source]] = {}
+    for source in sorted((s for s in sources if split_of[s.relpath] == "train"),
+                         key=lambda s: _shuffled_rank(seed, s.relpath)):
+        group = kept_train.setdefault(source.label, [])
+        if len(group) < per_class:
+            group.append(source)
+    keep = {s.relpath for group in kept_train.values() for s in group}
+    chosen = [s for s in sources if split_of[s.relpath] != "train" or s.relpath in keep]
+    return chosen, len(sources) - len(chosen)
 
 
 def _shuffled_rank(seed: int, relpath: str) -> str:
@@ -164,14 +192,15 @@ def _shuffled_rank(seed: int, relpath: str) -> str:
 
 
 def _sample_meta(source: Source, video: EncodedVideo, fmt: str) -> dict:
-    return {"label": source.label, "source": source.relpath, "fps": video.fps, "num_frames": video.num_frames,
+    return {"label": source.label or None, "source": source.relpath, "fps": video.fps, "num_frames": video.num_frames,
             "width": video.width, "height": video.height, "duration": round(video.duration, 6), "format": fmt}
 
 
 def _settings_record(src: Path, layout: str, options: PackOptions) -> dict:
     return {**asdict(options.encode), "seed": options.seed, "val": options.val, "test": options.test,
             "layout": layout, "fold": options.fold if layout == "ucf101" else None,
-            "source": str(src.resolve()), "shard_bytes": options.shard_bytes}
+            "source": str(src.resolve()), "shard_bytes": options.shard_bytes,
+            "train_per_class": options.train_per_class}
 
 
 def _check_state(out: Path, src: Path, layout: str, classes: list[str], options: PackOptions, log) -> list[str]:
@@ -186,7 +215,8 @@ def _check_state(out: Path, src: Path, layout: str, classes: list[str], options:
         return classes
     state = json.loads(state_path.read_text())
     before = {**V1_ENCODING, **state["settings"]}
-    content_keys = [*asdict(options.encode), "layout", "fold"]
+    content_keys = [*asdict(options.encode), "layout", "fold", "train_per_class"]
+    before.setdefault("train_per_class", 0)  # packs written before the option existed packed every video
     changed = [f"{k}: {before.get(k)} -> {record[k]}" for k in content_keys if before.get(k) != record[k]]
     if changed:
         raise PackError(f"{out} was packed with other settings ({'; '.join(changed)}); "
@@ -263,8 +293,10 @@ def _encode_isolated(source: Source, settings: EncodeSettings) -> EncodedVideo |
 
 def _write_manifest(out: Path, src: Path, layout: str, classes: list[str], samples: list[PackedSample],
                     shards: dict[str, list[str]], skipped: list[Skipped], options: PackOptions) -> None:
-    counts = per_class_counts(samples, classes)
-    frame_stats = frames_per_category(samples, classes)
+    labelled = layout != "unlabelled"
+    groups = classes if labelled else [UNLABELLED_GROUP]
+    counts = per_class_counts(samples, groups)
+    frame_stats = frames_per_category(samples, groups)
     plot_frames_per_category(frame_stats, counts, out / "frames_per_category.png")
     splits = {split: {"shards": shards[split],
                       "num_samples": sum(1 for s in samples if s.split == split),
@@ -273,6 +305,9 @@ def _write_manifest(out: Path, src: Path, layout: str, classes: list[str], sampl
     manifest = {
         "format_version": FORMAT_VERSION,
         "classes": classes,
+        # false: videos without classes (masked pre-training only); counts and statistics are then over
+        # the one group UNLABELLED_GROUP
+        "labelled": labelled,
         "format": options.encode.format,
         "splits": splits,
         "per_class_counts": counts,
@@ -292,7 +327,9 @@ def format_summary(result: PackResult) -> str:
     lines = [f"packed {result.total_packed} videos ("
              + ", ".join(f"{split} {result.packed[split]}" for split in SPLITS)
              + f") into {sum(len(v) for v in result.shards.values())} shard(s) in {result.out}"
-             + (f"; {result.resumed} were already packed by an earlier run" if result.resumed else ""),
+             + (f"; {result.resumed} were already packed by an earlier run" if result.resumed else "")
+             + (f"; {result.left_out} train videos left out by --train-per-class" if result.left_out else "")
+             + ("; unlabelled (for masked pre-training: task: pretrain)" if result.layout == "unlabelled" else ""),
              f"skipped {len(result.skipped)}" + (" (listed with reasons in dataset.json 'skipped'):"
                                                   if result.skipped else "")]
     for item in result.skipped[:10]:

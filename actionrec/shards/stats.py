@@ -7,21 +7,25 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from actionrec.logging import headless_pyplot
-from actionrec.shards.layouts import SPLITS
+from actionrec.shards.layouts import SPLITS, UNLABELLED_GROUP
 from actionrec.shards.writer import PackedSample
+
+
+def _group(sample: PackedSample) -> str:
+    return sample.meta["label"] or UNLABELLED_GROUP  # an unlabelled set is one group
 
 
 def per_class_counts(samples: list[PackedSample], classes: list[str]) -> dict[str, dict[str, int]]:
     counts = {split: Counter() for split in SPLITS}
     for sample in samples:
-        counts[sample.split][sample.meta["label"]] += 1
+        counts[sample.split][_group(sample)] += 1
     return {split: {name: counts[split][name] for name in classes} for split in SPLITS}
 
 
 def frames_per_category(samples: list[PackedSample], classes: list[str]) -> dict[str, dict]:
     frames: dict[str, list[int]] = defaultdict(list)
     for sample in samples:
-        frames[sample.meta["label"]].append(sample.meta["num_frames"])
+        frames[_group(sample)].append(sample.meta["num_frames"])
     stats = {}
     for name in classes:
         values = frames.get(name, [])

@@ -1,0 +1,169 @@
+"""Does masked pre-training help a few-label fine-tune? An in-memory comparison, one process on a CPU.
+
+Videos are rendered into memory (no shards, no decoding): an unlabelled set (another seed of the same
+generator, so pre-training never sees a test video), and a labelled set split 80/20 whose 80 % gives
+`--labelled` videos per class for fine-tuning and whose 20 % is the held-out test. Then:
+
+1. masked pre-training of the demo's encoder (`MaskedVideoModel`, the trainer's AdamW groups and schedule,
+   masks as the trainer draws them) for `--pretrain-steps`;
+2. the same fine-tune twice, from the pre-trained encoder and from scratch (same seed, data order, steps),
+   scored on the held-out videos every `--eval-every` steps.
+
+    python benchmarks/bench_pretrain.py --data synth --pretrain-steps 1500 --finetune-steps 600 --seed 0
+    python benchmarks/bench_pretrain.py --data motion4 --mask-ratio 0.9 --decoder-depth 2
+
+Prints one JSON line per evaluation and a summary line (`--out` appends the result to a file). The real
+commands (shards, 2 processes, configs/pretrain_demo.yaml + configs/finetune_demo.yaml) are in docs/pretrain.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actionrec.config import build_config, model_build_options  # noqa: E402
+from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices  # noqa: E402
+from actionrec.data.transforms import TrainAugment, eval_views, normalize_on_device, train_transform  # noqa: E402
+from actionrec.engine.pretraining import step_mask_generator  # noqa: E402
+from actionrec.engine.trainer import build_optimizer, cosine_with_warmup  # noqa: E402
+from actionrec.models import build_model  # noqa: E402
+from actionrec.models.masked import MaskedVideoModel  # noqa: E402
+from benchmarks.bench_scratch import render_set  # noqa: E402
+
+MODEL = {"name": "timesformer_tiny", "attention_type": "divided_space_time", "embed_dim": 96, "depth": 4, "num_heads": 4}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=["synth", "motion4"], default="synth")
+    parser.add_argument("--per-class", type=int, default=100, help="videos per class, labelled and unlabelled sets each")
+    parser.add_argument("--labelled", type=int, default=8, help="labelled training videos per class")
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--pretrain-batch", type=int, default=32)
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--decoder-depth", type=int, default=4)
+    parser.add_argument("--decoder-dim", type=int, default=48)
+    parser.add_argument("--raw-target", action="store_true", help="predict pixels without per-cube normalisation")
+    parser.add_argument("--finetune-steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    unlabelled, _, _ = render_set(args.data, 10, args.per_class, seed=321)
+    videos, labels, names = render_set(args.data, 10, args.per_class, seed=123)
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(labels))
+    cut = int(0.8 * len(order))
+    test_idx = order[cut:]
+    train_idx = np.concatenate([order[:cut][labels[order[:cut]] == c][: args.labelled] for c in range(len(names))])
+    spec = ClipSpec(num_frames=8, sampling="dense", frame_stride=2, size=64)
+    augment = TrainAugment()
+
+    def clips_of(source: torch.Tensor, indices, generator) -> torch.Tensor:
+        out = []
+        for i in indices:
+            frames = source[i][train_frame_indices(spec, source.shape[1], generator)]
+            out.append(train_transform(frames, spec, augment, generator).permute(1, 0, 2, 3))
+        return normalize_on_device(torch.stack(out))
+
+    test_clips = normalize_on_device(torch.stack([
+        eval_views(videos[i][eval_frame_indices(spec, videos.shape[1], 0, 1)], spec, 1)[0].permute(1, 0, 2, 3)
+        for i in test_idx
+    ]))
+
+    def recipe(lr: float, steps: int, warmup: int, betas=(0.9, 0.999), pretrained: str = ""):
+        return build_config({"data": {"num_frames": 8, "size": 64}, "model": {**MODEL, "pretrained": pretrained},
+                             "optim": {"lr": lr, "warmup_steps": warmup, "betas": list(betas)},
+                             "train": {"max_steps": steps}}, check_paths=False)
+
+    # 1. masked pre-training
+    start = time.perf_counter()
+    pre_cfg = recipe(args.pretrain_lr, args.pretrain_steps, min(100, args.pretrain_steps // 10), (0.9, 0.95))
+    torch.manual_seed(args.seed)
+    encoder = build_model(MODEL["name"], num_classes=1, **{**model_build_options(pre_cfg), "init": "scratch"})
+    masked = MaskedVideoModel(encoder, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
+                              decoder_depth=args.decoder_depth, norm_target=not args.raw_target)
+    optimizer = build_optimizer(pre_cfg, masked)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(pre_cfg))
+    pre_rng = np.random.default_rng([args.seed, 1])
+    pre_losses = []
+    for step in tqdm(range(args.pretrain_steps), desc="pre-training", leave=False):
+        video = clips_of(unlabelled, pre_rng.choice(len(unlabelled), args.pretrain_batch), pre_rng)
+        mask = masked.random_mask(len(video), step_mask_generator(args.seed, 0, step))
+        loss = F.mse_loss(masked(video, mask), masked.targets(video, mask))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(masked.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        pre_losses.append(loss.item())
+        if (step + 1) % args.eval_every == 0:
+            print(json.dumps({"phase": "pretrain", "step": step + 1, "loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4),
+                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+    pretrained_state = {k: v.clone() for k, v in masked.encoder.state_dict().items()}
+
+    # 2. the same fine-tune from the pre-trained encoder and from scratch
+    results = {}
+    for variant in ("pretrained", "scratch"):
+        cfg = recipe(args.lr, args.finetune_steps, 30)
+        torch.manual_seed(args.seed)
+        model = build_model(MODEL["name"], num_classes=len(names), **{**model_build_options(cfg), "init": "scratch"})
+        if variant == "pretrained":
+            missing = model.load_state_dict(pretrained_state, strict=False).missing_keys
+            assert sorted(missing) == ["head.bias", "head.weight"], missing
+        optimizer = build_optimizer(cfg, model)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg))
+        ft_rng = np.random.default_rng([args.seed, 2])
+        history, losses = [], []
+        start = time.perf_counter()
+        for step in tqdm(range(args.finetune_steps), desc=f"fine-tuning ({variant})", leave=False):
+            indices = ft_rng.choice(train_idx, args.batch)
+            loss = F.cross_entropy(model(clips_of(videos, indices, ft_rng)), labels[indices], label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.finetune_steps:
+                model.eval()
+                with torch.no_grad():
+                    logits = torch.cat([model(test_clips[i:i + 64]) for i in range(0, len(test_clips), 64)])
+                model.train()
+                top1 = (logits.argmax(1) == labels[test_idx]).float().mean().item()
+                row = {"phase": variant, "step": step + 1, "train_loss": round(float(np.mean(losses[-args.eval_every:])), 3),
+                       "test_top1": round(top1, 3), "seconds": round(time.perf_counter() - start, 1)}
+                history.append(row)
+                print(json.dumps(row), flush=True)
+        results[variant] = history
+    summary = {"data": args.data, "seed": args.seed, "labelled_per_class": args.labelled,
+               "pretrain_steps": args.pretrain_steps, "mask_ratio": args.mask_ratio, "decoder_depth": args.decoder_depth,
+               "norm_target": not args.raw_target, "finetune_steps": args.finetune_steps,
+               "final_pretrain_loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4),
+               "test_top1_pretrained": results["pretrained"][-1]["test_top1"],
+               "test_top1_scratch": results["scratch"][-1]["test_top1"], "test_videos": len(test_idx)}
+    print(json.dumps(summary), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps({**summary, "history": results}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
