@@ -260,8 +260,12 @@ def test_slower_source_keeps_its_frame_rate_unless_exact_retiming_is_asked(tmp_p
     else:
         # Today's exact re-timing: 2 s at 30 fps, most source frames shown two or three times.
         assert meta["fps"] == 30 and meta["num_frames"] == len(packed) == 60
-        repeats = sum(psnr(packed[i], packed[i + 1]) > 45 for i in range(59))
-        assert repeats >= 30
+        # Each packed frame re-encodes the source frame shown at its time: the 24 source frames in order, 36 of
+        # the 60 packed frames repeating their predecessor's (an encoder-independent check, unlike comparing
+        # neighbouring packed frames, which differ where a GOP starts).
+        shown = [int(np.argmax([psnr(p, s) for s in source_frames])) for p in packed]
+        assert shown == sorted(shown) and set(shown) == set(range(24)), shown
+        assert sum(a == b for a, b in zip(shown, shown[1:])) == 36
 
 
 def test_a_v1_pack_in_progress_resumes_with_v1_settings_only(synth, tmp_path):
