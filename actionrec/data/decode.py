@@ -14,12 +14,14 @@ import functools
 import io
 import logging
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 import torch
 from PIL import Image
 
@@ -199,7 +201,7 @@ class PyAVFrameReader(FrameReader):
     def _keep(frame: av.VideoFrame, wanted: dict[int, int], frames: dict[int, np.ndarray]) -> None:
         index = wanted.get(frame.pts)
         if index is not None:
-            frames[index] = frame.to_ndarray(format="rgb24")
+            frames[index] = _to_rgb(frame)
 
     @staticmethod
     def _stack(indices: Sequence[int], frames: dict[int, np.ndarray]) -> torch.Tensor:
@@ -208,6 +210,22 @@ class PyAVFrameReader(FrameReader):
 
     def close(self) -> None:
         self._container.close()
+
+
+_THREAD_STATE = threading.local()
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded frame, through one swscale context per thread, single-threaded.
+
+    `frame.to_ndarray(format="rgb24")` builds a new swscale context for every new frame, with a thread pool
+    sized to the machine's cores (PyAV's default): measured at 1.0 ms of CPU (and far more wall time on a
+    loaded machine) per 456x256 frame, against 0.18 ms here, with identical pixels. The loader's parallelism is
+    its worker processes, so conversion runs on one thread like decoding."""
+    reformatter = getattr(_THREAD_STATE, "reformatter", None)
+    if reformatter is None:
+        reformatter = _THREAD_STATE.reformatter = VideoReformatter()
+    return reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
 
 
 def _split_gops(packets: list[av.Packet]) -> list[list[av.Packet]]:
