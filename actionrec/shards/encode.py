@@ -43,7 +43,7 @@ class EncodeSettings:
     # with the preset's B-frames and no tune, a training clip costs ~2.7x less CPU for ~1.8x the bytes at
     # the same fidelity (PSNR to the source).
     gop: int = 4  # frames per keyframe interval (fixed, no scene-cut keyframes): a needed frame is <= 3 decodes away
-    crf: int = 23
+    crf: int = 24
     preset: str = "veryfast"
     tune: str = "fastdecode"  # x264 tune ("fastdecode": no CABAC, no deblocking, no weighted prediction; "none")
     bframes: int | None = 0  # consecutive B-frames (None: the preset's choice, 3 for veryfast)
