@@ -40,8 +40,8 @@ class EncodeSettings:
     # duplicated frames); "exact": every video is re-timed to `fps`, repeating frames of slower sources.
     fps_mode: str = "cap"
     # The defaults (format v2) come from benchmarks/bench_encoding.py (docs/loader.md): against v1's GOP 16
-    # with the preset's B-frames and no tune, a training clip costs ~2.7x less CPU for ~1.8x the bytes at
-    # the same fidelity (PSNR to the source).
+    # with the preset's B-frames, crf 23 and no tune, an 8 x 224^2 TSN training clip costs under 1/3 of the
+    # CPU for ~1.9x the bytes at a PSNR to the source within 1 dB (table in docs/loader.md).
     gop: int = 4  # frames per keyframe interval (fixed, no scene-cut keyframes): a needed frame is <= 3 decodes away
     crf: int = 24
     preset: str = "veryfast"
