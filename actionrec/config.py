@@ -39,7 +39,7 @@ class DataConfig:
     frame_stride: int = 4  # between sampled frames, for dense sampling
     size: int = 224
     num_workers: int = 2
-    decoder: Literal["auto", "pyav", "torchcodec"] = "auto"  # auto = torchcodec where it loads, else PyAV
+    decoder: Literal["auto", "pyav", "torchcodec"] = "auto"  # auto = PyAV (GOP-prefix reader, least CPU per clip: docs/loader.md); torchcodec by name
     shuffle_buffer: int = 0  # 0 = the loader's default
     # Training clips drawn from one decode of a video (repeated augmentation): each is sampled and augmented
     # independently and counts as one clip of the batch; an epoch still visits every video once.

@@ -45,7 +45,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # actionrec, and tests/ for its shard helpers
 
 from actionrec.data import ClipSpec, ShardSet, TrainAugment, build_train_loader, train_frame_indices  # noqa: E402
-from actionrec.data.decode import torchcodec_load_error  # noqa: E402
+from actionrec.data.decode import resolve_decoder, torchcodec_load_error  # noqa: E402
 from actionrec.data.transforms import train_transform  # noqa: E402
 from tests.data_shard_fixtures import replicate_shards  # noqa: E402  (the loader tests' memory test uses it too)
 
@@ -371,7 +371,7 @@ def clips_per_video_report(args, mp4: ShardSet, command: str) -> str:
         result = loader_throughput(1, mp4, batches, "auto", clip=samplings[name], clips_per_video=k)
         cpu[name][k] = min(cpu[name][k], result.cpu_ms_per_clip)
         clips[name][k] = max(clips[name][k], result.clips_per_s)
-    decoder = "torchcodec" if torchcodec_load_error() is None else "pyav"
+    decoder = resolve_decoder("auto")  # what "auto" decoded with
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "videos": args.videos, "seconds": args.seconds,
                "fps": args.fps, "repeats": args.repeats, "decoder": decoder, "clips_per_batch": BATCH,
                "batches": batches, "cpu_ms_per_clip": cpu, "clips_per_s": clips}
@@ -427,15 +427,16 @@ def main(argv=None) -> int:
     n = copies * args.videos
     memory = {"n": n, "pss_n": peak_pss_mib(n_set, 2, n // BATCH),
               "pss_10n": peak_pss_mib(replicate_shards(work / "mp4", work / "mem_10n", 10 * copies), 2, 10 * n // BATCH)}
-    # The loader's default decoder, "auto": torchcodec where it loads here, PyAV otherwise.
-    default_key = "loader_torchcodec" if torchcodec_load_error() is None else "loader_pyav"
+    # The loader's default decoder, "auto": PyAV (actionrec.data.decode.resolve_decoder).
+    default_key = f"loader_{resolve_decoder('auto')}"
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, load {os.getloadavg()[0]:.1f}",
         "videos": args.videos, "seconds": args.seconds, "fps": args.fps, "workers": args.worker_counts,
         "repeats": args.repeats,
         "clips_per_s": clips, "cpu_ms_per_clip": cpu_ms, "memory": memory, "default_decoder_key": default_key,
-        "bytes_per_video": {"mp4 (H.264 crf 23, GOP 16)": shard_bytes_per_video(work / "mp4", args.videos),
+        "bytes_per_video": {"mp4 (H.264 crf 24, GOP 4, fastdecode, no B-frames: format v2's default)":
+                            shard_bytes_per_video(work / "mp4", args.videos),
                             "jpg (quality 90)": shard_bytes_per_video(work / "jpg", args.videos)},
     }
     results["profile"], results["profile_top_functions"] = profile_loader(mp4, "pyav", batches)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actionrec.shards.encode import FORMATS, EncodeSettings  # noqa: E402
+from actionrec.shards.encode import FORMATS, FPS_MODES, X264_TUNES, EncodeSettings  # noqa: E402
 from actionrec.shards.layouts import LAYOUTS  # noqa: E402
 from actionrec.shards.pack import PackError, PackOptions, format_summary, pack_videos  # noqa: E402
 
@@ -28,6 +28,18 @@ def byte_size(text: str) -> int:
     if not match or match.group(2).upper() not in SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 256MB, 1GB, 500000)")
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+
+
+DEFAULT = EncodeSettings()
+
+
+def bframes_arg(text: str) -> int | None:
+    if text == "preset":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of B-frames or 'preset', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-csv", help="your own split: CSV with source,label,split (source relative to SRC)")
     parser.add_argument("--format", choices=FORMATS, default="mp4", help="mp4: H.264 per video; jpg: one JPEG per frame (default mp4)")
     parser.add_argument("--short-side", type=int, default=256, help="short side in pixels; smaller videos are not upscaled (default 256)")
-    parser.add_argument("--fps", type=float, default=30.0, help="frame rate of every packed video (default 30)")
-    parser.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (default 16)")
-    parser.add_argument("--crf", type=int, default=23, help="H.264 quality, lower is better (default 23)")
-    parser.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    parser.add_argument("--fps", type=float, default=30.0,
+                        help="frame-rate cap: faster sources are down-sampled to it, slower ones keep their own rate "
+                             "(default 30; see --fps-mode)")
+    parser.add_argument("--fps-mode", choices=FPS_MODES, default="cap",
+                        help="cap: never up-sample, a source at or below --fps keeps its rate; exact: re-time every "
+                             "video to exactly --fps, repeating frames of slower sources (default cap)")
+    parser.add_argument("--gop", type=int, default=DEFAULT.gop,
+                        help=f"keyframe interval in frames (default {DEFAULT.gop}; 1 = intra-only)")
+    parser.add_argument("--crf", type=int, default=DEFAULT.crf, help=f"H.264 quality, lower is better (default {DEFAULT.crf})")
+    parser.add_argument("--preset", default=DEFAULT.preset, help=f"x264 preset (default {DEFAULT.preset})")
+    parser.add_argument("--tune", default=DEFAULT.tune, choices=X264_TUNES,
+                        help=f"x264 tune (default {DEFAULT.tune}; fastdecode: no CABAC and no "
+                             "deblocking, decodes about twice as fast for a few percent more bytes)")
+    parser.add_argument("--bframes", type=bframes_arg, default=DEFAULT.bframes,
+                        help=f"consecutive B-frames, or 'preset' for the x264 preset's choice (default {DEFAULT.bframes})")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for --format jpg (default 90)")
     parser.add_argument("--shard-size", type=byte_size, default="256MB", help="close a shard once it reaches this size (default 256MB)")
     parser.add_argument("--train-per-class", type=int, default=0, metavar="N",
@@ -72,8 +95,9 @@ def main(argv=None) -> int:
         print(f"error: --out {args.out!r} is a file; give a folder", file=sys.stderr)
         return 2
     try:
-        settings = EncodeSettings(format=args.format, short_side=args.short_side, fps=args.fps, gop=args.gop,
-                                  crf=args.crf, preset=args.preset, jpeg_quality=args.jpeg_quality)
+        settings = EncodeSettings(format=args.format, short_side=args.short_side, fps=args.fps, fps_mode=args.fps_mode, gop=args.gop,
+                                  crf=args.crf, preset=args.preset, tune=args.tune, bframes=args.bframes,
+                                  jpeg_quality=args.jpeg_quality)
         options = PackOptions(encode=settings, layout=args.layout, fold=args.fold, val=args.val, test=args.test,
                               seed=args.seed, split_csv=args.split_csv, shard_bytes=args.shard_size,
                               workers=args.workers, train_per_class=args.train_per_class)

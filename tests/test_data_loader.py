@@ -330,8 +330,8 @@ def test_shardset_reads_a_manifest_and_its_shards_over_http(shard_sets):
 def test_bad_sources_and_settings_fail_with_one_clear_message(shard_sets, tmp_path):
     with pytest.raises(FileNotFoundError, match="no dataset.json"):
         ShardSet.open(tmp_path)
-    (tmp_path / "dataset.json").write_text('{"format_version": 2}')
-    with pytest.raises(ValueError, match="format_version 2"):
+    (tmp_path / "dataset.json").write_text('{"format_version": 99}')
+    with pytest.raises(ValueError, match="format_version 99"):
         ShardSet.open(tmp_path / "dataset.json")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ShardSet.open(str(tmp_path / "train-000000.tar"))

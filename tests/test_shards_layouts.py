@@ -169,7 +169,7 @@ def test_something_something_v2_json(tmp_path):
     assert result.classes == templates and result.packed == {"train": 3, "val": 1, "test": 0}
     assert manifest["skipped"] == [{"source": "15", "reason": "no label in test.json (unlabelled test entry)"}]
     (val_sample,) = wds.WebDataset(str(tmp_path / "out" / "val-000000.tar"), shardshuffle=False)
-    assert int(val_sample["cls"]) == 1 and json.loads(val_sample["json"])["num_frames"] == 15  # 6 at 12 fps -> 30
+    assert int(val_sample["cls"]) == 1 and json.loads(val_sample["json"])["num_frames"] == 6  # 12 fps kept
 
 
 def test_forced_layout_and_layout_errors(tmp_path, clip_bytes):

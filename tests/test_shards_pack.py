@@ -19,7 +19,7 @@ from PIL import Image
 
 from actionrec.shards import (EncodeSettings, PackOptions, SyntheticSpec, generate_synthetic, pack_videos,
                               read_split_csv, sample_key)
-from tests.shards_media import decode_video
+from tests.shards_media import decode_video, encode_video
 from tests.repo import REPO
 from tests.shards_scripts import run_script
 
@@ -73,7 +73,7 @@ def test_round_trip_every_sample_comes_back_once(synth, tmp_path, fmt):
         assert manifest["splits"][split]["num_frames"] == len(in_split) * SPEC.frames
         assert all(n == (4 if split == "train" else 1) for n in manifest["per_class_counts"][split].values())
     assert manifest["frames_per_category"]["move_left"] == {"videos": 6, "frames": 48, "mean": 8.0, "min": 8, "max": 8}
-    assert manifest["format_version"] == 1 and manifest["pack"]["format"] == fmt
+    assert manifest["format_version"] == 2 and manifest["pack"]["format"] == fmt
     assert (out / "frames_per_category.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -222,3 +222,61 @@ def test_error_mid_pack_publishes_no_open_shard_and_rerun_completes(synth, tmp_p
     assert result.total_packed == 24 and result.resumed == len(held)
     assert published <= set(result.shards["train"])
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def moving_texture(n: int, width: int = 96, height: int = 64, seed: int = 0) -> np.ndarray:
+    """(n, H, W, 3): a smooth random texture panning 3 px per frame, so neighbouring frames clearly differ."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(30, 220, (height // 8 + 1, (width + 3 * n) // 8 + 2, 3), dtype=np.uint8)
+    texture = np.asarray(Image.fromarray(coarse).resize((coarse.shape[1] * 8, coarse.shape[0] * 8), Image.BICUBIC))
+    return np.stack([texture[:height, 3 * i: 3 * i + width] for i in range(n)])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
+
+
+@pytest.mark.parametrize("fps_mode", ["cap", "exact"])
+def test_slower_source_keeps_its_frame_rate_unless_exact_retiming_is_asked(tmp_path, fps_mode):
+    src = tmp_path / "src"
+    (src / "pan").mkdir(parents=True)
+    (src / "other").mkdir(parents=True)
+    source = encode_video(src / "pan" / "ssv2_like.mp4", moving_texture(24), fps=12)
+    encode_video(src / "other" / "other.mp4", moving_texture(24, seed=1), fps=12)
+    source_frames = decode_video(source)
+    options = PackOptions(encode=EncodeSettings(fps=30, fps_mode=fps_mode), workers=0, val=0.0, test=0.0)
+    result = pack_videos(src, tmp_path / "out", options, progress=False, log=quiet)
+    samples = {s["__key__"]: s for s in wds.WebDataset([str(tmp_path / "out" / n) for n in result.shards["train"]],
+                                                       shardshuffle=False)}
+    sample = samples[sample_key("pan/ssv2_like.mp4")]
+    meta, packed = json.loads(sample["json"]), decode_video(sample["mp4"])
+    if fps_mode == "cap":
+        # Same frames at the same rate: frame i of the pack is frame i of the source (a re-encoding away).
+        assert meta["fps"] == 12 and meta["num_frames"] == len(packed) == len(source_frames) == 24
+        scores = [psnr(p, s) for p, s in zip(packed, source_frames)]
+        assert min(scores) > 30, scores
+        assert all(psnr(packed[i], source_frames[i + 1]) < scores[i] - 5 for i in range(23))
+    else:
+        # Today's exact re-timing: 2 s at 30 fps, most source frames shown two or three times.
+        assert meta["fps"] == 30 and meta["num_frames"] == len(packed) == 60
+        # Each packed frame re-encodes the source frame shown at its time: the 24 source frames in order, 36 of
+        # the 60 packed frames repeating their predecessor's (an encoder-independent check, unlike comparing
+        # neighbouring packed frames, which differ where a GOP starts).
+        shown = [int(np.argmax([psnr(p, s) for s in source_frames])) for p in packed]
+        assert shown == sorted(shown) and set(shown) == set(range(24)), shown
+        assert sum(a == b for a, b in zip(shown, shown[1:])) == 36
+
+
+def test_a_v1_pack_in_progress_resumes_with_v1_settings_only(synth, tmp_path):
+    out = tmp_path / "out"
+    v1 = EncodeSettings(gop=16, tune="none", bframes=None, fps_mode="exact")
+    pack_videos(synth, out, PackOptions(encode=v1, workers=0, val=0.0, test=0.0), progress=False, log=quiet)
+    state = json.loads((out / ".pack-state.json").read_text())
+    for key in ("fps_mode", "tune", "bframes"):  # what format v1 did not record
+        del state["settings"][key]
+    (out / ".pack-state.json").write_text(json.dumps(state))
+    with pytest.raises(Exception, match="other settings.*gop: 16 -> 4.*tune: none -> fastdecode"):
+        pack_videos(synth, out, PackOptions(workers=0, val=0.0, test=0.0), progress=False, log=quiet)
+    result = pack_videos(synth, out, PackOptions(encode=v1, workers=0, val=0.0, test=0.0), progress=False, log=quiet)
+    assert result.resumed == 24 and result.newly_packed == 0

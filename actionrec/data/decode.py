@@ -1,11 +1,11 @@
 """Decode only the frames a clip needs, from the sample's in-memory bytes (never a temp file).
 
-Backends: torchcodec (needs the system's FFmpeg shared libraries) and PyAV (self-contained wheel with its own
-FFmpeg). The default, `decoder="auto"`, takes torchcodec where it loads, the faster of the two in
-benchmarks/bench_loader.py (8 x 224^2 clips, 2 cores: 32.1 / 58.6 clips/s with 1 / 2 workers against PyAV's
-24.9 / 39.8), and PyAV otherwise; both give identical pixels and stay selectable by name. jpg-format samples
-decode only the chosen frames. Every decoder runs one FFmpeg thread: the loader's parallelism is its worker
-processes.
+Backends: PyAV (self-contained wheel with its own FFmpeg) and torchcodec (needs the system's FFmpeg shared
+libraries). The default, `decoder="auto"`, is PyAV: its reader decodes only GOP prefixes and skips unused
+non-reference frames, and costs less CPU per training clip than torchcodec on every encoding measured in
+benchmarks/bench_encoding.py (old GOP 16 shards and the v2 default alike). Both give identical pixels and
+stay selectable by name. jpg-format samples decode only the chosen frames. Every decoder runs one FFmpeg
+thread by default: the loader's parallelism is its worker processes.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import functools
 import io
 import logging
 import re
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 import torch
 from PIL import Image
 
@@ -26,6 +29,28 @@ logger = logging.getLogger(__name__)
 
 DecoderName = Literal["auto", "pyav", "torchcodec"]
 _JPG_FIELD = re.compile(r"^\d+\.jpg$")
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A backend with libavcodec settings; `build_*_loader(decoder=Decoder(...))` takes it where a name would
+    go. skip_loop_filter skips H.264 deblocking (faster on deblocked streams, slightly different pixels;
+    PyAV only: torchcodec does not expose it). threads > 1 adds FFmpeg threads per worker (thread_type
+    "slice" or "frame"); the loader's parallelism is normally its worker processes."""
+
+    backend: Literal["pyav", "torchcodec"]
+    skip_loop_filter: bool = False
+    threads: int = 1
+    thread_type: Literal["slice", "frame"] = "slice"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("pyav", "torchcodec"):
+            raise ValueError(f"Decoder backend must be 'pyav' or 'torchcodec', got {self.backend!r}")
+        if self.skip_loop_filter and self.backend != "pyav":
+            raise ValueError("skip_loop_filter needs the PyAV backend (torchcodec does not expose it)")
+        if self.threads < 1 or self.thread_type not in ("slice", "frame"):
+            raise ValueError(f"Decoder threads must be >= 1 and thread_type 'slice' or 'frame', got "
+                             f"{self.threads}, {self.thread_type!r}")
 
 
 class CorruptSample(Exception):
@@ -61,9 +86,15 @@ def torchcodec_load_error() -> str | None:
     return None
 
 
-def resolve_decoder(name: DecoderName) -> str:
-    """The backend for `name`, picked in the main process: 'auto' prefers torchcodec and falls back to PyAV.
-    Logs once per process which backend decodes and why."""
+def resolve_decoder(name: DecoderName | Decoder) -> str | Decoder:
+    """The backend for `name`, picked in the main process: 'auto' is PyAV (always available).
+    Logs once per process which backend decodes and why. A Decoder (backend plus settings) is checked and
+    passed through."""
+    if isinstance(name, Decoder):
+        if name.backend == "torchcodec" and torchcodec_load_error() is not None:
+            raise RuntimeError(f"Decoder backend 'torchcodec' cannot load ({torchcodec_load_error()}); use 'pyav'")
+        _log_choice(name.backend, f"{name} was asked for")
+        return name
     if name not in ("auto", "pyav", "torchcodec"):
         raise ValueError(f"decoder must be 'auto', 'pyav' or 'torchcodec', got {name!r}")
     if name == "torchcodec" and torchcodec_load_error() is not None:
@@ -79,10 +110,8 @@ def resolve_decoder(name: DecoderName) -> str:
 def _choose_backend(name: DecoderName) -> tuple[str, str]:
     if name != "auto":
         return name, f"decoder={name!r} was asked for"
-    error = torchcodec_load_error()
-    if error is None:
-        return "torchcodec", "decoder='auto': torchcodec loads here, faster than PyAV in benchmarks/bench_loader.py"
-    return "pyav", f"decoder='auto': torchcodec does not load here ({error})"
+    return "pyav", ("decoder='auto': PyAV, less CPU per clip than torchcodec in benchmarks/bench_encoding.py "
+                    "(GOP-prefix decoding)")
 
 
 @functools.cache
@@ -92,24 +121,30 @@ def _log_choice(backend: str, reason: str) -> None:
 
 
 class PyAVFrameReader(FrameReader):
-    """H.264/mp4 bytes -> selected frames, decoding only the GOPs that hold a needed frame.
+    """H.264/mp4 bytes -> selected frames, decoding only GOP prefixes that end at a needed frame.
 
     The whole (compressed) sample is already in memory, so demuxing every packet up front is cheap
     (about 20 us per packet) and gives exact frame numbering (sorted presentation timestamps) and the
-    keyframe positions. A needed frame then costs decoding from its GOP's keyframe to that frame; GOPs
-    with no needed frame are never sent to the decoder (the in-memory equivalent of a seek, without the
-    demuxer's seek path, which measured slower than decoding straight through), and decoding stops once
-    the last needed frame is out.
+    keyframe positions. A needed frame then costs decoding from its GOP's keyframe to that frame (in
+    decode order), then the decoder is drained and reset for the next needed GOP; GOPs with no needed
+    frame are never sent to the decoder (the in-memory equivalent of a seek, without the demuxer's seek
+    path, which measured slower than decoding straight through). Non-reference frames (B-frames nothing
+    depends on) that the clip does not use are skipped by the decoder (`skip_frame`). Frames are
+    bit-identical to decoding the whole video.
     """
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, settings: Decoder = Decoder("pyav")):
         try:
             self._container = av.open(io.BytesIO(data), mode="r")
             stream = self._container.streams.video[0]
         except (av.error.FFmpegError, IndexError) as exc:
             raise CorruptSample(f"mp4 does not open as a video: {exc}") from exc
         self._codec = stream.codec_context
-        self._codec.thread_count = 1
+        self._codec.thread_count = settings.threads
+        if settings.threads > 1:
+            self._codec.thread_type = settings.thread_type.upper()
+        if settings.skip_loop_filter:
+            self._codec.options = {"skip_loop_filter": "all"}  # read when the codec opens, at the first decode
         try:
             self._packets = [p for p in self._container.demux(stream) if p.size > 0]
         except av.error.FFmpegError as exc:
@@ -118,30 +153,39 @@ class PyAVFrameReader(FrameReader):
             raise CorruptSample("mp4 has no video packets with timestamps")
         self._pts_sorted = sorted(p.pts for p in self._packets)
         self.num_frames = len(self._packets)
+        self._gops = _split_gops(self._packets)
+        self._gop_of = {p.pts: g for g, gop in enumerate(self._gops) for p in gop}  # pts -> GOP holding it
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
         wanted = {self._pts_sorted[i]: i for i in set(int(i) for i in indices)}
         frames: dict[int, np.ndarray] = {}
-        gops = _split_gops(self._packets)
-        needed = [g for g, gop in enumerate(gops) if any(p.pts in wanted for p in gop)]
-        # Open-GOP streams: frames shown before their keyframe reference the previous GOP, decode it too.
+        gops = self._gops
+        needed = {self._gop_of[pts] for pts in wanted}
+        # Open-GOP streams: frames shown before their keyframe reference the previous GOP, which is then
+        # decoded whole and straight into this one.
+        feeds_next = set()
         for g in list(needed):
             key_pts = gops[g][0].pts
-            if g > 0 and any(p.pts in wanted and p.pts < key_pts for p in gops[g]):
-                needed.append(g - 1)
-        previous = None
+            if g > 0 and any(pts < key_pts and self._gop_of[pts] == g for pts in wanted):
+                needed.add(g - 1)
+                feeds_next.add(g - 1)
         try:
-            for g in sorted(set(needed)):
-                if previous is not None and g != previous + 1:
-                    self._drain(wanted, frames)
-                    self._codec.flush_buffers()
-                for packet in gops[g]:
+            for g in sorted(needed):
+                gop = gops[g]
+                # Decode order: a GOP's needed frames are out once the last needed packet is sent (and the
+                # decoder drained); the rest of the GOP is never decoded.
+                end = len(gop) if g in feeds_next else 1 + max(i for i, p in enumerate(gop) if p.pts in wanted)
+                for packet in gop[:end]:
+                    # A frame no other frame references (a non-reference B-frame) that the clip does not
+                    # use is skipped by the decoder: nothing depends on it.
+                    self._codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
                     for frame in self._codec.decode(packet):
                         self._keep(frame, wanted, frames)
-                    if len(frames) == len(wanted):
-                        return self._stack(indices, frames)
-                previous = g
-            self._drain(wanted, frames)
+                if g not in feeds_next:
+                    self._drain(wanted, frames)
+                    self._codec.flush_buffers()
+                if len(frames) == len(wanted):
+                    break
         except av.error.FFmpegError as exc:
             raise CorruptSample(f"H.264 decode failed: {exc}") from exc
         if len(frames) != len(wanted):
@@ -157,7 +201,7 @@ class PyAVFrameReader(FrameReader):
     def _keep(frame: av.VideoFrame, wanted: dict[int, int], frames: dict[int, np.ndarray]) -> None:
         index = wanted.get(frame.pts)
         if index is not None:
-            frames[index] = frame.to_ndarray(format="rgb24")
+            frames[index] = _to_rgb(frame)
 
     @staticmethod
     def _stack(indices: Sequence[int], frames: dict[int, np.ndarray]) -> torch.Tensor:
@@ -166,6 +210,22 @@ class PyAVFrameReader(FrameReader):
 
     def close(self) -> None:
         self._container.close()
+
+
+_THREAD_STATE = threading.local()
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded frame, through one swscale context per thread, single-threaded.
+
+    `frame.to_ndarray(format="rgb24")` builds a new swscale context for every new frame, with a thread pool
+    sized to the machine's cores (PyAV's default): measured at 1.0 ms of CPU (and far more wall time on a
+    loaded machine) per 456x256 frame, against 0.18 ms here, with identical pixels. The loader's parallelism is
+    its worker processes, so conversion runs on one thread like decoding."""
+    reformatter = getattr(_THREAD_STATE, "reformatter", None)
+    if reformatter is None:
+        reformatter = _THREAD_STATE.reformatter = VideoReformatter()
+    return reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
 
 
 def _split_gops(packets: list[av.Packet]) -> list[list[av.Packet]]:
@@ -181,14 +241,14 @@ def _split_gops(packets: list[av.Packet]) -> list[list[av.Packet]]:
 class TorchCodecFrameReader(FrameReader):
     """torchcodec's decoder on the same bytes; it does its own keyframe-aware seeking."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, settings: Decoder = Decoder("torchcodec")):
         from torchcodec.decoders import VideoDecoder
 
         try:
             # "approximate" trusts the mp4 index (exact for the constant-rate files the packer writes) and
             # skips the full scan "exact" does; frame numbering is the same for such files.
             self._decoder = VideoDecoder(
-                data, seek_mode="approximate", num_ffmpeg_threads=1, dimension_order="NCHW"
+                data, seek_mode="approximate", num_ffmpeg_threads=settings.threads, dimension_order="NCHW"
             )
             num_frames = self._decoder.metadata.num_frames
         except (RuntimeError, ValueError) as exc:
@@ -234,11 +294,13 @@ class JpegFrameReader(FrameReader):
         return torch.stack([decoded[position[int(i)]] for i in indices])  # (T, 3, H, W)
 
 
-def open_frame_reader(sample: dict, backend: str) -> FrameReader:
-    """The reader for one webdataset sample (fields as raw bytes): mp4 via `backend`, or jpg frames."""
+def open_frame_reader(sample: dict, backend: str | Decoder) -> FrameReader:
+    """The reader for one webdataset sample (fields as raw bytes): mp4 via `backend` (a resolved name or a
+    Decoder), or jpg frames."""
     data = sample.get("mp4")
     if data is None:
         return JpegFrameReader(sample)
-    if backend == "torchcodec":
-        return TorchCodecFrameReader(data)
-    return PyAVFrameReader(data)
+    settings = backend if isinstance(backend, Decoder) else Decoder(backend)
+    if settings.backend == "torchcodec":
+        return TorchCodecFrameReader(data, settings)
+    return PyAVFrameReader(data, settings)

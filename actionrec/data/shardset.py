@@ -11,7 +11,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what shards/pack.py writes now
+READABLE_FORMAT_VERSIONS = (1, 2)  # v1: fps re-timed to exactly --fps, no tune/bframes/fps_mode recorded
 SPLITS = ("train", "val", "test")
 _SPLIT_PREFIX = re.compile(r"(?:^|[/\s:])(train|val|test)-[^/\s]*\.tar\b")
 
@@ -67,9 +68,10 @@ class ShardSet:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where} is not valid JSON ({exc}); re-run shards/pack.py") from exc
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
-                f"{where} has shard format_version {version!r}; this loader reads version {FORMAT_VERSION}"
+                f"{where} has shard format_version {version!r}; this loader reads versions "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}: update actionrec, or re-pack with shards/pack.py"
             )
         splits = manifest.get("splits", {})
         joiner = (lambda name: f"{base}/{name}") if "://" in base else (lambda name: os.path.join(base, name))

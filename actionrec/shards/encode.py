@@ -27,28 +27,52 @@ class UnpackableSource(Exception):
     """The source cannot be packed; str(err) is the reason recorded in dataset.json."""
 
 
+FPS_MODES = ("cap", "exact")
+X264_TUNES = ("none", "fastdecode", "film", "animation", "grain", "stillimage", "zerolatency")
+
+
 @dataclass(frozen=True)
 class EncodeSettings:
     format: str = "mp4"  # "mp4" (H.264) or "jpg" (one JPEG per frame)
     short_side: int = 256  # target short side; smaller sources are not upscaled
-    fps: float = 30.0  # every output has exactly this frame rate
-    gop: int = 16  # frames per keyframe interval (fixed, no scene-cut keyframes): cheap temporal seeks
-    crf: int = 23
+    fps: float = 30.0  # the frame-rate cap (fps_mode "cap") or every output's exact rate (fps_mode "exact")
+    # "cap": a source above `fps` is down-sampled to `fps`, one at or below it keeps its own rate (no
+    # duplicated frames); "exact": every video is re-timed to `fps`, repeating frames of slower sources.
+    fps_mode: str = "cap"
+    # The defaults (format v2) come from benchmarks/bench_encoding.py (docs/loader.md): against v1's GOP 16
+    # with the preset's B-frames, crf 23 and no tune, an 8 x 224^2 TSN training clip costs under 1/3 of the
+    # CPU for ~1.9x the bytes at a PSNR to the source within 1 dB (table in docs/loader.md).
+    gop: int = 4  # frames per keyframe interval (fixed, no scene-cut keyframes): a needed frame is <= 3 decodes away
+    crf: int = 24
     preset: str = "veryfast"
+    tune: str = "fastdecode"  # x264 tune ("fastdecode": no CABAC, no deblocking, no weighted prediction; "none")
+    bframes: int | None = 0  # consecutive B-frames (None: the preset's choice, 3 for veryfast)
     jpeg_quality: int = 90
 
     def __post_init__(self):
         object.__setattr__(self, "fps", float(self.fps))  # 30 and 30.0 are the same setting on resume
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.fps_mode not in FPS_MODES:
+            raise ValueError(f"fps_mode must be one of {FPS_MODES}, got {self.fps_mode!r}")
         if self.short_side < 2 or self.fps <= 0 or self.gop < 1:
             raise ValueError("short_side must be >= 2, fps > 0 and gop >= 1")
         if not 0 <= self.crf <= 51 or not 1 <= self.jpeg_quality <= 100:
             raise ValueError("crf must be in [0, 51] and jpeg_quality in [1, 100]")
+        if self.tune not in X264_TUNES:
+            raise ValueError(f"tune must be one of {X264_TUNES}, got {self.tune!r}")
+        if self.bframes is not None and not 0 <= self.bframes <= 16:
+            raise ValueError(f"bframes must be in [0, 16], got {self.bframes}")
 
     @property
     def rate(self) -> Fraction:
         return Fraction(self.fps).limit_denominator(1001)
+
+    def output_rate(self, source_rate: Fraction | None) -> Fraction:
+        """The packed video's frame rate for a source of `source_rate` (None: unknown, e.g. frames folders)."""
+        if self.fps_mode == "exact" or not source_rate or source_rate <= 0:
+            return self.rate
+        return min(self.rate, Fraction(source_rate).limit_denominator(1001))
 
 
 @dataclass
@@ -94,11 +118,13 @@ def rotation_filters(rotation: int) -> list[tuple[str, str]]:
 def encode_source(source: Source, settings: EncodeSettings) -> EncodedVideo:
     """Decode, convert and re-encode one source; raises UnpackableSource with the reason."""
     if source.kind == "frames":
-        frames = _frames_from_folder(source.path, settings.rate)
+        rate = settings.rate  # frames folders carry no timing of their own
+        frames = _frames_from_folder(source.path, rate)
     else:
         _check_readable(source.path)
-        frames = _frames_from_video(source)
-    sink = _FrameSink(settings)
+        frames, source_rate = _frames_from_video(source)
+        rate = settings.output_rate(source_rate)
+    sink = _FrameSink(settings, rate)
     for frame in frames:
         sink.add(frame)
     return sink.finish()
@@ -122,10 +148,13 @@ def _check_readable(path: str) -> None:
 
 class _FrameSink:
     """Filter graph (rotate, fps, scale, pixel format) feeding the encoder; built on the first frame
-    because the rotation and the size are only known from decoded frames."""
+    because the rotation and the size are only known from decoded frames. `rate` is the output frame rate:
+    at the source's own rate the fps filter passes every frame through once (and makes variable-rate
+    sources constant-rate)."""
 
-    def __init__(self, settings: EncodeSettings):
+    def __init__(self, settings: EncodeSettings, rate: Fraction):
         self.settings = settings
+        self.rate = rate
         self.graph = None
         self.encoder = None
         self.jpegs: list[bytes] = []
@@ -152,7 +181,7 @@ class _FrameSink:
         graph = av.filter.Graph()
         chain = [graph.add_buffer(width=first.width, height=first.height, format=first.format,
                                   time_base=first.time_base)]
-        for name, args in [*rotation, ("fps", f"fps={self.settings.rate}"),
+        for name, args in [*rotation, ("fps", f"fps={self.rate}"),
                            ("scale", f"{self.width}:{self.height}"), ("format", pix_fmt)]:
             chain.append(graph.add(name, args))
         chain.append(graph.add("buffersink"))
@@ -161,9 +190,13 @@ class _FrameSink:
         if self.settings.format == "mp4":
             self.buffer = io.BytesIO()
             self.container = av.open(self.buffer, "w", format="mp4")
-            stream = self.container.add_stream("libx264", rate=self.settings.rate, options={
-                "crf": str(self.settings.crf), "preset": self.settings.preset,
-                "sc_threshold": "0", "keyint_min": str(self.settings.gop)})
+            options = {"crf": str(self.settings.crf), "preset": self.settings.preset,
+                       "sc_threshold": "0", "keyint_min": str(self.settings.gop)}
+            if self.settings.tune != "none":
+                options["tune"] = self.settings.tune
+            if self.settings.bframes is not None:
+                options["x264-params"] = f"bframes={self.settings.bframes}"
+            stream = self.container.add_stream("libx264", rate=self.rate, options=options)
             stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
             stream.codec_context.gop_size = self.settings.gop
             stream.codec_context.thread_count = 1  # parallelism comes from --workers processes
@@ -172,7 +205,7 @@ class _FrameSink:
     def _encode(self, frame: av.VideoFrame) -> None:
         if self.encoder is not None:
             frame.pts = self.num_frames
-            frame.time_base = 1 / self.settings.rate
+            frame.time_base = 1 / self.rate
             self.container.mux(self.encoder.encode(frame))
         else:
             out = io.BytesIO()
@@ -193,12 +226,13 @@ class _FrameSink:
         else:
             digits = max(3, len(str(self.num_frames - 1)))
             fields = {f"{i:0{digits}d}.jpg": data for i, data in enumerate(self.jpegs)}
-        return EncodedVideo(fields, self.num_frames, self.width, self.height, self.settings.fps)
+        return EncodedVideo(fields, self.num_frames, self.width, self.height, float(self.rate))
 
 
 def _frames_from_video(source: Source):
-    """Decoded frames of the first video stream (audio and other streams are never decoded), trimmed
-    to [start, end) when given. Raises UnpackableSource for files FFmpeg cannot read or that end early."""
+    """(decoded frames of the first video stream, its average frame rate or None): audio and other streams
+    are never decoded, frames are trimmed to [start, end) when given. Raises UnpackableSource for files
+    FFmpeg cannot read or that end early."""
     try:
         container = av.open(source.path)
     except av.error.InvalidDataError as err:
@@ -240,7 +274,7 @@ def _frames_from_video(source: Source):
         if not trimmed and declared and decoded < declared - 1:
             raise UnpackableSource(f"truncated: decoded {decoded} of the {declared} frames its header lists")
 
-    return frames()
+    return frames(), stream.average_rate or stream.guessed_rate
 
 
 def _frames_from_folder(folder: str, rate: Fraction):

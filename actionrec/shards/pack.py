@@ -36,7 +36,12 @@ from actionrec.shards.writer import (PackedSample, SplitShardWriter, read_publis
 # process that has other threads running can deadlock the child.
 tqdm.monitor_interval = 0
 
-FORMAT_VERSION = 1
+# v2: --fps is a cap (fps_mode), tune and bframes recorded, new default encoding. actionrec.data.shardset's
+# READABLE_FORMAT_VERSIONS lists what the loader reads (not imported here: it would pull torch into the packer).
+FORMAT_VERSION = 2
+# Encoding settings that format v1 did not record, with the values v1 used: a v1 pack in progress resumes
+# when run with the same explicit settings.
+V1_ENCODING = {"fps_mode": "exact", "tune": "none", "bframes": None}
 STATE_FILE = ".pack-state.json"  # settings + classes of the pack in progress in OUT, checked on resume
 
 
@@ -209,7 +214,7 @@ def _check_state(out: Path, src: Path, layout: str, classes: list[str], options:
         _write_json(state_path, {"settings": record, "classes": classes})
         return classes
     state = json.loads(state_path.read_text())
-    before = state["settings"]
+    before = {**V1_ENCODING, **state["settings"]}
     content_keys = [*asdict(options.encode), "layout", "fold", "train_per_class"]
     before.setdefault("train_per_class", 0)  # packs written before the option existed packed every video
     changed = [f"{k}: {before.get(k)} -> {record[k]}" for k in content_keys if before.get(k) != record[k]]
