@@ -142,6 +142,11 @@ def test_motion_targets_are_zero_for_a_still_scene_and_follow_what_moves():
     assert torch.equal(wrong[~hidden], moving[~hidden]) and not torch.allclose(wrong[hidden], moving[hidden])
 
 
+def test_an_unknown_global_pool_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown global_pool 'max'; choose cls or mean"):
+        build_model("timesformer_tiny", num_classes=2, global_pool="max", **TINY)
+
+
 def test_an_unknown_target_or_a_motion_target_without_frames_to_compare_is_refused():
     with pytest.raises(ValueError, match="unknown pre-training target 'depth': use one of pixels, motion"):
         masked_model("joint_space_time", target="depth")
@@ -164,14 +169,16 @@ def write_pretrain_run(run_dir, attention_type: str) -> MaskedVideoModel:
     return model
 
 
+@pytest.mark.parametrize("global_pool", ["cls", "mean"])
 @pytest.mark.parametrize("attention_type", MASKABLE_ATTENTION)
-def test_a_pretrained_encoder_loads_into_the_classifier_of_its_scheme(tmp_path, attention_type, monkeypatch):
+def test_a_pretrained_encoder_loads_into_the_classifier_of_its_scheme(tmp_path, attention_type, global_pool, monkeypatch):
     pretrained = write_pretrain_run(tmp_path / "runs" / "pre", attention_type)
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "dataset.json").write_text('{"labelled": true}')
     cfg = build_config({"model": {"name": "timesformer_tiny", "pretrained": str(tmp_path / "runs" / "pre"),
-                                  "attention_type": attention_type, "embed_dim": 32, "depth": 2, "num_heads": 2},
+                                  "attention_type": attention_type, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                                  "global_pool": global_pool},
                         "data": {"num_frames": 4, "size": 64, "shards": str(shards)}})
     # Weights of our own from-scratch pre-training: the classifier gets the from-scratch set-up (with its stem).
     assert resolved_model_options(cfg)["init"] == "scratch"
@@ -183,7 +190,15 @@ def test_a_pretrained_encoder_loads_into_the_classifier_of_its_scheme(tmp_path, 
     for key, value in encoder.items():
         assert torch.equal(state[key], value), key
     assert any(k.startswith("stem.") for k in encoder) and "pos_embed" in encoder and "cls_token" in encoder
-    assert classifier(torch.randn(2, 3, 4, 64, 64)).shape == (2, 5)
+    video = torch.randn(2, 3, 4, 64, 64)
+    assert classifier(video).shape == (2, 5)
+    if global_pool == "mean" and attention_type != "space_only":
+        # The classifier reads the mean of the patch tokens (which pre-training trained), not the cls token.
+        classifier.eval()
+        with torch.no_grad():
+            patches, grid_h, grid_w = classifier.embed(video)
+            tokens = classifier.encode(patches, (4, grid_h, grid_w))
+            torch.testing.assert_close(classifier(video), classifier.head(classifier.norm(tokens[:, 1:]).mean(dim=1)))
 
 
 def test_a_pretrained_encoder_of_another_scheme_is_refused_with_the_names(tmp_path):
