@@ -9,8 +9,9 @@ generator, so pre-training never sees a test video), and a labelled set split 80
 2. the same fine-tune twice, from the pre-trained encoder and from scratch (same seed, data order, steps),
    scored on the held-out videos every `--eval-every` steps.
 
-    python benchmarks/bench_pretrain.py --data synth --pretrain-steps 1500 --finetune-steps 600 --seed 0
-    python benchmarks/bench_pretrain.py --data motion4 --mask-ratio 0.9 --decoder-depth 2
+    python benchmarks/bench_pretrain.py --data motion4 --pretrain-steps 1000 --target motion --mask-ratio 0.25 global_pool=mean
+    python benchmarks/bench_pretrain.py --data synth --mask-ratio 0.9 --decoder-depth 2      # VideoMAE's pixel target
+    python benchmarks/bench_pretrain.py --data motion4 --variants scratch                   # one fine-tune only
 
 Prints one JSON line per evaluation and a summary line (`--out` appends the result to a file). The real
 commands (shards, 2 processes, configs/pretrain_demo.yaml + configs/finetune_demo.yaml) are in docs/pretrain.md.
