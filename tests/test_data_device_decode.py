@@ -136,3 +136,28 @@ def test_bad_decode_on_fails_with_one_clear_message(shard_sets):
         build_train_loader(shard_sets / "mp4", clip=CLIP, batch_size=2, num_workers=0, decode_on="gpu")
     with pytest.raises(ValueError, match="decode_on must be 'worker' or 'device'"):
         build_eval_loader(shard_sets / "mp4", clip=CLIP, batch_size=2, num_workers=0, decode_on="cuda")
+
+
+def test_run_config_takes_decode_on_and_rejects_anything_else():
+    from actionrec.config import ConfigError, build_config
+
+    assert build_config({}, [], check_paths=False).data.decode_on == "worker"
+    assert build_config({}, ["data.decode_on=device"], check_paths=False).data.decode_on == "device"
+    with pytest.raises(ConfigError, match="config key 'data.decode_on' must be one of 'worker', 'device', got 'gpu'"):
+        build_config({}, ["data.decode_on=gpu"], check_paths=False)
+
+
+def test_train_py_with_device_decoding_logs_the_losses_of_worker_decoding(shards, runs):
+    """End to end (1 process, 1 loader worker, 2 clips per video, evaluation included): the same losses."""
+    from tests.train_fixtures import launch, metrics, tiny_overrides, train_losses
+
+    settings = {"train.max_steps": 4, "train.checkpoint_every": 4, "train.eval_every": 4, "data.num_workers": 1,
+                "data.clips_per_video": 2}
+    for decode_on in ("worker", "device"):
+        run = launch("train.py", tiny_overrides(shards, runs, f"decode_{decode_on}", **settings,
+                                                **{"data.decode_on": decode_on}), timeout=480)
+        assert run.returncode == 0, run.stderr[-3000:]
+    worker, device = train_losses(runs / "decode_worker"), train_losses(runs / "decode_device")
+    assert sorted(device) == [1, 2, 3, 4] and device == pytest.approx(worker, rel=1e-6)
+    val_loss = [next(r["val/loss"] for r in metrics(runs / f"decode_{d}") if "val/loss" in r) for d in ("worker", "device")]
+    assert val_loss[0] == pytest.approx(val_loss[1], rel=1e-6)
