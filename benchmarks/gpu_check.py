@@ -834,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for results.json, table.md and logs")
     parser.add_argument("--wheels", type=Path, default=None,
                         help="install these wheels (benchmarks/gpu_wheels.py) offline into a scratch folder first")
+    parser.add_argument("--nvdec-wheels", type=Path, default=None,
+                        help="also install PyNvVideoCodec from this folder (a second bundle, docs/gpu.md)")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="wall-clock budget; sections that no longer fit are skipped (default %(default)s)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the check itself")
@@ -847,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
                               "budget_s": args.budget_s}
     if args.wheels is not None:
         report.results["meta"]["install"] = install_wheels(args.wheels)
+    if args.nvdec_wheels is not None:
+        report.results["meta"]["install_nvdec"] = install_wheels(args.nvdec_wheels)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.path.insert(0, str(REPO))
 
