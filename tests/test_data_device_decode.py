@@ -159,5 +159,6 @@ def test_train_py_with_device_decoding_logs_the_losses_of_worker_decoding(shards
         assert run.returncode == 0, run.stderr[-3000:]
     worker, device = train_losses(runs / "decode_worker"), train_losses(runs / "decode_device")
     assert sorted(device) == [1, 2, 3, 4] and device == pytest.approx(worker, rel=1e-6)
-    val_loss = [next(r["val/loss"] for r in metrics(runs / f"decode_{d}") if "val/loss" in r) for d in ("worker", "device")]
+    val_loss = [next(r["val/loss"] for r in metrics(runs / f"decode_{d}") if "val/loss" in r)
+                for d in ("worker", "device")]
     assert val_loss[0] == pytest.approx(val_loss[1], rel=1e-6)

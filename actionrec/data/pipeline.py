@@ -146,8 +146,8 @@ class ClipStream(IterableDataset):
                     if self.decode_on == "device":
                         # Bytes and the same draws leave the worker; the training process decodes.
                         encoded = encode_for_device(sample, reader, np.concatenate(indices))
-                        clips = [{"encoded": encoded,
-                                  "params": draw_train_params(encoded.height, encoded.width, self.clip, self.augment, rng)}
+                        size = (encoded.height, encoded.width)
+                        clips = [{"encoded": encoded, "params": draw_train_params(*size, self.clip, self.augment, rng)}
                                  for _ in range(k_clips)]
                     else:
                         # One decode of the union of the K clips' frames (readers decode each index once).
@@ -356,6 +356,9 @@ class ClipLoader:
     batch = {"video": uint8 (B, C, T, H, W), "label": int64 (B,), "key": list[str], "view": int64 (B,),
              "frame_index": int64 (B, T), "skipped": int64 scalar,
              train only: "stream_position": int64 (4,) = epoch, logical worker, workers, clips consumed}
+    With a `device_decoder` (decode_on="device") the workers' batches hold compressed videos, and each is
+    decoded here, in the iterating process: "video" is then on the decoder's device; a video that fails to
+    decode leaves its batch smaller and is counted in "skipped".
     Training loaders advance their epoch after each full pass (or use `set_epoch`). `skipped_in_last_pass`
     totals the corrupt samples of the last pass; `position` is where the batches yielded so far leave the
     streams (pass its `clips_for(...)` as `start_clips` with `start_batch` to resume exactly there).
