@@ -40,6 +40,10 @@ class DataConfig:
     size: int = 224
     num_workers: int = 2
     decoder: Literal["auto", "pyav", "torchcodec"] = "auto"  # auto = PyAV (GOP-prefix reader, least CPU per clip: docs/loader.md); torchcodec by name
+    # Where frames are decoded: "worker" (loader processes, CPU) or "device" (workers only read and sample; the
+    # training process decodes each batch on its accelerator: nvJPEG for jpg shards, NVDEC via PyNvVideoCodec
+    # for mp4 where installed, else the CPU readers; same clips either way, see docs/loader.md).
+    decode_on: Literal["worker", "device"] = "worker"
     shuffle_buffer: int = 0  # 0 = the loader's default
     # Training clips drawn from one decode of a video (repeated augmentation): each is sampled and augmented
     # independently and counts as one clip of the batch; an epoch still visits every video once.

@@ -608,6 +608,10 @@ def make_shards(folder: str, smoke: bool) -> None:
     options = PackOptions(encode=EncodeSettings(short_side=256, fps=30.0), val=0.0, test=0.0, shard_bytes=4 * 2**20,
                           workers=0 if smoke else workers)
     pack_videos(sources, root / "shards", options, progress=False, log=lambda *a, **k: None)
+    # The same videos as jpg frames, for nvJPEG in the device-decoding section.
+    jpg = PackOptions(encode=EncodeSettings(format="jpg", short_side=256, fps=30.0), val=0.0, test=0.0,
+                      shard_bytes=16 * 2**20, workers=0 if smoke else workers)
+    pack_videos(sources, root / "shards_jpg", jpg, progress=False, log=lambda *a, **k: None)
 
 
 def wait_for_shards(process: subprocess.Popen, work: Path, timeout_s: float) -> Path:
@@ -643,6 +647,41 @@ def loader_speed(shards: Path, sizes: Sizes) -> dict[str, Any]:
     return {"decoder": resolve_decoder("auto"), "clip": f"8x{clip.size}^2, batch 8", "workers": rows,
             "cuda_decoding": "not measured: torchcodec's CUDA builds are published only on download.pytorch.org, "
                              "and the registry's torchcodec 0.17 pairs with torch 2.14, not this machine's torch"}
+
+
+def device_decode_speed(shards: Path, sizes: Sizes) -> dict[str, Any]:
+    """data.decode_on=device against decode_on=worker, same workers: clips/s of 8x`size`^2 training clips from
+    mp4 shards (NVDEC via PyNvVideoCodec where it imports, else PyAV in the training process) and jpg shards
+    (nvJPEG through torchvision), decoded and cropped on the card. Untested on a GPU before its first run."""
+    import torch
+
+    from actionrec.data import ClipSpec, build_train_loader
+    from actionrec.data.device_decode import pynvvideocodec_load_error
+
+    clip = ClipSpec(num_frames=8, sampling="uniform", size=min(sizes.size, 224))
+    workers = min(4, os.cpu_count() or 1)
+    device = "cuda" if sizes.device == "cuda" else "cpu"
+    rows = {}
+    for fmt, folder in (("mp4", shards), ("jpg", shards.parent / "shards_jpg")):
+        for where in ("worker", "device"):
+            batches = max(4, workers * sizes.loader_batches_per_worker)
+            loader = build_train_loader(folder, clip=clip, batch_size=8, num_workers=workers,
+                                        batches_per_epoch=batches + 1, seed=0, rank=0, world_size=1,
+                                        decode_on=where, device=device)
+            iterator = iter(loader)
+            next(iterator)  # worker start-up and shuffle-buffer fill are not throughput
+            start = time.perf_counter()
+            clips = 0
+            for batch in iterator:
+                clips += len(batch["key"])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rows[f"{fmt}, decode_on={where}"] = {"clips_per_s": round(clips / (time.perf_counter() - start), 1)}
+    nvdec = pynvvideocodec_load_error()
+    return {"clip": f"8x{clip.size}^2, batch 8, {workers} workers", "rows": rows,
+            "mp4_decoder": "NVDEC (PyNvVideoCodec)" if device == "cuda" and nvdec is None else
+                           f"PyAV in the training process ({nvdec or 'no CUDA'})",
+            "jpg_decoder": "nvJPEG" if device == "cuda" else "Pillow in the training process"}
 
 
 def train_run(shards: Path, sizes: Sizes, work: Path, out: Path, peak: float | None, timeout_s: float) -> dict[str, Any]:
@@ -772,6 +811,12 @@ def render_table(results: dict[str, Any]) -> str:
             lines.append(f"Cores to feed the model at {most}-worker efficiency: about {consumption / per_worker:.1f} "
                          f"({per_worker} clips/s per worker). CUDA decoding: {loader['cuda_decoding']}.")
 
+    decoding = sections.get("device decoding", {})
+    if decoding.get("rows"):
+        lines += ["", f"**Decoding on the device** ({decoding['clip']}; mp4: {decoding['mp4_decoder']}, "
+                  f"jpg: {decoding['jpg_decoder']}):", "", "| shards, decode_on | clips/s |", "|---|---|"]
+        lines += [f"| {label} | {row['clips_per_s']} |" for label, row in decoding["rows"].items()]
+
     run = sections.get("train.py run", {})
     if run.get("status") == "ok":
         lines += ["", f"**train.py, {run['steps']} steps** ({run['workers']} workers; steady windows after the first): "
@@ -789,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for results.json, table.md and logs")
     parser.add_argument("--wheels", type=Path, default=None,
                         help="install these wheels (benchmarks/gpu_wheels.py) offline into a scratch folder first")
+    parser.add_argument("--nvdec-wheels", type=Path, default=None,
+                        help="also install PyNvVideoCodec from this folder (a second bundle, docs/gpu.md)")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="wall-clock budget; sections that no longer fit are skipped (default %(default)s)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the check itself")
@@ -802,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
                               "budget_s": args.budget_s}
     if args.wheels is not None:
         report.results["meta"]["install"] = install_wheels(args.wheels)
+    if args.nvdec_wheels is not None:
+        report.results["meta"]["install_nvdec"] = install_wheels(args.nvdec_wheels)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.path.insert(0, str(REPO))
 
@@ -841,6 +890,10 @@ def main(argv: list[str] | None = None) -> int:
         return loader_speed(shards["path"], sizes)
 
     run_section(report, budget, "loader", 20, loader)
+    if "path" in shards:
+        run_section(report, budget, "device decoding", 25, lambda: device_decode_speed(shards["path"], sizes))
+    else:
+        report.record("device decoding", {"status": "skipped", "reason": "no shard set (see the loader section)"})
     if "path" in shards:
         run_section(report, budget, "train.py run", 45,
                     lambda: train_run(shards["path"], sizes, work, args.out, peak, budget.left() - 5))

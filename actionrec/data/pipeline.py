@@ -2,6 +2,8 @@
 
     shard URLs -> (train: resampled, seeded | eval: this slot's shard parts) -> tar samples (webdataset)
       -> (train: shuffle buffer) -> decode the needed frames -> transforms -> batches, all in the workers
+    (decode_on="device": the workers stop before decoding and ship bytes, indices and augmentation draws;
+     the loader decodes and transforms each batch on the training process's device, see device_decode.py)
 
 The DataLoader is iterated by the caller directly; do not hand it to `accelerator.prepare()` (it would
 re-shard an already sharded stream and drop data).
@@ -25,9 +27,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from actionrec.data.assignment import eval_shard_parts, train_worker_plan
 from actionrec.data.decode import CorruptSample, DecoderName, open_frame_reader, resolve_decoder
-from actionrec.data.sampling import ClipSpec, train_frame_indices
+from actionrec.data.device_decode import DecodeOn, DeviceBatchDecoder, check_decode_on, encode_for_device
+from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices
 from actionrec.data.shardset import ShardSet
-from actionrec.data.transforms import TrainAugment, read_eval_views, train_transform
+from actionrec.data.transforms import TrainAugment, draw_train_params, read_eval_views, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +66,10 @@ class ClipStream(IterableDataset):
         spatial_crops: int = 1,
         labels: bool = True,
         clips_per_video: int = 1,
+        decode_on: DecodeOn = "worker",
     ):
         self.urls = urls
+        self.decode_on = decode_on
         self.labels = labels
         self.train = train
         self.clip = clip
@@ -138,16 +143,24 @@ class ClipStream(IterableDataset):
                 label = self._label(sample)
                 with open_frame_reader(sample, self.backend) as reader:
                     indices = [train_frame_indices(self.clip, reader.num_frames, rng) for _ in range(k_clips)]
-                    # One decode of the union of the K clips' frames (readers decode each index once).
-                    frames = reader.read(np.concatenate(indices))  # (K*T, 3, H, W)
-                clips = [train_transform(frames[k * t : (k + 1) * t], self.clip, self.augment, rng)
-                         for k in range(k_clips)]  # K x (T, 3, S, S)
+                    if self.decode_on == "device":
+                        # Bytes and the same draws leave the worker; the training process decodes.
+                        encoded = encode_for_device(sample, reader, np.concatenate(indices))
+                        size = (encoded.height, encoded.width)
+                        clips = [{"encoded": encoded, "params": draw_train_params(*size, self.clip, self.augment, rng)}
+                                 for _ in range(k_clips)]
+                    else:
+                        # One decode of the union of the K clips' frames (readers decode each index once).
+                        frames = reader.read(np.concatenate(indices))  # (K*T, 3, H, W)
+                        clips = [{"video": train_transform(frames[k * t : (k + 1) * t], self.clip, self.augment,
+                                                           rng).permute(1, 0, 2, 3)}
+                                 for k in range(k_clips)]  # K x (3, T, S, S)
             except Exception as exc:  # noqa: BLE001 - any failure of one sample is that sample's corruption
                 self._skip(sample, exc)
                 continue
             self._failures_in_a_row = 0
             for k in range(first_clip if position == first_sample else 0, k_clips):
-                yield {"video": clips[k].permute(1, 0, 2, 3), "label": label, "key": sample["__key__"], "view": k,
+                yield {**clips[k], "label": label, "key": sample["__key__"], "view": k,
                        "frame_index": torch.from_numpy(indices[k]), "position": position * k_clips + k + 1}
 
     # -- evaluation: every (video, view) exactly once over ranks x workers -------------------------------
@@ -171,13 +184,19 @@ class ClipStream(IterableDataset):
             try:
                 label = self._label(sample)
                 with open_frame_reader(sample, self.backend) as reader:
-                    indices, views = read_eval_views(reader, self.clip, n_t, n_s)
+                    if self.decode_on == "device":
+                        indices = [eval_frame_indices(self.clip, reader.num_frames, k, n_t) for k in range(n_t)]
+                        encoded = encode_for_device(sample, reader, np.concatenate(indices))
+                        views = [[{"encoded": encoded, "params": (k, s, n_s)} for s in range(n_s)] for k in range(n_t)]
+                    else:
+                        indices, crops = read_eval_views(reader, self.clip, n_t, n_s)
+                        views = [[{"video": crop} for crop in row] for row in crops]
             except Exception as exc:  # noqa: BLE001 - see _train_items
                 self._skip(sample, exc)
                 continue
             for k in range(n_t):
                 for s in range(n_s):
-                    yield {"video": views[k][s], "label": label, "key": sample["__key__"],
+                    yield {**views[k][s], "label": label, "key": sample["__key__"],
                            "view": k * n_s + s, "frame_index": torch.from_numpy(indices[k])}
 
     # -- shared -------------------------------------------------------------------------------------------------
@@ -199,8 +218,14 @@ class ClipStream(IterableDataset):
 
     def _collate(self, items: list[dict]) -> dict:
         t, size = self.clip.num_frames, self.clip.size
+        if self.decode_on == "device":
+            # Compressed: the loader decodes on its device (DeviceBatchDecoder) into the "video" below.
+            frames = {"encoded": [i["encoded"] for i in items], "params": [i["params"] for i in items]}
+        else:
+            frames = {"video": torch.stack([i["video"] for i in items]) if items
+                      else torch.empty(0, 3, t, size, size, dtype=torch.uint8)}
         batch = {
-            "video": torch.stack([i["video"] for i in items]) if items else torch.empty(0, 3, t, size, size, dtype=torch.uint8),
+            **frames,
             "label": torch.tensor([i["label"] for i in items], dtype=torch.int64),
             "key": [i["key"] for i in items],
             "view": torch.tensor([i["view"] for i in items], dtype=torch.int64),
@@ -331,14 +356,19 @@ class ClipLoader:
     batch = {"video": uint8 (B, C, T, H, W), "label": int64 (B,), "key": list[str], "view": int64 (B,),
              "frame_index": int64 (B, T), "skipped": int64 scalar,
              train only: "stream_position": int64 (4,) = epoch, logical worker, workers, clips consumed}
+    With a `device_decoder` (decode_on="device") the workers' batches hold compressed videos, and each is
+    decoded here, in the iterating process: "video" is then on the decoder's device; a video that fails to
+    decode leaves its batch smaller and is counted in "skipped".
     Training loaders advance their epoch after each full pass (or use `set_epoch`). `skipped_in_last_pass`
     totals the corrupt samples of the last pass; `position` is where the batches yielded so far leave the
     streams (pass its `clips_for(...)` as `start_clips` with `start_batch` to resume exactly there).
     """
 
     def __init__(self, stream: ClipStream, num_workers: int, start_batch: int = 0,
-                 pin_memory: bool | None = None, prefetch_factor: int = 2, start_clips: list[int] | None = None):
+                 pin_memory: bool | None = None, prefetch_factor: int = 2, start_clips: list[int] | None = None,
+                 device_decoder: DeviceBatchDecoder | None = None):
         self.stream = stream
+        self.device_decoder = device_decoder  # decode_on="device": decodes each batch in this process
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
@@ -364,6 +394,17 @@ class ClipLoader:
                              "clips a batch: pass the loader's own `position.clips_for(epoch, num_workers)`")
         return list(start_clips)
 
+    def _decode_on_device(self, batch: dict) -> dict:
+        decoded, failures = self.device_decoder.decode(batch, train=self.stream.train)
+        for key, reason in failures:
+            logger.warning("rank %d: skipping corrupt sample %s (decoding on %s): %s",
+                           self.stream.rank, key, self.device_decoder.device, reason)
+        if self.stream.train and batch["key"] and not decoded["key"]:
+            raise RuntimeError(f"all {len(batch['key'])} clips of a training batch failed to decode on "
+                               f"{self.device_decoder.device}; check the shards with shards/show.py or set "
+                               "data.decode_on=worker")
+        return decoded
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._first_batch, self._start_clips = epoch, 0, None
 
@@ -387,6 +428,8 @@ class ClipLoader:
         produced = 0
         held: dict | None = None  # one batch of lookahead so an empty tail batch's skip count is not lost
         for batch in loader:
+            if self.device_decoder is not None:
+                batch = self._decode_on_device(batch)
             self.skipped_in_last_pass += int(batch["skipped"])
             if len(batch["key"]) == 0:
                 if held is not None:
@@ -456,6 +499,8 @@ def build_train_loader(
     labels: bool = True,
     clips_per_video: int = 1,
     start_clips: list[int] | None = None,
+    decode_on: DecodeOn = "worker",
+    device: torch.device | str | None = None,
 ) -> ClipLoader:
     """Resampled training batches: exactly `batches_per_epoch` per rank per epoch, deterministic given
     (seed, rank, epoch, num_workers), resumable at global batch `start_batch` (= optimizer step x accumulation).
@@ -468,6 +513,8 @@ def build_train_loader(
     Memory per worker is bounded by `shuffle_buffer` compressed samples (default 128 for mp4 shards, 16 for
     jpg shards, whose samples are about 15x larger). Workers restart each epoch and refill the buffer.
     labels=False: labels are not read (label -1), for unlabelled sets (masked pre-training).
+    decode_on="device": workers only read and sample; frames are decoded and augmented on `device` (default:
+    cuda where present, else cpu) in this process, with the same clips (see actionrec/data/device_decode.py).
     """
     _check_common(batch_size, num_workers)
     shardset = _as_shardset(shardset)
@@ -485,14 +532,16 @@ def build_train_loader(
     if batches_per_epoch < 1 or start_batch < 0 or shuffle_buffer < 1:
         raise ValueError("batches_per_epoch and shuffle_buffer must be >= 1 and start_batch >= 0")
     augment.resolved_range(clip.size)
+    check_decode_on(decode_on)
     stream = ClipStream(
         shardset.urls(split), train=True, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),
         rank=rank, world_size=world_size, num_classes=shardset.num_classes, seed=seed, augment=augment,
         shuffle_buffer=shuffle_buffer, batches_per_epoch=batches_per_epoch, labels=labels,
-        clips_per_video=clips_per_video,
+        clips_per_video=clips_per_video, decode_on=decode_on,
     )
     return ClipLoader(stream, num_workers, start_batch=start_batch, pin_memory=pin_memory,
-                      prefetch_factor=prefetch_factor, start_clips=start_clips)
+                      prefetch_factor=prefetch_factor, start_clips=start_clips,
+                      device_decoder=_device_decoder(decode_on, device, stream))
 
 
 def build_eval_loader(
@@ -509,6 +558,8 @@ def build_eval_loader(
     pin_memory: bool | None = None,
     prefetch_factor: int = 2,
     labels: bool = True,
+    decode_on: DecodeOn = "worker",
+    device: torch.device | str | None = None,
 ) -> ClipLoader:
     """Every (video, view) of `split` exactly once over all ranks and workers, no padding duplicates.
 
@@ -519,11 +570,21 @@ def build_eval_loader(
     _check_common(batch_size, num_workers)
     if temporal_clips < 1 or spatial_crops not in (1, 3):
         raise ValueError(f"temporal_clips must be >= 1 and spatial_crops 1 or 3, got {temporal_clips}, {spatial_crops}")
+    check_decode_on(decode_on)
     shardset = _as_shardset(shardset)
     rank, world_size = resolve_rank(rank, world_size)
     stream = ClipStream(
         shardset.urls(split), train=False, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),
         rank=rank, world_size=world_size, num_classes=shardset.num_classes,
-        temporal_clips=temporal_clips, spatial_crops=spatial_crops, labels=labels,
+        temporal_clips=temporal_clips, spatial_crops=spatial_crops, labels=labels, decode_on=decode_on,
     )
-    return ClipLoader(stream, num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+    return ClipLoader(stream, num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                      device_decoder=_device_decoder(decode_on, device, stream))
+
+
+def _device_decoder(decode_on: DecodeOn, device: torch.device | str | None,
+                    stream: ClipStream) -> DeviceBatchDecoder | None:
+    if decode_on != "device":
+        return None
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return DeviceBatchDecoder(device, stream.backend, stream.clip)

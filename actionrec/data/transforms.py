@@ -47,29 +47,55 @@ class TrainAugment:
             raise ValueError(f"TrainAugment.color_jitter must be in [0, 1), got {self.color_jitter}")
 
 
-def train_transform(clip: torch.Tensor, spec: ClipSpec, augment: TrainAugment, rng: np.random.Generator) -> torch.Tensor:
-    """Random short-side rescale + random crop (one resize of just the crop window), optional flip/colour."""
-    _, _, height, width = clip.shape
+@dataclass(frozen=True)
+class TrainParams:
+    """One clip's drawn augmentation, in source pixels: square crop window (top, left, side) resized to the
+    clip size, horizontal flip, and colour factors (brightness, contrast, saturation) applied in `colour_order`
+    (empty: no colour jitter). Drawn where the frame indices are drawn (the loader worker); applied wherever
+    the frames are decoded (the worker, or the training process with data.decode_on=device)."""
+
+    top: int
+    left: int
+    window: int
+    flip: bool = False
+    colour: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    colour_order: tuple[int, ...] = ()
+
+
+def draw_train_params(height: int, width: int, spec: ClipSpec, augment: TrainAugment,
+                      rng: np.random.Generator) -> TrainParams:
+    """The random draws of `train_transform` for a (height, width) video, in its order: short side, crop
+    position, flip, colour. Depends on the frame size only, never on the pixels."""
     low, high = augment.resolved_range(spec.size)
     target_short = rng.integers(low, high + 1)
     # The crop window in source pixels that becomes size x size after rescaling the short side to target_short.
     window = min(height, width) * spec.size / target_short
     top = rng.random() * (height - window)
     left = rng.random() * (width - window)
-    clip = _crop_to_size(clip, top, left, window, spec.size)
-    if augment.hflip and rng.random() < 0.5:
-        clip = TF.horizontal_flip(clip)
+    flip = bool(augment.hflip and rng.random() < 0.5)
+    colour, order = (1.0, 1.0, 1.0), ()
     if augment.color_jitter > 0:
         s = augment.color_jitter
-        brightness, contrast, saturation = rng.uniform(1 - s, 1 + s, size=3)
-        for index in rng.permutation(3):
-            if index == 0:
-                clip = TF.adjust_brightness(clip, float(brightness))
-            elif index == 1:
-                clip = TF.adjust_contrast(clip, float(contrast))
-            else:
-                clip = TF.adjust_saturation(clip, float(saturation))
+        colour = tuple(float(f) for f in rng.uniform(1 - s, 1 + s, size=3))
+        order = tuple(int(i) for i in rng.permutation(3))
+    return TrainParams(round(top), round(left), max(round(window), 1), flip, colour, order)
+
+
+def apply_train_params(clip: torch.Tensor, spec: ClipSpec, params: TrainParams) -> torch.Tensor:
+    """uint8 (T, C, H, W) on any device -> uint8 (T, C, S, S): the crop/resize, flip and colour of `params`."""
+    clip = _crop_to_size(clip, params.top, params.left, params.window, spec.size)
+    if params.flip:
+        clip = TF.horizontal_flip(clip)
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for index in params.colour_order:
+        clip = adjust[index](clip, params.colour[index])
     return clip
+
+
+def train_transform(clip: torch.Tensor, spec: ClipSpec, augment: TrainAugment, rng: np.random.Generator) -> torch.Tensor:
+    """Random short-side rescale + random crop (one resize of just the crop window), optional flip/colour."""
+    _, _, height, width = clip.shape
+    return apply_train_params(clip, spec, draw_train_params(height, width, spec, augment, rng))
 
 
 def eval_views(clip: torch.Tensor, spec: ClipSpec, spatial_crops: int) -> list[torch.Tensor]:

@@ -187,7 +187,7 @@ def open_data(cfg: Config, world_size: int) -> DataSetup:
 
 
 def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: int, world_size: int,
-                  position: Any = None) -> Iterator[dict]:
+                  position: Any = None, device: torch.device | None = None) -> Iterator[dict]:
     """Endless train batches of this rank from data position `start_micro_batch` (micro batches consumed
     per rank) and `position` (this rank's StreamPosition there, from the checkpoint). The loader is
     deterministic given (seed, rank, epoch, workers) and skips to the position, so a resumed run sees the
@@ -212,13 +212,16 @@ def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: in
         labels=cfg.task == "classify",
         clips_per_video=cfg.data.clips_per_video,
         start_clips=start_clips,
+        decode_on=cfg.data.decode_on,
+        device=device,
         **extra,
     )
     while True:
         yield from loader  # each pass is one epoch; the loader advances its epoch itself
 
 
-def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size: int):
+def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size: int,
+                 device: torch.device | None = None):
     from actionrec.data import build_eval_loader
 
     return build_eval_loader(
@@ -233,6 +236,8 @@ def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size
         world_size=world_size,
         decoder=cfg.data.decoder,
         labels=cfg.task == "classify",
+        decode_on=cfg.data.decode_on,
+        device=device,
     )
 
 
@@ -303,7 +308,7 @@ class Trainer:
         model = self.model if zero3 else self.acc.unwrap_model(self.model)
         return evaluate(
             model,
-            eval_batches(self.cfg, self.data, split, self.rank, self.world_size),
+            eval_batches(self.cfg, self.data, split, self.rank, self.world_size, self.device),
             num_classes=self.num_classes,
             device=self.device,
             to_inputs=self.to_inputs,
@@ -495,7 +500,7 @@ def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dic
     cfg, acc, progress = trainer.cfg, trainer.acc, trainer.progress
     trainer.restore_stream_position()
     batches = train_batches(cfg, trainer.data, progress.micro_batches, trainer.rank, trainer.world_size,
-                            trainer.stream_position)
+                            trainer.stream_position, trainer.device)
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=progress.step,
@@ -621,7 +626,7 @@ def evaluate_pretraining(trainer: Trainer, monitor: RunMonitor | None, split: st
 
     cfg = trainer.cfg
     show = trainer.acc.is_main_process and cfg.log.progress_bar
-    batches = eval_batches(cfg, trainer.data, split, trainer.rank, trainer.world_size)
+    batches = eval_batches(cfg, trainer.data, split, trainer.rank, trainer.world_size, trainer.device)
     result = evaluate_reconstruction(
         trainer.acc.unwrap_model(trainer.model),
         tqdm(batches, desc=f"eval {split}", leave=False, dynamic_ncols=True) if show else batches,
