@@ -44,6 +44,16 @@ from benchmarks.bench_scratch import render_set  # noqa: E402
 MODEL = {"name": "timesformer_tiny", "attention_type": "divided_space_time", "embed_dim": 96, "depth": 4, "num_heads": 4}
 
 
+def optimise(model: torch.nn.Module, loss: torch.Tensor, optimizer, schedule) -> float:
+    """One step of the trainer's recipe (grad clip 1.0, schedule per step) -> the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss.item()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=["synth", "motion4"], default="synth")
@@ -115,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             video = clips_of(unlabelled, pre_rng.choice(len(unlabelled), args.pretrain_batch), pre_rng)
             mask = masked.random_mask(len(video), step_mask_generator(args.seed, 0, step))
             loss = F.mse_loss(masked(video, mask), masked.targets(video, mask))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(masked.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            pre_losses.append(loss.item())
+            pre_losses.append(optimise(masked, loss, optimizer, schedule))
             if (step + 1) % args.eval_every == 0:
                 print(json.dumps({"phase": "pretrain", "step": step + 1, "loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4),
                                   "seconds": round(time.perf_counter() - start, 1)}), flush=True)
@@ -159,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for step in tqdm(range(args.finetune_steps), desc=f"fine-tuning ({variant})", leave=False):
             indices = ft_rng.choice(train_idx, args.batch)
             loss = F.cross_entropy(model(clips_of(videos, indices, ft_rng)), labels[indices], label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
+            losses.append(optimise(model, loss, optimizer, schedule))
             if (step + 1) % args.eval_every == 0 or step + 1 == args.finetune_steps:
                 model.eval()
                 with torch.no_grad():

@@ -15,7 +15,7 @@ from actionrec.config import parse_config
 from actionrec.engine import trainer
 
 
-def fixed_train_batches(cfg, data, start_micro_batch, rank, world_size, position=None):
+def fixed_train_batches(cfg, data, start_micro_batch, rank, world_size, position=None, device=None):
     from actionrec.data import build_eval_loader
 
     loader = build_eval_loader(data.shardset, split=cfg.data.train_split, clip=data.clip, batch_size=16,

@@ -15,11 +15,11 @@ real_train_batches, real_to_inputs = trainer.train_batches, trainer.Trainer.to_i
 poison_next = False
 
 
-def planted_train_batches(cfg, data, start_micro_batch, rank, world_size, position=None):
+def planted_train_batches(cfg, data, start_micro_batch, rank, world_size, position=None, device=None):
     global poison_next
     accumulation = cfg.train.global_batch_size // (cfg.train.per_device_batch_size * world_size)
-    for micro_batch, batch in enumerate(real_train_batches(cfg, data, start_micro_batch, rank, world_size, position),
-                                        start=start_micro_batch):
+    batches = real_train_batches(cfg, data, start_micro_batch, rank, world_size, position, device)
+    for micro_batch, batch in enumerate(batches, start=start_micro_batch):
         poison_next = (rank, micro_batch // accumulation + 1) in PLANTED
         yield batch
 

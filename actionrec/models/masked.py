@@ -13,8 +13,10 @@
 - A light decoder (its own width and depth, joint attention over all cubes) gets the encoder's tokens,
   pairs of frames (`tubelet`) concatenated into one token per cube, plus a learnt mask token at every
   hidden cube, and predicts the pixels of the hidden cubes (tubelet frames x patch x patch x C).
-- Targets are each cube's pixels normalised by the cube's own mean and std per channel (VideoMAE's
-  `normlize_target`); without it the loss is dominated by a cube's mean colour and stalls.
+- Targets (`target`): "pixels", each cube's pixels normalised by the cube's own mean and std per channel
+  (VideoMAE's `normlize_target`; without it the loss is dominated by a cube's mean colour); or "motion",
+  each cube's pixels minus the cube's mean frame (what moves; a still background is zero), which is what
+  made pre-training help a few-label fine-tune on our motion data (docs/pretrain.md).
 
 Pure PyTorch: the loss and the training loop are engine code (actionrec/engine/pretraining.py).
 """
@@ -235,7 +237,7 @@ class MaskedVideoModel(nn.Module):
         channels = cubes.shape[-1]
         guess = rearrange(pred.float(), "b tc m (kpq c) -> b tc m kpq c", c=channels)
         if self.target == "motion":  # the predicted change around the cube's true mean frame
-            mean_frame = (cubes - motion_cubes(cubes, self.tubelet))
+            mean_frame = cubes - motion_cubes(cubes, self.tubelet)
             guess = guess + gather_cubes(mean_frame, hidden)
         elif self.norm_target:
             _, mean, std = normalise_cubes(cubes)
