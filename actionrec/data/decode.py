@@ -61,6 +61,7 @@ class FrameReader:
     """Frames of one sample; use as a context manager so decoder resources are freed with the sample."""
 
     num_frames: int
+    frame_size: tuple[int, int] = (0, 0)  # mp4 readers: (height, width) from the container's headers
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
         """Frames at `indices` (sorted or not, repeats allowed) as uint8 (T, 3, H, W)."""
@@ -140,6 +141,7 @@ class PyAVFrameReader(FrameReader):
         except (av.error.FFmpegError, IndexError) as exc:
             raise CorruptSample(f"mp4 does not open as a video: {exc}") from exc
         self._codec = stream.codec_context
+        self.frame_size = (self._codec.height, self._codec.width)
         self._codec.thread_count = settings.threads
         if settings.threads > 1:
             self._codec.thread_type = settings.thread_type.upper()
@@ -251,7 +253,8 @@ class TorchCodecFrameReader(FrameReader):
                 data, seek_mode="approximate", num_ffmpeg_threads=settings.threads, dimension_order="NCHW"
             )
             num_frames = self._decoder.metadata.num_frames
-        except (RuntimeError, ValueError) as exc:
+            self.frame_size = (int(self._decoder.metadata.height), int(self._decoder.metadata.width))
+        except (RuntimeError, ValueError, TypeError) as exc:
             raise CorruptSample(f"mp4 does not open as a video: {exc}") from exc
         if not num_frames:
             raise CorruptSample("mp4 reports no frames")

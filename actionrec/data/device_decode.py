@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import av
 import numpy as np
 import torch
 from einops import rearrange
@@ -62,10 +61,13 @@ def check_decode_on(decode_on: str) -> None:
 
 def encode_for_device(sample: dict, reader, indices: np.ndarray) -> EncodedVideo:
     """The bytes of `sample` that decoding `indices` needs, with the frame size read from the headers only.
-    `reader` is the sample's open FrameReader (its frame count chose the indices)."""
+    `reader` is the sample's open FrameReader (its frame count chose the indices; an mp4 reader has read
+    the frame size from the container's headers when it opened)."""
     data = sample.get("mp4")
     if data is not None:
-        height, width = _mp4_frame_size(data)
+        height, width = reader.frame_size
+        if height < 1 or width < 1:
+            raise CorruptSample(f"mp4 header gives a {width}x{height} frame size")
         return EncodedVideo("mp4", mp4=data, height=height, width=width)
     names = sorted((name for name in sample if _JPG_FIELD.match(name)), key=lambda n: int(n[:-4]))
     if len(names) != reader.num_frames:
@@ -76,18 +78,6 @@ def encode_for_device(sample: dict, reader, indices: np.ndarray) -> EncodedVideo
         raise CorruptSample(f"jpg frames differ in size: {sorted(shapes)[:3]}")
     height, width = shapes.pop()
     return EncodedVideo("jpg", jpgs=jpgs, height=height, width=width)
-
-
-def _mp4_frame_size(data: bytes) -> tuple[int, int]:
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            codec = container.streams.video[0].codec_context
-            height, width = codec.height, codec.width
-    except (av.error.FFmpegError, IndexError) as exc:
-        raise CorruptSample(f"mp4 does not open as a video: {exc}") from exc
-    if height < 1 or width < 1:
-        raise CorruptSample(f"mp4 header gives a {width}x{height} frame size")
-    return height, width
 
 
 def _jpg_frame_size(name: str, blob: bytes) -> tuple[int, int]:
