@@ -44,7 +44,9 @@ class DataConfig:
     # training process decodes each batch on its accelerator: nvJPEG for jpg shards, NVDEC via PyNvVideoCodec
     # for mp4 where installed, else the CPU readers; same clips either way, see docs/loader.md).
     decode_on: Literal["worker", "device"] = "worker"
-    shuffle_buffer: int = 0  # 0 = the loader's default
+    # One JSON line per micro batch with the clips it trained on (runs/<name>/samples/rank<R>.jsonl; audit with
+    # shards/show.py --audit runs/<name>); its cost is measured in docs/loader.md.
+    sample_log: bool = True
     # Training clips drawn from one decode of a video (repeated augmentation): each is sampled and augmented
     # independently and counts as one clip of the batch; an epoch still visits every video once.
     clips_per_video: int = 1
@@ -496,7 +498,6 @@ def _validate(cfg: Config, check_paths: bool) -> None:
         "train.eval_every": cfg.train.eval_every,
         "data.num_workers": cfg.data.num_workers,
         "data.eval_batch_size": cfg.data.eval_batch_size,
-        "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "optim.min_lr": cfg.optim.min_lr,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.weight_decay": cfg.optim.weight_decay,

@@ -197,7 +197,8 @@ class RunMonitor:
         if self.is_main:
             plot_loss_curve(self.metrics_path, self.plots_dir / "loss.png")
 
-    def finish(self, results: dict[str, Any] | None = None, summary: bool = True, num_workers: int | None = None) -> None:
+    def finish(self, results: dict[str, Any] | None = None, summary: bool = True, num_workers: int | None = None,
+               notes: list[str] = ()) -> None:
         """Final loss plot, close WandB, and print a summary: headline numbers, the data wait (with advice when
         the run was data-bound; `num_workers`: loader workers per process) and where everything is (not for
         a run that stopped early: its own message says what happened)."""
@@ -214,7 +215,7 @@ class RunMonitor:
                 warnings.warn(f"WandB finish failed: {exc!r}")
             self.wandb_run = None
         if summary:
-            self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode, num_workers))
+            self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode, num_workers, notes))
 
 
 # Above this share of step time spent waiting for batches, the summary calls a run data-bound.
@@ -222,7 +223,8 @@ DATA_BOUND_SHARE = 0.10
 
 
 def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, wandb_mode: str | None,
-                num_workers: int | None = None) -> str:
+                num_workers: int | None = None, notes: list[str] = ()) -> str:
+    """`notes`: further lines after the results (the sample log's "train data: ..." line)."""
     lines = [f"summary of {run_dir}:"]
     for split in ("test", "val"):
         if f"{split}/video/top1" in results:
@@ -231,6 +233,7 @@ def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, 
                 f"mean class {results[f'{split}/video/mean_class_accuracy']:.1%} "
                 f"({int(results[f'{split}/video/count'])} videos); clip-level top-1 {results[f'{split}/clip/top1']:.1%}"
             )
+    lines.extend(f"  {note}" for note in notes)
     wait = mean_data_wait(run_dir / "metrics.jsonl")
     if wait is not None:
         line = f"  data wait: {wait:.0%} of step time (train/data_wait_fraction, mean over the run)"

@@ -1,4 +1,4 @@
-"""Who reads what: shard parts for evaluation, batch slots for training.
+"""Who reads what in evaluation: shard parts per (rank, worker) slot (training: epochs.py).
 
 Pure functions of (rank, world size, worker, number of workers) so that the distributed guarantees can be
 checked exhaustively without starting processes (tests simulate 64 ranks x 8 workers with these very
@@ -46,35 +46,6 @@ def eval_shard_parts(num_shards: int, rank: int, world_size: int, worker: int, n
         ShardPart(shard=unit % num_shards, part=unit // num_shards, num_parts=num_parts)
         for unit in range(rank + worker * world_size, num_shards * num_parts, world_size * num_workers)
     ]
-
-
-@dataclass(frozen=True)
-class TrainWorkerPlan:
-    """What DataLoader worker `worker` produces in one (possibly resumed) training epoch.
-
-    Batch b of the epoch belongs to logical worker b % num_workers, whose sample stream is seeded by
-    (seed, rank, epoch, logical worker) only, so the same batch comes out whatever the resume point.
-    After resuming at batch s, DataLoader worker i plays logical worker (i + s) % num_workers: the
-    DataLoader's round-robin then yields batches s, s+1, ... in order.
-    """
-
-    logical_worker: int
-    skip_batches: int
-    num_batches: int
-
-
-def train_worker_plan(batches_per_epoch: int, first_batch: int, worker: int, num_workers: int) -> TrainWorkerPlan:
-    if not 0 <= first_batch < batches_per_epoch:
-        raise ValueError(f"first batch {first_batch} outside an epoch of {batches_per_epoch} batches")
-    _check_slot(0, 1, worker, num_workers)
-    logical = (worker + first_batch) % num_workers
-    skipped = len(range(logical, first_batch, num_workers))  # this worker's batches before the resume point
-    first_own_batch = logical + skipped * num_workers
-    return TrainWorkerPlan(
-        logical_worker=logical,
-        skip_batches=skipped,
-        num_batches=len(range(first_own_batch, batches_per_epoch, num_workers)),
-    )
 
 
 def _check_slot(rank: int, world_size: int, worker: int, num_workers: int) -> None:

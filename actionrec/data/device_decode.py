@@ -119,20 +119,34 @@ class DeviceBatchDecoder:
                       pynvvideocodec_load_error() if cuda else None)
 
     def decode(self, batch: dict, train: bool) -> tuple[dict, list[tuple[str, str]]]:
-        """batch from a device-path worker -> (the worker path's batch minus corrupt clips, [(key, reason)] of
-        the videos that failed to decode here)."""
+        """batch from a device-path worker -> (the worker path's batch, [(key, reason)] of the videos that
+        failed to decode here). Evaluation drops a failed video's clips; training keeps every slot (the
+        training order is fixed, epochs.py): a failed video's slots become weight-0 zeros, like padding."""
         videos: dict[int, EncodedVideo] = {}
         wanted: dict[int, set[int]] = {}
         for encoded, indices in zip(batch["encoded"], batch["frame_index"]):
+            if encoded is None:  # a training padding slot
+                continue
             videos[id(encoded)] = encoded
             wanted.setdefault(id(encoded), set()).update(int(i) for i in indices)
         frames, failed = self._decode_videos(videos, wanted)  # id -> {frame index: (3, H, W) uint8 on device}
+        t, size = self.clip.num_frames, self.clip.size
+        blank = torch.zeros(3, t, size, size, dtype=torch.uint8, device=self.device)
         keep, clips, failures = [], [], {}
+        weight = batch["weight"].clone() if train else None
+        skipped_clips = list(batch.get("skipped_clips", []))
         views: dict[tuple[int, int], list[torch.Tensor]] = {}  # eval: (video, temporal clip) -> spatial views
         for n, (encoded, indices, params) in enumerate(zip(batch["encoded"], batch["frame_index"], batch["params"])):
             vid = id(encoded)
-            if vid in failed:
-                failures[vid] = (batch["key"][n], failed[vid])
+            if encoded is None or vid in failed:
+                if encoded is not None:
+                    failures[vid] = (batch["key"][n], failed[vid])
+                if train:
+                    if encoded is not None:
+                        skipped_clips.append([batch["key"][n], int(batch["view"][n])])
+                    weight[n] = 0.0
+                    clips.append(blank)
+                    keep.append(n)
                 continue
             clip = torch.stack([frames[vid][int(i)] for i in indices])  # (T, 3, H, W)
             if train:
@@ -144,18 +158,18 @@ class DeviceBatchDecoder:
                 out = views[(vid, temporal)][spatial]
             clips.append(rearrange(out, "t c h w -> c t h w"))
             keep.append(n)
-        t, size = self.clip.num_frames, self.clip.size
         decoded = {
             "video": torch.stack(clips) if clips else torch.empty(0, 3, t, size, size, dtype=torch.uint8,
                                                                   device=self.device),  # (B', 3, T, S, S)
             "label": batch["label"][keep],
-            "key": [batch["key"][n] for n in keep],
+            "key": [batch["key"][n] if weight is None or weight[n] > 0 else "" for n in keep],
             "view": batch["view"][keep],
             "frame_index": batch["frame_index"][keep],
             "skipped": batch["skipped"] + len(failures),
         }
-        if "stream_position" in batch:
-            decoded["stream_position"] = batch["stream_position"]
+        if train:
+            decoded.update(weight=weight, skipped_clips=skipped_clips,
+                           **{k: batch[k] for k in ("epoch", "global_batch", "micro", "micro_batch")})
         return decoded, list(failures.values())
 
     def _decode_videos(self, videos: dict[int, EncodedVideo], wanted: dict[int, set[int]]):

@@ -1,7 +1,9 @@
-"""WebDataset pipelines that turn shards into batches of uint8 clips, and the loaders around them.
+"""The loaders: shards in, batches of uint8 clips out, built in DataLoader workers.
 
-    shard URLs -> (train: resampled, seeded | eval: this slot's shard parts) -> tar samples (webdataset)
-      -> (train: shuffle buffer) -> decode the needed frames -> transforms -> batches, all in the workers
+    train: the epoch order (epochs.py: every video once per epoch, the same global batches on any world size)
+           -> this process's slots of each micro batch -> read each sample by its byte offset (shards/index.py)
+           -> decode the needed frames -> per-clip seeded sampling and augmentation -> batches
+    eval:  this (rank, worker) slot's shard parts, streamed -> decode -> deterministic views -> batches
     (decode_on="device": the workers stop before decoding and ship bytes, indices and augmentation draws;
      the loader decodes and transforms each batch on the training process's device, see device_decode.py)
 
@@ -12,84 +14,110 @@ re-shard an already sharded stream and drop data).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
-import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from itertools import islice
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from actionrec.data.assignment import eval_shard_parts, train_worker_plan
-from actionrec.data.decode import CorruptSample, DecoderName, open_frame_reader, resolve_decoder
+from actionrec.data.assignment import eval_shard_parts
+from actionrec.data.decode import CorruptSample, Decoder, DecoderName, open_frame_reader, resolve_decoder
 from actionrec.data.device_decode import DecodeOn, DeviceBatchDecoder, check_decode_on, encode_for_device
+from actionrec.data.epochs import EpochPlan, MicroBatchLayout, Slot, clip_rng
 from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices
 from actionrec.data.shardset import ShardSet
 from actionrec.data.transforms import TrainAugment, draw_train_params, read_eval_views, train_transform
+from actionrec.shards.index import SampleReader, SplitIndex
 
 logger = logging.getLogger(__name__)
 
-# A training stream is infinite (resampled): if this many samples fail in a row nothing decodable is
-# left (wrong format, unreadable storage) and raising beats spinning forever.
+# If this many training samples fail in a row, nothing decodable is left (wrong format, unreadable storage)
+# and raising beats skipping a whole epoch one sample at a time.
 MAX_CONSECUTIVE_FAILURES = 1000
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a loader cuts, decodes and augments clips: everything but the shard set and the process's place.
+
+    batch_size: clips per process per micro batch (B). accumulation: micro batches per optimizer step (A); the
+    global batch, R x A x B clips for R processes, is what fixes the training order (epochs.py).
+    clips_per_video (K): clips drawn from each video per epoch, sampled and augmented independently, usually
+    from one decode (repeated augmentation; a batch of B clips holds about B / K videos).
+    labels=False: labels are not read (label -1), for unlabelled sets (masked pre-training).
+    decode_on="device": workers only read and sample; frames are decoded and augmented in the iterating
+    process on its device, with the same clips (actionrec/data/device_decode.py).
+    temporal_clips x spatial_crops: evaluation views per video.
+    """
+
+    clip: ClipSpec = ClipSpec()
+    batch_size: int = 8
+    num_workers: int = 2
+    seed: int = 0
+    augment: TrainAugment = TrainAugment()
+    decoder: DecoderName | Decoder = "auto"
+    decode_on: DecodeOn = "worker"
+    clips_per_video: int = 1
+    accumulation: int = 1
+    labels: bool = True
+    temporal_clips: int = 1
+    spatial_crops: int = 1
+    pin_memory: bool | None = None  # None: pin where CUDA is present
+    prefetch_factor: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.accumulation < 1 or self.clips_per_video < 1:
+            raise ValueError(f"batch_size, accumulation and clips_per_video must be >= 1, got {self.batch_size}, "
+                             f"{self.accumulation}, {self.clips_per_video}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.temporal_clips < 1 or self.spatial_crops not in (1, 3):
+            raise ValueError(f"temporal_clips must be >= 1 and spatial_crops 1 or 3, got {self.temporal_clips}, "
+                             f"{self.spatial_crops}")
+        check_decode_on(self.decode_on)
+        self.augment.resolved_range(self.clip.size)
+
+    def replace(self, **changes) -> LoaderOptions:
+        """A copy with `changes`; an unknown name raises TypeError naming it."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown loader option(s) {', '.join(unknown)}; LoaderOptions has {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **changes)
 
 
 class ClipStream(IterableDataset):
     """The per-worker part of a loader: one instance is copied into every DataLoader worker.
 
-    Yields whole batches (dicts, see `collate`) built in the worker, with `skipped` = corrupt samples this
-    worker dropped since its previous batch. A training sample gives `clips_per_video` clips (K), each
-    sampled and augmented on its own from one decode of the union of their frames.
+    Yields whole batches (dicts, see `ClipLoader`) built in the worker. Training: micro batches
+    [first_micro, first_micro + num_micro) of this process, worker w of W making those with index = w (mod W)
+    counted from first_micro, so the DataLoader's round-robin yields them in order whatever W is.
+    Evaluation: every (video, view) of this (rank, worker) slot's shard parts once.
     """
 
-    def __init__(
-        self,
-        urls: list[str],
-        *,
-        train: bool,
-        clip: ClipSpec,
-        batch_size: int,
-        backend: str,
-        rank: int,
-        world_size: int,
-        num_classes: int | None,
-        seed: int = 0,
-        augment: TrainAugment | None = None,
-        shuffle_buffer: int = 0,  # train streams only; build_train_loader picks its size per shard format
-        batches_per_epoch: int = 0,
-        temporal_clips: int = 1,
-        spatial_crops: int = 1,
-        labels: bool = True,
-        clips_per_video: int = 1,
-        decode_on: DecodeOn = "worker",
-    ):
+    def __init__(self, urls: list[str], options: LoaderOptions, *, train: bool, rank: int, world_size: int,
+                 num_classes: int | None, index: SplitIndex | None = None, plan: EpochPlan | None = None):
         self.urls = urls
-        self.decode_on = decode_on
-        self.labels = labels
+        self.options = options
         self.train = train
-        self.clip = clip
-        self.batch_size = batch_size
-        self.backend = backend
         self.rank = rank
         self.world_size = world_size
         self.num_classes = num_classes
-        self.seed = seed
-        self.augment = augment or TrainAugment()
-        self.shuffle_buffer = shuffle_buffer
-        self.batches_per_epoch = batches_per_epoch
-        self.temporal_clips = temporal_clips
-        self.spatial_crops = spatial_crops
-        self.clips_per_video = clips_per_video
-        self.epoch = 0
-        self.first_batch = 0
-        self.start_clips: list[int] | None = None  # per logical worker: clips consumed before first_batch
+        self.backend = resolve_decoder(options.decoder)
+        # Read often below; kept as attributes for brevity.
+        self.clip, self.batch_size, self.decode_on, self.labels = options.clip, options.batch_size, options.decode_on, options.labels
+        self.temporal_clips, self.spatial_crops = options.temporal_clips, options.spatial_crops
+        self.index, self.plan = index, plan
+        self.layout = MicroBatchLayout(rank, world_size, options.batch_size, options.accumulation) if train else None
+        self.first_micro = 0
+        self.num_micro = 0
         self._worker = (0, 1)
-        self._logical = (0, 1)  # (logical worker, logical workers) of the current training pass
         self._skipped = 0
         self._failures_in_a_row = 0
 
@@ -101,67 +129,78 @@ class ClipStream(IterableDataset):
         self._heap = _HeapTrimmer()
         return self._train_batches() if self.train else self._eval_batches()
 
-    # -- training: resampled, seeded per (seed, rank, epoch, logical worker) --------------------------------
+    # -- training: the slots of the epoch order that fall to this process --------------------------------
 
     def _train_batches(self) -> Iterator[dict]:
         worker, num_workers = self._worker
-        plan = train_worker_plan(self.batches_per_epoch, self.first_batch, worker, num_workers)
-        if plan.num_batches == 0:
-            return
-        self._logical = (plan.logical_worker, num_workers)
-        stream_id = f"{self.seed}/{self.rank}/{self.epoch}/{plan.logical_worker}"
-        pipeline = wds.DataPipeline(
-            functools.partial(_resampled_urls, self.urls, random.Random(f"shards/{stream_id}")),
-            wds.tarfile_to_samples(handler=self._shard_error),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(f"shuffle/{stream_id}")),
-        )
-        samples = iter(pipeline)
-        # Fast-forward for resume: drop the samples this logical worker consumed before the resume point
-        # without decoding them. Counted in clips (stream position = sample position x K + clip), so that a
-        # corrupt sample (consumed, no clips) and a video whose K clips straddle two batches resume exactly.
-        # Without a recorded position, the estimate assumes no corrupt sample came before.
-        if self.start_clips is not None:
-            clips_before = self.start_clips[plan.logical_worker]
-        else:
-            clips_before = plan.skip_batches * self.batch_size
-        first_sample, first_clip = divmod(clips_before, self.clips_per_video)
-        for _ in islice(samples, first_sample):
-            pass
-        items = self._train_items(samples, first_sample, first_clip, logical_worker=plan.logical_worker)
-        yield from self._batches(items, max_batches=plan.num_batches)
+        reader = SampleReader()
+        try:
+            for micro_batch in range(self.first_micro + worker, self.first_micro + self.num_micro, num_workers):
+                yield self._train_micro_batch(micro_batch, reader)
+        finally:
+            reader.close()
 
-    def _train_items(self, samples: Iterator[dict], first_sample: int, first_clip: int,
-                     logical_worker: int) -> Iterator[dict]:
-        k_clips, t = self.clips_per_video, self.clip.num_frames
-        for position, sample in enumerate(samples, start=first_sample):
+    def _train_micro_batch(self, micro_batch: int, reader: SampleReader) -> dict:
+        global_batch, micro, _ = self.layout.locate(micro_batch)
+        epoch, batch_in_epoch = self.plan.split(global_batch)
+        weight = self.plan.slot_weight(batch_in_epoch)
+        slots = self.layout.slots(self.plan, micro_batch)
+        places: dict[int, list[int]] = {}  # video -> its slots in this micro batch (one read and decode each)
+        for place, slot in enumerate(slots):
+            if not slot.padding:
+                places.setdefault(slot.video, []).append(place)
+        items: list[dict | None] = [None] * len(slots)
+        skipped_clips: list[list] = []
+        for video, where in places.items():
             self._heap.tick()
-            # Per-sample generator: the clips and augmentation of a sample do not depend on what came before
-            # (so fast-forwarding skips samples without replaying their random draws). Draw order: the K
-            # clips' frame indices, then the K augmentations (for K = 1, the order of a single clip).
-            rng = np.random.default_rng([self.seed, self.rank, self.epoch, logical_worker, position])
-            try:
-                label = self._label(sample)
-                with open_frame_reader(sample, self.backend) as reader:
-                    indices = [train_frame_indices(self.clip, reader.num_frames, rng) for _ in range(k_clips)]
-                    if self.decode_on == "device":
-                        # Bytes and the same draws leave the worker; the training process decodes.
-                        encoded = encode_for_device(sample, reader, np.concatenate(indices))
-                        size = (encoded.height, encoded.width)
-                        clips = [{"encoded": encoded, "params": draw_train_params(*size, self.clip, self.augment, rng)}
-                                 for _ in range(k_clips)]
-                    else:
-                        # One decode of the union of the K clips' frames (readers decode each index once).
-                        frames = reader.read(np.concatenate(indices))  # (K*T, 3, H, W)
-                        clips = [{"video": train_transform(frames[k * t : (k + 1) * t], self.clip, self.augment,
-                                                           rng).permute(1, 0, 2, 3)}
-                                 for k in range(k_clips)]  # K x (3, T, S, S)
-            except Exception as exc:  # noqa: BLE001 - any failure of one sample is that sample's corruption
-                self._skip(sample, exc)
+            clips = self._video_clips(reader, epoch, video, [slots[p] for p in where])
+            url, _, _, key = self.index.ref(video)
+            if isinstance(clips, Exception):
+                self._skip({"__key__": key, "__url__": url}, clips, count=any(slots[p].clip == 0 for p in where))
+                skipped_clips.extend([key, slots[p].clip] for p in where)
                 continue
             self._failures_in_a_row = 0
-            for k in range(first_clip if position == first_sample else 0, k_clips):
-                yield {**clips[k], "label": label, "key": sample["__key__"], "view": k,
-                       "frame_index": torch.from_numpy(indices[k]), "position": position * k_clips + k + 1}
+            for place, item in zip(where, clips):
+                items[place] = {**item, "key": key, "view": slots[place].clip, "weight": weight}
+        batch = self._collate([item if item is not None else self._padding_item() for item in items])
+        batch.update(epoch=epoch, global_batch=global_batch, micro=micro, micro_batch=micro_batch,
+                     skipped_clips=skipped_clips)
+        return batch
+
+    def _video_clips(self, reader: SampleReader, epoch: int, video: int, slots: list[Slot]) -> list[dict] | Exception:
+        """The clips of one video for `slots`, each sampled and augmented by its own generator (the same
+        clip whichever process and micro batch computes it), or the exception that made the video corrupt."""
+        url, offset, size, key = self.index.ref(video)
+        t = self.clip.num_frames
+        try:
+            sample = reader.read(url, offset, size, key)
+            label = self._label(sample)
+            rngs = [clip_rng(self.options.seed, epoch, key, slot.clip) for slot in slots]
+            with open_frame_reader(sample, self.backend) as frames_of:
+                indices = [train_frame_indices(self.clip, frames_of.num_frames, rng) for rng in rngs]
+                if self.decode_on == "device":
+                    # Bytes and the same draws leave the worker; the training process decodes.
+                    encoded = encode_for_device(sample, frames_of, np.concatenate(indices))
+                    size_hw = (encoded.height, encoded.width)
+                    clips = [{"encoded": encoded, "params": draw_train_params(*size_hw, self.clip, self.options.augment, rng)}
+                             for rng in rngs]
+                else:
+                    # One decode of the union of the clips' frames (readers decode each index once).
+                    frames = frames_of.read(np.concatenate(indices))  # (n*T, 3, H, W)
+                    clips = [{"video": train_transform(frames[n * t:(n + 1) * t], self.clip, self.options.augment,
+                                                       rng).permute(1, 0, 2, 3)}  # (3, T, S, S)
+                             for n, rng in enumerate(rngs)]
+        except Exception as exc:  # noqa: BLE001 - any failure of one sample is that sample's corruption
+            return exc
+        return [{**clip, "label": label, "frame_index": torch.from_numpy(idx)} for clip, idx in zip(clips, indices)]
+
+    def _padding_item(self) -> dict:
+        """A slot without a clip (past the epoch's last clip, or a corrupt video's): weight 0, no data."""
+        t, size = self.clip.num_frames, self.clip.size
+        frames = ({"encoded": None, "params": None} if self.decode_on == "device"
+                  else {"video": torch.zeros(3, t, size, size, dtype=torch.uint8)})
+        return {**frames, "label": 0, "key": "", "view": 0, "weight": 0.0,
+                "frame_index": torch.zeros(t, dtype=torch.int64)}
 
     # -- evaluation: every (video, view) exactly once over ranks x workers -------------------------------
 
@@ -232,9 +271,8 @@ class ClipStream(IterableDataset):
             "frame_index": torch.stack([i["frame_index"] for i in items]) if items else torch.empty(0, t, dtype=torch.int64),
             "skipped": torch.tensor(self._skipped, dtype=torch.int64),
         }
-        if items and "position" in items[-1]:
-            # Training: where this logical worker's stream stands after the batch (see StreamPosition).
-            batch["stream_position"] = torch.tensor([self.epoch, *self._logical, items[-1]["position"]])
+        if self.train:
+            batch["weight"] = torch.tensor([i["weight"] for i in items], dtype=torch.float32)
         self._skipped = 0
         return batch
 
@@ -252,14 +290,16 @@ class ClipStream(IterableDataset):
             raise CorruptSample(f"label {label} outside the {self.num_classes} classes")
         return label
 
-    def _skip(self, sample: dict, exc: Exception) -> None:
+    def _skip(self, sample: dict, exc: Exception, count: bool = True) -> None:
+        """Report a corrupt sample; `count`: it counts as one skipped video here (a training video whose clips
+        fall into several micro batches is counted where its first clip is)."""
         reason = str(exc) if isinstance(exc, CorruptSample) else f"{type(exc).__name__}: {exc}"
         worker, _ = self._worker
         logger.warning(
             "rank %d worker %d: skipping corrupt sample %s in %s: %s",
             self.rank, worker, sample.get("__key__"), sample.get("__url__"), reason,
         )
-        self._count_failure(reason)
+        self._count_failure(reason, count)
 
     def _shard_error(self, exc: Exception) -> bool:
         worker, _ = self._worker
@@ -267,13 +307,13 @@ class ClipStream(IterableDataset):
         self._count_failure(str(exc))
         return True
 
-    def _count_failure(self, reason: str) -> None:
-        self._skipped += 1
+    def _count_failure(self, reason: str, count: bool = True) -> None:
+        self._skipped += int(count)
         self._failures_in_a_row += 1
         if self.train and self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
             raise RuntimeError(
                 f"{MAX_CONSECUTIVE_FAILURES} training samples in a row failed (last: {reason}); the shards are "
-                "unreadable or not shard format v1 - check them with shards/show.py"
+                "unreadable or not in a shard format this version reads - check them with shards/show.py"
             )
 
 
@@ -308,126 +348,100 @@ def _malloc_trim():
         return None
 
 
-def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
-    """Shards drawn with replacement, forever: every worker of every rank always has data (no rank runs dry)."""
-    while True:
-        yield {"url": urls[rng.randrange(len(urls))]}
-
-
-@dataclass
-class StreamPosition:
-    """How far a training loader's streams have been consumed in one epoch: per logical worker, the clips
-    of its sample stream consumed so far (stream position = sample position x clips_per_video + clip; a
-    corrupt sample is consumed whole and gives no clip). Updated from each consumed batch's
-    `stream_position`; what a checkpoint stores so that a resumed loader gives exactly the batches of the
-    uninterrupted one, whatever corrupt samples came before.
-    """
-
-    epoch: int = -1
-    clips: list[int] = field(default_factory=list)
-
-    def advance(self, batch: dict) -> None:
-        position = batch.get("stream_position")
-        if position is None:  # an eval batch, or batches from elsewhere (tests)
-            return
-        epoch, worker, num_workers, clips = (int(v) for v in position)
-        if epoch != self.epoch or len(self.clips) != num_workers:
-            self.epoch, self.clips = epoch, [0] * num_workers
-        self.clips[worker] = clips
-
-    def clips_for(self, epoch: int, num_workers: int) -> list[int] | None:
-        """The per-logical-worker clips to resume `epoch` with `num_workers` loader workers, or None when
-        this position is of another epoch (resume at an epoch's start) or another worker count (whose
-        streams differ anyway)."""
-        if epoch != self.epoch or len(self.clips) != max(num_workers, 1):
-            return None
-        return list(self.clips)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "clips": list(self.clips)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.clips = int(state["epoch"]), [int(c) for c in state["clips"]]
-
-
 class ClipLoader:
-    """Iterate to get one epoch (train) or one full pass (eval) of batch dicts.
+    """Iterate to get one pass of batch dicts: training, from the next micro batch to the end of its epoch
+    (or `batches_per_pass` micro batches, across epochs); evaluation, every (video, view) once.
 
     batch = {"video": uint8 (B, C, T, H, W), "label": int64 (B,), "key": list[str], "view": int64 (B,),
-             "frame_index": int64 (B, T), "skipped": int64 scalar,
-             train only: "stream_position": int64 (4,) = epoch, logical worker, workers, clips consumed}
-    With a `device_decoder` (decode_on="device") the workers' batches hold compressed videos, and each is
-    decoded here, in the iterating process: "video" is then on the decoder's device; a video that fails to
-    decode leaves its batch smaller and is counted in "skipped".
-    Training loaders advance their epoch after each full pass (or use `set_epoch`). `skipped_in_last_pass`
-    totals the corrupt samples of the last pass; `position` is where the batches yielded so far leave the
-    streams (pass its `clips_for(...)` as `start_clips` with `start_batch` to resume exactly there).
+             "frame_index": int64 (B, T), "skipped": int64 scalar (corrupt videos first met in this batch),
+             training only: "weight": float32 (B,) loss weight per slot (0 for padding and corrupt videos,
+             G / real clips otherwise: epochs.py), "epoch", "global_batch" (optimizer step index, from 0),
+             "micro" (index within its step), "micro_batch" (this process's, from 0),
+             "skipped_clips": [[key, clip], ...] of corrupt videos (their slots have weight 0 and key "")}
+    With a `device_decoder` (decode_on="device") the workers' batches hold compressed videos, decoded here,
+    in the iterating process: "video" is then on the decoder's device.
+    A training loader's `next_micro_batch` is the data position: the micro batch the next pass starts at
+    (the only counter; a run's RunData reads it for its checkpoint). `skipped_in_last_pass` totals the corrupt
+    samples of the last pass.
     """
 
-    def __init__(self, stream: ClipStream, num_workers: int, start_batch: int = 0,
-                 pin_memory: bool | None = None, prefetch_factor: int = 2, start_clips: list[int] | None = None,
+    def __init__(self, stream: ClipStream, start_micro_batch: int = 0, batches_per_pass: int | None = None,
                  device_decoder: DeviceBatchDecoder | None = None):
         self.stream = stream
+        self.options = stream.options
         self.device_decoder = device_decoder  # decode_on="device": decodes each batch in this process
-        self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.prefetch_factor = prefetch_factor
-        if stream.train:
-            self.epoch, self._first_batch = divmod(start_batch, stream.batches_per_epoch)
-        else:
-            self.epoch, self._first_batch = 0, 0
-        self._start_clips = self._checked_start_clips(start_clips)
-        self.position = StreamPosition()
-        if self._start_clips is not None:
-            self.position = StreamPosition(self.epoch, list(self._start_clips))
+        self.num_workers = self.options.num_workers
+        self.pin_memory = torch.cuda.is_available() if self.options.pin_memory is None else self.options.pin_memory
+        if start_micro_batch < 0 or (batches_per_pass is not None and batches_per_pass < 1):
+            raise ValueError(f"start micro batch must be >= 0 and batches_per_pass >= 1, got {start_micro_batch}, "
+                             f"{batches_per_pass}")
+        self.next_micro_batch = start_micro_batch
+        self.batches_per_pass = batches_per_pass
         self.skipped_in_last_pass = 0
 
-    def _checked_start_clips(self, start_clips: list[int] | None) -> list[int] | None:
-        if start_clips is None:
-            return None
-        workers = max(self.num_workers, 1)
-        # Logical worker w made the batches w, w + workers, ... of the epoch: at least that many full batches.
-        least = [len(range(w, self._first_batch, workers)) * self.stream.batch_size for w in range(workers)]
-        if len(start_clips) != workers or any(c < low for c, low in zip(start_clips, least)):
-            raise ValueError(f"start_clips {list(start_clips)} is not a stream position of batch {self._first_batch} "
-                             f"of epoch {self.epoch} with {workers} logical worker(s) of {self.stream.batch_size} "
-                             "clips a batch: pass the loader's own `position.clips_for(epoch, num_workers)`")
-        return list(start_clips)
+    @property
+    def plan(self) -> EpochPlan:
+        return self.stream.plan
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return self.plan.batches_per_epoch * self.options.accumulation
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next training micro batch."""
+        return self.next_micro_batch // self.micro_batches_per_epoch
+
+    def __len__(self) -> int:
+        if not self.stream.train:
+            raise TypeError("an eval loader's per-rank length depends on the shard split; iterate it")
+        if self.batches_per_pass is not None:
+            return self.batches_per_pass
+        return (self.epoch + 1) * self.micro_batches_per_epoch - self.next_micro_batch
 
     def _decode_on_device(self, batch: dict) -> dict:
         decoded, failures = self.device_decoder.decode(batch, train=self.stream.train)
         for key, reason in failures:
             logger.warning("rank %d: skipping corrupt sample %s (decoding on %s): %s",
                            self.stream.rank, key, self.device_decoder.device, reason)
-        if self.stream.train and batch["key"] and not decoded["key"]:
-            raise RuntimeError(f"all {len(batch['key'])} clips of a training batch failed to decode on "
-                               f"{self.device_decoder.device}; check the shards with shards/show.py or set "
-                               "data.decode_on=worker")
         return decoded
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._first_batch, self._start_clips = epoch, 0, None
-
-    def __len__(self) -> int:
-        if not self.stream.train:
-            raise TypeError("an eval loader's per-rank length depends on the shard split; iterate it")
-        return self.stream.batches_per_epoch - self._first_batch
-
     def __iter__(self) -> Iterator[dict]:
-        self.stream.epoch, self.stream.first_batch = self.epoch, self._first_batch
-        self.stream.start_clips = self._start_clips
-        expected = len(self) if self.stream.train else None
-        loader = wds.WebLoader(
+        if self.stream.train:
+            self.stream.first_micro, self.stream.num_micro = self.next_micro_batch, len(self)
+            yield from self._train_pass()
+        else:
+            yield from self._eval_pass()
+
+    def _loader(self) -> wds.WebLoader:
+        return wds.WebLoader(
             self.stream,
             batch_size=None,  # batches are built in the workers
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            prefetch_factor=self.options.prefetch_factor if self.num_workers > 0 else None,
         )
+
+    def _train_pass(self) -> Iterator[dict]:
+        expected = len(self)
         self.skipped_in_last_pass = 0
-        produced = 0
+        for batch in self._loader():
+            if batch["micro_batch"] != self.next_micro_batch:
+                raise RuntimeError(f"training loader produced micro batch {batch['micro_batch']} where "
+                                   f"{self.next_micro_batch} was due")
+            if self.device_decoder is not None:
+                batch = self._decode_on_device(batch)
+            self.skipped_in_last_pass += int(batch["skipped"])
+            self.next_micro_batch += 1  # counted as consumed when handed out: a step takes what it is given
+            yield batch
+        if self.next_micro_batch != self.stream.first_micro + expected:
+            raise RuntimeError(f"training loader produced {self.next_micro_batch - self.stream.first_micro} "
+                               f"batches instead of {expected}")
+
+    def _eval_pass(self) -> Iterator[dict]:
+        self.skipped_in_last_pass = 0
         held: dict | None = None  # one batch of lookahead so an empty tail batch's skip count is not lost
-        for batch in loader:
+        for batch in self._loader():
             if self.device_decoder is not None:
                 batch = self._decode_on_device(batch)
             self.skipped_in_last_pass += int(batch["skipped"])
@@ -436,19 +450,11 @@ class ClipLoader:
                     held["skipped"] = held["skipped"] + batch["skipped"]
                 continue
             if held is not None:
-                produced += 1
-                self.position.advance(held)
                 yield held
             held = batch
         if held is not None:
-            produced += 1
-            self.position.advance(held)
             yield held
-        if self.stream.train:
-            if produced != expected:
-                raise RuntimeError(f"training loader produced {produced} batches instead of {expected}")
-            self.epoch, self._first_batch, self._start_clips = self.epoch + 1, 0, None
-        elif self.skipped_in_last_pass and held is None:
+        elif self.skipped_in_last_pass:
             logger.warning("rank %d: all %d samples of this rank's evaluation shards were corrupt",
                            self.stream.rank, self.skipped_in_last_pass)
 
@@ -473,93 +479,54 @@ def _as_shardset(source: ShardSet | str | os.PathLike | list[str]) -> ShardSet:
     return source if isinstance(source, ShardSet) else ShardSet.open(source)
 
 
-def _check_common(batch_size: int, num_workers: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-
-
 def build_train_loader(
     shardset: ShardSet | str | os.PathLike | list[str],
     split: str = "train",
-    clip: ClipSpec = ClipSpec(),
-    batch_size: int = 8,
-    num_workers: int = 2,
-    batches_per_epoch: int | None = None,
-    seed: int = 0,
-    start_batch: int = 0,
+    options: LoaderOptions | None = None,
+    *,
     rank: int | None = None,
     world_size: int | None = None,
-    augment: TrainAugment = TrainAugment(),
-    shuffle_buffer: int | None = None,
-    decoder: DecoderName = "auto",
-    pin_memory: bool | None = None,
-    prefetch_factor: int = 2,
-    labels: bool = True,
-    clips_per_video: int = 1,
-    start_clips: list[int] | None = None,
-    decode_on: DecodeOn = "worker",
+    start_batch: int = 0,
+    batches_per_pass: int | None = None,
     device: torch.device | str | None = None,
+    **option_changes,
 ) -> ClipLoader:
-    """Resampled training batches: exactly `batches_per_epoch` per rank per epoch, deterministic given
-    (seed, rank, epoch, num_workers), resumable at global batch `start_batch` (= optimizer step x accumulation).
-    Resuming is exact when `start_clips` gives the stream position the earlier loader's `position` recorded
-    at that batch; without it the position is estimated as if no sample before it was corrupt.
+    """Training micro batches of this process (`rank` of `world_size`, default from the environment), from its
+    micro batch `start_batch` (= optimizer step x accumulation) on. `options` (default LoaderOptions()) with
+    `option_changes` applied, e.g. `build_train_loader(shards, clip=ClipSpec(...), batch_size=4)`.
 
-    batch_size is per process, in clips. clips_per_video (K): clips drawn from each decoded video, sampled and
-    augmented independently (repeated augmentation; a batch of B clips holds about B / K videos).
-    batches_per_epoch defaults to the split's videos x K / (batch_size x world_size): every video once.
-    Memory per worker is bounded by `shuffle_buffer` compressed samples (default 128 for mp4 shards, 16 for
-    jpg shards, whose samples are about 15x larger). Workers restart each epoch and refill the buffer.
-    labels=False: labels are not read (label -1), for unlabelled sets (masked pre-training).
-    decode_on="device": workers only read and sample; frames are decoded and augmented on `device` (default:
-    cuda where present, else cpu) in this process, with the same clips (see actionrec/data/device_decode.py).
+    Every pass is one epoch (the rest of it, when started mid-epoch) unless `batches_per_pass` says otherwise;
+    each epoch shows every video of `split` exactly once x clips_per_video, and global batch b holds the same
+    clips on any world size and worker count (actionrec/data/epochs.py). Memory per worker: one micro batch of
+    compressed samples plus the split's index (about 100 bytes per video).
+    device (decode_on="device"): where frames are decoded (default: cuda where present, else cpu).
     """
-    _check_common(batch_size, num_workers)
+    options = (options or LoaderOptions()).replace(**option_changes)
     shardset = _as_shardset(shardset)
     rank, world_size = resolve_rank(rank, world_size)
-    if shuffle_buffer is None:
-        # Compressed samples held per worker: ~1 MB per 10 s mp4 at 256p, ~15 MB as jpg frames.
-        shuffle_buffer = 16 if shardset.format == "jpg" else 128
-    if clips_per_video < 1:
-        raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
-    if batches_per_epoch is None:
-        videos = shardset.num_samples(split)
-        if not videos:
-            raise ValueError(f"batches_per_epoch is needed: the shard set does not say how many {split} videos it has")
-        batches_per_epoch = max(1, videos * clips_per_video // (batch_size * world_size))
-    if batches_per_epoch < 1 or start_batch < 0 or shuffle_buffer < 1:
-        raise ValueError("batches_per_epoch and shuffle_buffer must be >= 1 and start_batch >= 0")
-    augment.resolved_range(clip.size)
-    check_decode_on(decode_on)
-    stream = ClipStream(
-        shardset.urls(split), train=True, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),
-        rank=rank, world_size=world_size, num_classes=shardset.num_classes, seed=seed, augment=augment,
-        shuffle_buffer=shuffle_buffer, batches_per_epoch=batches_per_epoch, labels=labels,
-        clips_per_video=clips_per_video, decode_on=decode_on,
-    )
-    return ClipLoader(stream, num_workers, start_batch=start_batch, pin_memory=pin_memory,
-                      prefetch_factor=prefetch_factor, start_clips=start_clips,
-                      device_decoder=_device_decoder(decode_on, device, stream))
+    urls = shardset.urls(split)
+    index = SplitIndex.load(urls)
+    expected = shardset.num_samples(split)
+    if expected is not None and expected != len(index):
+        logger.warning("the manifest says %s has %d %s videos, its shards hold %d: training on the %d in the shards",
+                       split, expected, split, len(index), len(index))
+    plan = EpochPlan(len(index), options.clips_per_video, options.batch_size * world_size * options.accumulation,
+                     options.seed)
+    stream = ClipStream(urls, options, train=True, rank=rank, world_size=world_size,
+                        num_classes=shardset.num_classes, index=index, plan=plan)
+    return ClipLoader(stream, start_micro_batch=start_batch, batches_per_pass=batches_per_pass,
+                      device_decoder=_device_decoder(device, stream))
 
 
 def build_eval_loader(
     shardset: ShardSet | str | os.PathLike | list[str],
     split: str = "val",
-    clip: ClipSpec = ClipSpec(),
-    batch_size: int = 8,
-    num_workers: int = 2,
-    temporal_clips: int = 1,
-    spatial_crops: int = 1,
+    options: LoaderOptions | None = None,
+    *,
     rank: int | None = None,
     world_size: int | None = None,
-    decoder: DecoderName = "auto",
-    pin_memory: bool | None = None,
-    prefetch_factor: int = 2,
-    labels: bool = True,
-    decode_on: DecodeOn = "worker",
     device: torch.device | str | None = None,
+    **option_changes,
 ) -> ClipLoader:
     """Every (video, view) of `split` exactly once over all ranks and workers, no padding duplicates.
 
@@ -567,24 +534,16 @@ def build_eval_loader(
     Ranks may get different numbers of batches: gather predictions per video key after the pass, not
     with per-batch collectives.
     """
-    _check_common(batch_size, num_workers)
-    if temporal_clips < 1 or spatial_crops not in (1, 3):
-        raise ValueError(f"temporal_clips must be >= 1 and spatial_crops 1 or 3, got {temporal_clips}, {spatial_crops}")
-    check_decode_on(decode_on)
+    options = (options or LoaderOptions()).replace(**option_changes)
     shardset = _as_shardset(shardset)
     rank, world_size = resolve_rank(rank, world_size)
-    stream = ClipStream(
-        shardset.urls(split), train=False, clip=clip, batch_size=batch_size, backend=resolve_decoder(decoder),
-        rank=rank, world_size=world_size, num_classes=shardset.num_classes,
-        temporal_clips=temporal_clips, spatial_crops=spatial_crops, labels=labels, decode_on=decode_on,
-    )
-    return ClipLoader(stream, num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
-                      device_decoder=_device_decoder(decode_on, device, stream))
+    stream = ClipStream(shardset.urls(split), options, train=False, rank=rank, world_size=world_size,
+                        num_classes=shardset.num_classes)
+    return ClipLoader(stream, device_decoder=_device_decoder(device, stream))
 
 
-def _device_decoder(decode_on: DecodeOn, device: torch.device | str | None,
-                    stream: ClipStream) -> DeviceBatchDecoder | None:
-    if decode_on != "device":
+def _device_decoder(device: torch.device | str | None, stream: ClipStream) -> DeviceBatchDecoder | None:
+    if stream.decode_on != "device":
         return None
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     return DeviceBatchDecoder(device, stream.backend, stream.clip)

@@ -41,22 +41,21 @@ class TrainProgress:
     """Loop state saved with every checkpoint (registered with accelerator.register_for_checkpointing)."""
 
     step: int = 0  # optimizer steps done (skipped non-finite steps included)
-    micro_batches: int = 0  # train batches consumed per rank: the data position to resume from
     skipped: int = 0  # corrupt samples skipped so far, summed over ranks
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm so far
-    # Per rank, where its loader's streams stand (actionrec.data.StreamPosition.state_dict): clips consumed per
-    # logical worker, corrupt samples included, so that resume is exact after skipped samples too.
-    stream_positions: list[dict[str, Any]] = field(default_factory=list)
+    # The data side's position (actionrec.data.RunData.state_dict): global batches consumed and what fixes the
+    # order; the same on every rank and valid on any world size. Empty in checkpoints of earlier versions.
+    data: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.micro_batches = int(state["micro_batches"])
         self.skipped = int(state.get("skipped", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self.stream_positions = list(state.get("stream_positions", []))  # absent in older checkpoints
+        # Earlier versions saved per-rank stream positions of their resampled order instead: not used.
+        self.data = dict(state.get("data", {}))
 
 
 def step_dir_name(step: int) -> str:

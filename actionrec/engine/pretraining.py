@@ -20,9 +20,13 @@ import torch.nn.functional as F
 from actionrec.models.masked import MaskedVideoModel, tube_mask
 
 
-def step_mask_generator(seed: int, rank: int, micro_batch: int) -> torch.Generator:
-    """The generator of one micro batch's masks: a function of (seed, rank, data position) only."""
-    return torch.Generator().manual_seed(_stable_int(f"mask/{seed}/{rank}/{micro_batch}"))
+def clip_masks(model: MaskedVideoModel, keys: list[str], views: list[int], epoch: int, seed: int) -> torch.Tensor:
+    """(B, N): each training clip's mask, a function of (seed, epoch, video key, clip index) only, so a clip is
+    masked alike whichever process and micro batch trains it, and a resumed run draws the same masks."""
+    masks = [tube_mask(1, model.num_patches, model.mask_ratio,
+                       torch.Generator().manual_seed(_stable_int(f"mask/{seed}/{epoch}/{key}/{view}")))
+             for key, view in zip(keys, views)]
+    return torch.cat(masks)
 
 
 def eval_masks(model: MaskedVideoModel, keys: list[str], seed: int) -> torch.Tensor:
@@ -38,12 +42,14 @@ def _stable_int(text: str) -> int:
 
 def masked_reconstruction_loss(model: torch.nn.Module, core: MaskedVideoModel, video: torch.Tensor,
                                mask: torch.Tensor, autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
-    """MSE between the predicted and the true (normalised) pixels of the hidden cubes. `model` is what runs
-    the forward (the DDP / DeepSpeed wrapper in training), `core` the bare MaskedVideoModel."""
+    """(B,) per clip: the MSE between the predicted and the true targets of its hidden cubes (every clip hides
+    as many cubes, so the batch mean of these is the MSE over all hidden cubes). `model` is what runs the
+    forward (the DDP / DeepSpeed wrapper in training), `core` the bare MaskedVideoModel."""
     mask = mask.to(video.device)
     with autocast():
         pred = model(video, mask)  # (B, T/tubelet, M, tubelet*p*p*C)
-    return F.mse_loss(pred.float(), core.targets(video, mask))
+    errors = F.mse_loss(pred.float(), core.targets(video, mask), reduction="none")
+    return errors.flatten(1).mean(dim=1)
 
 
 @dataclass

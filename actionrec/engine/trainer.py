@@ -15,7 +15,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from actionrec.atomic import atomic_path, write_atomic
@@ -45,7 +45,9 @@ from actionrec.engine.checkpoint import (
 )
 from actionrec.engine.evaluation import EvalResult, evaluate
 from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, StopSignals, TrainingInterrupted
-from actionrec.engine.pretraining import masked_reconstruction_loss, step_mask_generator
+from actionrec.engine.pretraining import clip_masks, masked_reconstruction_loss
+from actionrec.data.run_data import Place, RunData
+from actionrec.data.sample_log import SampleLog, audit, truncate_after
 from actionrec.logging import RunMonitor, get_logger
 
 # DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the warning repeats on every rank and step.
@@ -158,96 +160,13 @@ def build_mixing(cfg: Config, num_classes: int):
     return apply
 
 
-# --- data ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataSetup:
-    shardset: Any
-    classes: list[str]
-    clip: Any
-    train_samples: int
-    batches_per_epoch: int  # micro batches per rank per epoch
-
-
-def open_data(cfg: Config, world_size: int) -> DataSetup:
-    from actionrec.data import ClipSpec, ShardSet
-
-    shardset = ShardSet.open(cfg.data.shards)
-    clip = ClipSpec(
-        num_frames=cfg.data.num_frames,
-        sampling=cfg.data.sampling,
-        frame_stride=cfg.data.frame_stride,
-        size=cfg.data.size,
-    )
-    train_samples = shardset.num_samples(cfg.data.train_split) if cfg.data.train_split else 0
-    # An epoch visits every video once; each gives clips_per_video clips.
-    per_rank_epoch = max(1, train_samples * cfg.data.clips_per_video // (cfg.train.per_device_batch_size * world_size))
-    return DataSetup(shardset, list(shardset.classes), clip, train_samples, per_rank_epoch)
-
-
-def train_batches(cfg: Config, data: DataSetup, start_micro_batch: int, rank: int, world_size: int,
-                  position: Any = None, device: torch.device | None = None) -> Iterator[dict]:
-    """Endless train batches of this rank from data position `start_micro_batch` (micro batches consumed
-    per rank) and `position` (this rank's StreamPosition there, from the checkpoint). The loader is
-    deterministic given (seed, rank, epoch, workers) and skips to the position, so a resumed run sees the
-    batches the uninterrupted run would have seen, corrupt samples before the position included."""
-    from actionrec.data import build_train_loader
-
-    epoch = start_micro_batch // data.batches_per_epoch
-    start_clips = position.clips_for(epoch, cfg.data.num_workers) if position is not None else None
-    extra = {"shuffle_buffer": cfg.data.shuffle_buffer} if cfg.data.shuffle_buffer else {}
-    loader = build_train_loader(
-        data.shardset,
-        split=cfg.data.train_split,
-        clip=data.clip,
-        batch_size=cfg.train.per_device_batch_size,
-        num_workers=cfg.data.num_workers,
-        batches_per_epoch=data.batches_per_epoch,
-        seed=cfg.train.seed,
-        start_batch=start_micro_batch,
-        rank=rank,
-        world_size=world_size,
-        decoder=cfg.data.decoder,
-        labels=cfg.task == "classify",
-        clips_per_video=cfg.data.clips_per_video,
-        start_clips=start_clips,
-        decode_on=cfg.data.decode_on,
-        device=device,
-        **extra,
-    )
-    while True:
-        yield from loader  # each pass is one epoch; the loader advances its epoch itself
-
-
-def eval_batches(cfg: Config, data: DataSetup, split: str, rank: int, world_size: int,
-                 device: torch.device | None = None):
-    from actionrec.data import build_eval_loader
-
-    return build_eval_loader(
-        data.shardset,
-        split=split,
-        clip=data.clip,
-        batch_size=cfg.data.eval_batch_size or cfg.train.per_device_batch_size,
-        num_workers=cfg.data.num_workers,
-        temporal_clips=cfg.data.eval_temporal_clips,
-        spatial_crops=cfg.data.eval_spatial_crops,
-        rank=rank,
-        world_size=world_size,
-        decoder=cfg.data.decoder,
-        labels=cfg.task == "classify",
-        decode_on=cfg.data.decode_on,
-        device=device,
-    )
-
-
 # --- the loop -----------------------------------------------------------------------------------------
 
 
 class Trainer:
     """Holds the prepared objects of one run; `train()` below builds it and runs it."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, data: DataSetup, model: torch.nn.Module,
+    def __init__(self, cfg: Config, accelerator: Accelerator, data: RunData, model: torch.nn.Module,
                  flops_per_clip: float, logger) -> None:
         self.cfg = cfg
         self.acc = accelerator
@@ -266,10 +185,8 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.progress = TrainProgress()
         accelerator.register_for_checkpointing(self.progress)
-        from actionrec.data import StreamPosition
-
-        self.stream_position = StreamPosition()  # this rank's, as of the last batch trained on
         self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last, logger)
+        self.sample_log = SampleLog(cfg.run_dir, self.rank, enabled=cfg.data.sample_log)
 
     def to_inputs(self, video_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, T, H, W) on the host -> normalised float (B, C, T, H, W) on the device."""
@@ -285,16 +202,25 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        # Every rank's stream position into the progress that rank 0 saves (a collective, as save is).
-        self.progress.stream_positions = gather_object([self.stream_position.state_dict()])
+        self.progress.data = self.data.state_dict()
+        self.sample_log.flush()  # the log's lines up to this step are on disk before the checkpoint says so
         return self.checkpoints.save(self.progress.step, self.checkpoint_files())
 
-    def restore_stream_position(self) -> None:
-        """After a resume: this rank's stream position from the checkpoint (none from an older checkpoint or
-        another world size, whose streams differ: the loader then estimates it from the batch count)."""
-        saved = self.progress.stream_positions
-        if len(saved) == self.world_size:
-            self.stream_position.load_state_dict(saved[self.rank])
+    def restore_data_position(self) -> None:
+        """After a resume: the data continues at the checkpoint's global batch (on any world size), and the
+        sample log loses the lines of steps the checkpoint did not keep."""
+        if self.progress.data:
+            self.data.load_state_dict(self.progress.data)
+        else:  # a checkpoint of an earlier version: one global batch per step, in the order of this version
+            self.logger.info("the checkpoint has no data position (an earlier version): continuing at global batch "
+                             "%d of this version's training order", self.progress.step)
+            self.data.seek(self.progress.step)
+        if self.acc.is_main_process:
+            dropped = truncate_after(self.cfg.run_dir, self.progress.step)
+            if dropped:
+                self.logger.info("sample log: dropped %d line(s) of steps after %d (not kept by the checkpoint)",
+                                 dropped, self.progress.step)
+        self.acc.wait_for_everyone()
 
     def evaluate(self, split: str, frames_shuffled: bool = False) -> EvalResult:
         zero3 = is_zero3(self.acc)
@@ -308,7 +234,7 @@ class Trainer:
         model = self.model if zero3 else self.acc.unwrap_model(self.model)
         return evaluate(
             model,
-            eval_batches(self.cfg, self.data, split, self.rank, self.world_size, self.device),
+            self.data.eval_loader(split),
             num_classes=self.num_classes,
             device=self.device,
             to_inputs=self.to_inputs,
@@ -326,28 +252,32 @@ class Trainer:
         waited = 0.0
         skipped = 0
         keys: list[str] = []
-        for _ in range(accumulation):
+        for micro in range(accumulation):
             start = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - start
-            self.progress.micro_batches += 1
-            self.stream_position.advance(batch)
+            self.sample_log.write(self.progress.step + 1, micro, batch)
             skipped += int(batch["skipped"]) if "skipped" in batch else 0
-            keys.extend(batch["key"])
+            keys.extend(key for key in batch["key"] if key)
             video = self.to_inputs(batch["video"])
             targets = batch["label"].to(self.device, non_blocking=True)
+            # Per slot: 0 for padding (the end of an epoch) and corrupt videos, else G / real clips of the step,
+            # so that the step's loss is the mean over its real clips on any world size (data/epochs.py).
+            weight = batch["weight"].to(self.device, non_blocking=True) if "weight" in batch else torch.ones(len(video), device=self.device)
             if self.mixing is not None:
                 video, targets = self.mixing(video, targets)
             with self.acc.accumulate(self.model):
                 if self.cfg.task == "pretrain":
                     core = self.acc.unwrap_model(self.model)
-                    generator = step_mask_generator(self.cfg.train.seed, self.rank, self.progress.micro_batches)
-                    loss = masked_reconstruction_loss(self.model, core, video, core.random_mask(len(video), generator),
-                                                      self.acc.autocast)
+                    mask = clip_masks(core, batch["key"], batch["view"].tolist(), int(batch.get("epoch", 0)),
+                                      self.cfg.train.seed)
+                    per_clip = masked_reconstruction_loss(self.model, core, video, mask, self.acc.autocast)
                 else:
                     with self.acc.autocast():
                         logits = self.model(video)  # (B, num_classes)
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.optim.label_smoothing)
+                    per_clip = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.optim.label_smoothing,
+                                               reduction="none")  # (B,)
+                loss = (per_clip * weight).sum() / len(weight)
                 # Under DeepSpeed the last micro batch's backward also takes the optimizer step (and skips it
                 # itself when the gradient norm is not finite).
                 self.acc.backward(loss)
@@ -395,9 +325,12 @@ class StepResult:
 
 
 def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
-          stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), frames_shuffled: bool = False) -> dict[str, Any]:
+          stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), frames_shuffled: bool = False,
+          data: Callable[[Place, torch.device], RunData] | None = None) -> dict[str, Any]:
     """Train (or with eval_only, evaluate `checkpoint`; with frames_shuffled too, on clips whose frames are
     shuffled: metrics and reports under `{split}_frames_shuffled`) in the process group the environment describes.
+    `data`: builds the run's data side for this process (default: `RunData.from_config(cfg, ...)`; tests and
+    benchmarks pass their own).
     Returns the final metrics (the same on every rank). One of `stop_signals` during training makes every rank
     finish its step and write a checkpoint there, then raises TrainingInterrupted; a run stopped by a fault
     raises NonFiniteLossError or CheckpointWriteError (see actionrec.engine.faults)."""
@@ -424,7 +357,8 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     run_dir = cfg.run_dir
-    data = open_data(cfg, world_size)
+    place = Place(accelerator.process_index, world_size, accumulation)
+    data = data(place, accelerator.device) if data is not None else RunData.from_config(cfg, place, accelerator.device)
     logger.info(
         "run %s: %d process(es) (%s%s), global batch %d = %d per device x %d accumulation x %d, %d classes",
         run_dir, world_size, accelerator.device.type,
@@ -461,6 +395,11 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
     if resumed is not None:
         logger.info("resumed from %s (step %d)", resumed, trainer.progress.step)
         warn_config_changes(run_dir, cfg, logger)
+        trainer.restore_data_position()
+    else:
+        if accelerator.is_main_process:
+            truncate_after(run_dir, 0)  # a run dir without checkpoints starts its sample log afresh
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         write_atomic(run_dir / "classes.json", json.dumps(data.classes))
@@ -483,7 +422,9 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
             results = run_loop(trainer, monitor, signals)
         # Saved before the final evaluation, so that a stop during it loses no training.
         final_dir = trainer.save_checkpoint()
+        trainer.sample_log.close()
     except (TrainingInterrupted, NonFiniteLossError, CheckpointWriteError):
+        trainer.sample_log.close()
         monitor.finish(summary=False)
         # Every rank is here (each of these is decided together); leave together, so that no launcher ends
         # rank 0 for a rank that left first, before rank 0 has said what happened.
@@ -491,16 +432,18 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         raise
     results.update(run_evaluations(trainer, monitor, [cfg.data.val_split, cfg.data.test_split], trainer.progress.step))
     export_model(trainer, final_dir)
-    monitor.finish(results, num_workers=cfg.data.num_workers)
+    notes = []
+    if cfg.data.sample_log and accelerator.is_main_process:
+        # What the surviving history trained on, read back from the sample log (shards/show.py --audit: per epoch).
+        notes.append(audit(run_dir, trainer.data.train_videos, cfg.data.clips_per_video).summary())
+    monitor.finish(results, num_workers=cfg.data.num_workers, notes=notes)
     accelerator.end_training()
     return results
 
 
 def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dict[str, Any]:
     cfg, acc, progress = trainer.cfg, trainer.acc, trainer.progress
-    trainer.restore_stream_position()
-    batches = train_batches(cfg, trainer.data, progress.micro_batches, trainer.rank, trainer.world_size,
-                            trainer.stream_position, trainer.device)
+    batches = trainer.data.train_batches()
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=progress.step,
@@ -548,7 +491,7 @@ def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dic
                 "train/data_wait_fraction": float(packed[1]) / trainer.world_size / elapsed,
                 "train/skipped_samples": float(progress.skipped),
                 "train/nonfinite_steps": float(progress.nonfinite_steps),
-                "train/epoch": progress.micro_batches / trainer.data.batches_per_epoch,
+                "train/epoch": trainer.data.epoch,
                 "world_size": trainer.world_size,
             }
             if window_applied:  # a window of skipped steps has no loss to report
@@ -598,7 +541,7 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
     for split in splits:
         if not split:
             continue
-        if trainer.data.shardset.num_samples(split) == 0:
+        if trainer.data.num_samples(split) == 0:
             trainer.logger.info("no %s split in %s: not evaluated", split, trainer.cfg.data.shards)
             continue
         if trainer.cfg.task == "pretrain":
@@ -626,7 +569,7 @@ def evaluate_pretraining(trainer: Trainer, monitor: RunMonitor | None, split: st
 
     cfg = trainer.cfg
     show = trainer.acc.is_main_process and cfg.log.progress_bar
-    batches = eval_batches(cfg, trainer.data, split, trainer.rank, trainer.world_size, trainer.device)
+    batches = trainer.data.eval_loader(split)
     result = evaluate_reconstruction(
         trainer.acc.unwrap_model(trainer.model),
         tqdm(batches, desc=f"eval {split}", leave=False, dynamic_ncols=True) if show else batches,

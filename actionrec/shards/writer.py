@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from actionrec.atomic import write_atomic
+from actionrec.shards.index import INDEX_SUFFIX, IndexBuilder
 from actionrec.shards.layouts import SPLITS
 
 SHARD_NAME = re.compile(r"^(train|val|test)-(\d{6})\.tar$")
@@ -49,11 +51,14 @@ class SplitShardWriter:
             self._temp = self.out / f".{self._name}.tmp"
             self._file = open(self._temp, "wb")
             self._tar = tarfile.open(fileobj=self._file, mode="w")  # PAX: keys longer than 100 chars are fine
+            self._index = IndexBuilder()
         now = int(time.time())  # a float mtime would cost every member an extra PAX header
+        start = self._tar.offset
         for field in sorted(fields):
             info = tarfile.TarInfo(f"{key}.{field}")
             info.size, info.mtime, info.mode = len(fields[field]), now, 0o444
             self._tar.addfile(info, io.BytesIO(fields[field]))
+        self._index.add(key, start, self._tar.offset)
         if self._file.tell() >= self.max_bytes:
             self.close()
 
@@ -69,7 +74,11 @@ class SplitShardWriter:
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())  # the bytes reach the disk before the name says "complete"
+        size = self._file.tell()
         self._file.close()
+        # The sample index first: a published shard always has its index (an index without its shard, left by
+        # a kill between the two renames, is overwritten when the shard is packed again).
+        write_atomic(self.out / f"{self._name}{INDEX_SUFFIX}", self._index.finish(size).to_json())
         os.replace(self._temp, self.out / self._name)
         self.published.append(self._name)
         self._tar = self._file = None
