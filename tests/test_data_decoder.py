@@ -4,7 +4,6 @@ Shard sets written by older format versions still decode."""
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import logging
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from actionrec.config import ConfigError, build_config
-from actionrec.data import ClipSpec, ShardSet, build_eval_loader, build_train_loader, decode
+from actionrec.data import ClipSpec, LoaderOptions, ShardSet, build_eval_loader, build_train_loader, decode
 from actionrec.data.decode import Decoder, PyAVFrameReader
 from actionrec.shards import EncodeSettings, PackOptions, Source, encode_source, pack_videos
 from tests.data_shard_fixtures import FPS, Video, index_from_pixels, write_source_video
@@ -43,8 +42,7 @@ def decode_log():
 
 
 def test_auto_is_the_default_of_the_loaders_and_the_run_config():
-    for builder in (build_train_loader, build_eval_loader):
-        assert inspect.signature(builder).parameters["decoder"].default == "auto"
+    assert LoaderOptions().decoder == "auto"  # what build_train_loader and build_eval_loader start from
     assert build_config({}, check_paths=False).data.decoder == "auto"
 
 
@@ -72,17 +70,11 @@ def test_run_config_takes_the_decoder_by_name():
         build_config({}, ["data.decoder=ffmpeg"], check_paths=False)
 
 
-def test_trainer_hands_the_configured_decoder_to_both_loaders(monkeypatch):
-    from actionrec.engine import trainer
+def test_a_run_hands_the_configured_decoder_to_both_loaders():
+    from actionrec.data.run_data import options_from_config
 
-    seen = {}
-    monkeypatch.setattr("actionrec.data.build_train_loader", lambda *a, **kw: [seen.setdefault("train", kw)])
-    monkeypatch.setattr("actionrec.data.build_eval_loader", lambda *a, **kw: seen.setdefault("eval", kw))
-    cfg = build_config({}, ["data.decoder=pyav"], check_paths=False)
-    data = trainer.DataSetup(shardset=None, classes=["a"], clip=None, train_samples=8, batches_per_epoch=1)
-    next(trainer.train_batches(cfg, data, 0, rank=0, world_size=1))
-    trainer.eval_batches(cfg, data, "val", rank=0, world_size=1)
-    assert seen["train"]["decoder"] == "pyav" and seen["eval"]["decoder"] == "pyav"
+    train, evaluation = options_from_config(build_config({}, ["data.decoder=pyav"], check_paths=False))
+    assert train.decoder == "pyav" and evaluation.decoder == "pyav"
 
 
 def v1_shard_set(out: Path, sources: Path) -> Path:
@@ -109,7 +101,7 @@ def test_shards_packed_by_format_v1_still_load(tmp_path, decoder):
     shards = ShardSet.open(v1_shard_set(tmp_path / "v1", tmp_path / "src"))
     assert shards.manifest["format_version"] == 1 and shards.num_samples("train") == 4
     clip = ClipSpec(num_frames=8, sampling="uniform", size=32)
-    loader = build_train_loader(shards, clip=clip, batch_size=2, num_workers=0, batches_per_epoch=4, seed=0,
+    loader = build_train_loader(shards, clip=clip, batch_size=2, num_workers=0, batches_per_pass=4, seed=0,
                                 rank=0, world_size=1, decoder=decoder)
     seen = 0
     for batch in loader:

@@ -44,8 +44,9 @@ def _assert_same_batches(worker, device):
         assert torch.equal(a["frame_index"], b["frame_index"])
         assert b["video"].dtype == torch.uint8 and torch.equal(a["video"], b["video"])  # the same pixels
         assert int(a["skipped"]) == int(b["skipped"])
-        if "stream_position" in a:
-            assert torch.equal(a["stream_position"], b["stream_position"])
+        if "weight" in a:
+            assert torch.equal(a["weight"], b["weight"]) and a["skipped_clips"] == b["skipped_clips"]
+            assert a["micro_batch"] == b["micro_batch"]
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "jpg"])
@@ -53,7 +54,7 @@ def _assert_same_batches(worker, device):
 def test_device_decoding_gives_the_worker_paths_train_batches(shard_sets, fmt, clips_per_video, num_workers):
     def loader(decode_on):
         return build_train_loader(shard_sets / fmt, clip=CLIP, batch_size=3, num_workers=num_workers,
-                                  batches_per_epoch=4, seed=5, rank=0, world_size=1, augment=AUGMENT,
+                                  batches_per_pass=4, seed=5, rank=0, world_size=1, augment=AUGMENT,
                                   clips_per_video=clips_per_video, decode_on=decode_on, device="cpu")
 
     worker, device = _batches(loader("worker")), _batches(loader("device"))
@@ -61,7 +62,7 @@ def test_device_decoding_gives_the_worker_paths_train_batches(shard_sets, fmt, c
     for batch in device:  # and they are the sampled frames (pixel values encode the frame number)
         assert batch["video"].shape == (3, 3, 4, 32, 32)
     unaugmented = build_train_loader(shard_sets / fmt, clip=CLIP, batch_size=3, num_workers=num_workers,
-                                     batches_per_epoch=2, seed=5, rank=0, world_size=1, decode_on="device")
+                                     batches_per_pass=2, seed=5, rank=0, world_size=1, decode_on="device")
     for batch in unaugmented:
         for video, indices in zip(batch["video"], batch["frame_index"]):
             assert index_from_pixels(video) == indices.tolist()
@@ -81,21 +82,17 @@ def test_device_decoding_gives_the_worker_paths_eval_batches(shard_sets, fmt, sp
 @pytest.mark.parametrize("clips_per_video, num_workers", [(1, 0), (2, 1)])
 def test_device_decoding_skips_counts_and_resumes_exactly_after_corrupt_samples(shard_sets, clips_per_video,
                                                                                 num_workers, caplog):
-    def loader(decode_on, **kw):
+    def loader(decode_on, start_batch=0):
         return build_train_loader(shard_sets / "corrupt", clip=CLIP, batch_size=2, num_workers=num_workers,
-                                  batches_per_epoch=8, seed=0, rank=0, world_size=1, augment=AUGMENT,
-                                  clips_per_video=clips_per_video, decode_on=decode_on, device="cpu", **kw)
+                                  start_batch=start_batch, batches_per_pass=8 - start_batch, seed=0, rank=0,
+                                  world_size=1, augment=AUGMENT, clips_per_video=clips_per_video,
+                                  decode_on=decode_on, device="cpu")
 
-    full = loader("device")
-    batches, positions = [], []
-    for batch in full:
-        batches.append(batch)
-        positions.append(full.position.clips_for(0, num_workers))
+    batches = _batches(loader("device"))
     _assert_same_batches(_batches(loader("worker")), batches)
-    assert sum(int(b["skipped"]) for b in batches[:2]) > 0  # corrupt samples came before the resume points
-    for start in (2, 5):
-        resumed = _batches(loader("device", start_batch=start, start_clips=positions[start - 1]))
-        _assert_same_batches(batches[start:], resumed)
+    first_bad = next(i for i, b in enumerate(batches) if int(b["skipped"]))
+    for start in sorted({min(first_bad + 1, 7), 7}):  # resume points after a corrupt sample
+        _assert_same_batches(batches[start:], _batches(loader("device", start_batch=start)))
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="actionrec.data"):
@@ -107,8 +104,9 @@ def test_device_decoding_skips_counts_and_resumes_exactly_after_corrupt_samples(
 
 
 def test_a_bitstream_that_fails_only_when_decoded_is_dropped_from_its_batch_and_counted(shard_sets, tmp_path):
-    """Headers intact, H.264 data zeroed: the worker cannot see it; the training process drops the sample's
-    clips from the batch, counts it in `skipped`, and the stream position still moves past it."""
+    """Headers intact, H.264 data zeroed: the worker cannot see it. Evaluation drops the sample's clips from
+    the batch and counts it; training keeps its slot with weight 0, counts it, lists it as skipped, and a run
+    resumed after it gets exactly the uninterrupted run's batches."""
     import io
     import tarfile
 
@@ -129,6 +127,19 @@ def test_a_bitstream_that_fails_only_when_decoded_is_dropped_from_its_batch_and_
     batches = _batches(loader)
     assert loader.skipped_in_last_pass == 1
     assert len([k for b in batches for k in b["key"]]) == 5  # 6 train videos, one dropped
+
+    def train(**kw):
+        return _batches(build_train_loader(target, clip=CLIP, batch_size=2, num_workers=0, seed=1, rank=0,
+                                           world_size=1, augment=AUGMENT, decode_on="device", device="cpu", **kw))
+
+    batches = train()
+    hit = [n for n, b in enumerate(batches) if b["skipped_clips"]]
+    assert len(hit) == 1 and sum(int(b["skipped"]) for b in batches) == 1
+    broken = batches[hit[0]]
+    assert [w for k, w in zip(broken["key"], broken["weight"].tolist()) if not k] == [0.0]
+    assert sum(len([k for k in b["key"] if k]) for b in batches) == 5  # the other 5 videos, each once
+    start = min(hit[0] + 1, len(batches) - 1)
+    _assert_same_batches(batches[start:], train(start_batch=start))
 
 
 def test_bad_decode_on_fails_with_one_clear_message(shard_sets):

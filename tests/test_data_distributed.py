@@ -28,14 +28,12 @@ for split in ("val", "test"):
     loader = build_eval_loader(f"{root}/{split}", split=split, clip=clip, batch_size=3, num_workers=2,
                                temporal_clips=2, spatial_crops=3)
     out[split] = [[k, v] for b in loader for k, v in zip(b["key"], b["view"].tolist())]
-train = build_train_loader(f"{root}/val", split="train", clip=clip, batch_size=2, num_workers=2,
-                           batches_per_epoch=5, seed=3)
-out["train_batches_per_epoch"] = [len(list(train)) for _ in range(2)]
+for name, k in (("train", 1), ("repeated", 3)):  # 3 clips per video, 2 per batch: a video's clips straddle batches
+    train = build_train_loader(f"{root}/val", split="train", clip=clip, batch_size=2, num_workers=2, seed=3,
+                               clips_per_video=k)
+    out[name] = [[[b["global_batch"], b["key"], b["view"].tolist(), b["weight"].tolist()] for b in train]
+                 for _ in range(2)]
 out["rank"] = train.stream.rank
-# 3 clips per video, 2 per batch: a video's clips straddle batches
-repeated = build_train_loader(f"{root}/val", split="train", clip=clip, batch_size=2, num_workers=2, seed=3,
-                              batches_per_epoch=5, clips_per_video=3)
-out["repeated"] = [[[b["key"], b["view"].tolist()] for b in repeated] for _ in range(2)]
 print(json.dumps(out))
 """
 
@@ -80,16 +78,14 @@ def test_two_ranks_two_workers_evaluate_every_video_view_exactly_once(shard_root
     assert all(len(result[split]) > 0 for result in per_rank)  # both ranks did work
 
 
-def test_two_ranks_get_the_same_number_of_train_batches_from_one_shard(per_rank):
-    # 1 train shard of 2 videos for 2 ranks x 2 workers: every rank still gets 5 batches every epoch
-    assert [r["train_batches_per_epoch"] for r in per_rank] == [[5, 5], [5, 5]]
+@pytest.mark.parametrize("name, clips", [("train", 1), ("repeated", 3)])
+def test_two_ranks_train_every_video_once_per_epoch_from_one_shard_of_two(per_rank, name, clips):
+    # 1 train shard of 2 videos for 2 ranks x 2 workers, 4 slots a step: padding, never a second draw
     assert sorted(r["rank"] for r in per_rank) == [0, 1]  # rank taken from the environment
-
-
-def test_two_ranks_get_the_same_full_batches_with_several_clips_per_video(per_rank):
-    for result in per_rank:
-        assert [len(epoch) for epoch in result["repeated"]] == [5, 5]
-        for epoch in result["repeated"]:
-            for keys, views in epoch:
-                assert len(keys) == 2 and all(v in (0, 1, 2) for v in views)
-    assert per_rank[0]["repeated"] != per_rank[1]["repeated"]  # each rank its own stream
+    steps = -(-2 * clips // 4)
+    for epoch in range(2):
+        assert [len(r[name][epoch]) for r in per_rank] == [steps, steps]  # the same number of batches per rank
+        trained = collections.Counter((key, view) for r in per_rank for _, keys, views, weights in r[name][epoch]
+                                      for key, view, w in zip(keys, views, weights) if w > 0)
+        assert set(trained.values()) == {1} and len(trained) == 2 * clips
+        assert {v for _, v in trained} == set(range(clips))

@@ -51,6 +51,7 @@ def shard_sets(tmp_path_factory):
               val[3].key: "bad_label", val[4].key: "garbage_mp4"}
     corrupt_samples(root / "corrupt", damage)
     return {"root": root, "frames": {v.key: v.num_frames for v in train + val}, "val_keys": [v.key for v in val],
+            "frames_train_keys": [v.key for v in train],
             "corrupt_val_keys": {v.key for v in val if v.key in damage}}
 
 
@@ -76,13 +77,14 @@ def _signature(batches):
 
 def test_train_batches_have_contract_shapes_and_the_sampled_frames(shard_sets):
     loader = build_train_loader(shard_sets["root"] / "mp4", clip=CLIP, batch_size=3, num_workers=2,
-                                batches_per_epoch=4, seed=0, rank=0, world_size=1)
+                                seed=0, rank=0, world_size=1)
     batches = _collect(loader)
-    assert len(batches) == len(loader) == 4
+    assert len(batches) == len(loader) == 4  # 12 training videos, 3 a batch: one epoch
+    assert sorted(k for b in batches for k in b["key"]) == sorted(shard_sets["frames_train_keys"])
     for batch in batches:
         assert batch["video"].dtype == torch.uint8 and batch["video"].shape == (3, 3, 4, 32, 32)
         assert batch["label"].dtype == torch.int64 and set(batch["label"].tolist()) <= {0, 1, 2}
-        assert int(batch["skipped"]) == 0
+        assert int(batch["skipped"]) == 0 and batch["weight"].tolist() == [1.0, 1.0, 1.0]
         for video, key, indices in zip(batch["video"], batch["key"], batch["frame_index"]):
             n = shard_sets["frames"][key]
             # the pixels say which frames were decoded: exactly the sampled ones, one per TSN segment
@@ -159,7 +161,7 @@ def test_gop_skipping_decode_matches_decoding_every_frame_and_torchcodec():
 def test_pyav_and_torchcodec_loaders_give_identical_batches(shard_sets):
     def run(decoder):
         loader = build_train_loader(shard_sets["root"] / "mp4", clip=CLIP, batch_size=4, num_workers=0,
-                                    batches_per_epoch=3, seed=5, rank=0, world_size=1, decoder=decoder)
+                                    batches_per_pass=3, seed=5, rank=0, world_size=1, decoder=decoder)
         return _collect(loader)
 
     for a, b in zip(run("pyav"), run("torchcodec"), strict=True):
@@ -169,53 +171,52 @@ def test_pyav_and_torchcodec_loaders_give_identical_batches(shard_sets):
 @pytest.mark.parametrize("clips_per_video", [1, 3])
 def test_train_is_deterministic_resumable_and_differs_across_ranks_epochs_and_seeds(shard_sets, clips_per_video):
     def loader(**kw):
-        args = dict(clip=CLIP, batch_size=2, num_workers=2, batches_per_epoch=5, seed=0, rank=0, world_size=2,
+        args = dict(clip=CLIP, batch_size=2, num_workers=2, seed=0, rank=0, world_size=2,
                     augment=TrainAugment(short_side_range=(36, 40), hflip=True, color_jitter=0.2),
                     clips_per_video=clips_per_video)
         return build_train_loader(shard_sets["root"] / "mp4", **(args | kw))
 
     signature = _signature
+    per_epoch = 12 * clips_per_video // (2 * 2)  # 12 videos x K clips over 2 ranks x 2 clips
 
     first = loader()
     epoch0, epoch1 = signature(_collect(first)), signature(_collect(first))
-    assert len(epoch0) == len(epoch1) == 5 and first.epoch == 2
+    assert len(epoch0) == len(epoch1) == per_epoch and first.epoch == 2
     assert signature(_collect(loader())) == epoch0  # same seed, rank, epoch -> same batches
     assert epoch1 != epoch0
-    resumed = loader(start_batch=7)  # epoch 1, batch 2
-    assert len(resumed) == 3 and signature(_collect(resumed)) == epoch1[2:]
-    assert len(resumed) == 5 and resumed.epoch == 2
+    resumed = loader(start_batch=per_epoch + 2)  # epoch 1, batch 2: nothing before it is read
+    assert len(resumed) == per_epoch - 2 and signature(_collect(resumed)) == epoch1[2:]
+    assert len(resumed) == per_epoch and resumed.epoch == 2
     assert signature(_collect(loader(rank=1))) != epoch0
     assert signature(_collect(loader(seed=1))) != epoch0
 
 
 @pytest.mark.parametrize("clips_per_video, num_workers", [(1, 2), (2, 2), (3, 1), (1, 0)])
-def test_resume_is_exact_after_corrupt_samples(two_class_corrupt, clips_per_video, num_workers):
-    """A corrupt sample is consumed without giving a clip: resuming at batch s from the stream position the
-    loader recorded there gives exactly the uninterrupted run's batches s, s+1, ... (skipping s x batch
-    clips would land after the wrong sample)."""
+def test_corrupt_videos_keep_their_slots_and_resume_is_exact_after_them(two_class_corrupt, clips_per_video, num_workers):
+    """A corrupt video is consumed without giving a clip: its slots stay in the batch with weight 0 (no other
+    video drawn in its place), and resuming at any batch gives exactly the uninterrupted run's batches."""
     def loader(**kw):
         return build_train_loader(two_class_corrupt, clip=CLIP, batch_size=2, num_workers=num_workers,
-                                  batches_per_epoch=8, seed=0, rank=0, world_size=1, clips_per_video=clips_per_video,
+                                  seed=0, rank=0, world_size=1, clips_per_video=clips_per_video,
                                   augment=TrainAugment(short_side_range=(36, 40), hflip=True), **kw)
 
-    full = loader()
-    batches, positions = [], []
-    for batch in full:
-        batches.append(batch)
-        positions.append(full.position.clips_for(0, num_workers))
-    assert full.position.clips_for(1, num_workers) is None  # a position is of one epoch
+    batches = _collect(loader())
+    assert len(batches) == 8 * clips_per_video // 2 and all(len(b["key"]) == 2 for b in batches)
+    trained = collections.Counter((k, v) for b in batches for k, v, w in zip(b["key"], b["view"].tolist(),
+                                                                               b["weight"].tolist()) if w > 0)
+    corrupt = {key for b in batches for key, _ in b["skipped_clips"]}
+    assert len(corrupt) == 2 and not corrupt & {k for k, _ in trained}
+    assert set(trained.values()) == {1} and len(trained) == 6 * clips_per_video  # the 6 good videos, once each
+    assert sum(int(b["skipped"]) for b in batches) == 2
     reference = _signature(batches)
-    for start in (2, 4):
-        assert sum(int(b["skipped"]) for b in batches[:start]) > 0  # corrupt samples came before the resume point
-        resumed = loader(start_batch=start, start_clips=positions[start - 1])
-        assert _signature(_collect(resumed)) == reference[start:], start
-    with pytest.raises(ValueError, match="is not a stream position of batch 4"):
-        loader(start_batch=4, start_clips=[0] * max(num_workers, 1))
+    first_bad = next(i for i, b in enumerate(batches) if int(b["skipped"]))
+    for start in sorted({min(first_bad + 1, len(batches) - 1), len(batches) - 1}):  # resumes after a corrupt video
+        assert _signature(_collect(loader(start_batch=start))) == reference[start:], start
 
 
 def test_several_clips_per_video_come_from_one_decode_with_their_own_frames_and_crops(shard_sets):
     loader = build_train_loader(shard_sets["root"] / "mp4", clip=CLIP, batch_size=6, num_workers=0,
-                                batches_per_epoch=4, seed=3, rank=0, world_size=1, clips_per_video=3,
+                                batches_per_pass=4, seed=3, rank=0, world_size=1, clips_per_video=3,
                                 augment=TrainAugment(short_side_range=(36, 48)))
     assert len(build_train_loader(shard_sets["root"] / "mp4", clip=CLIP, batch_size=6, num_workers=0, rank=0,
                                   world_size=1, clips_per_video=3)) == 12 * 3 // 6  # an epoch: every video once
@@ -232,11 +233,16 @@ def test_several_clips_per_video_come_from_one_decode_with_their_own_frames_and_
     assert differing >= 6  # of 8 videos: frames are drawn per clip, not shared
 
 
-def test_fewer_shards_than_workers_still_gives_every_epoch_its_batches(shard_sets, tmp_path):
-    one_shard = ShardSet.open(shard_sets["root"] / "mp4").urls("train")[:1]
-    loader = build_train_loader(one_shard, clip=CLIP, batch_size=2, num_workers=2, batches_per_epoch=5,
-                                rank=1, world_size=4)
-    assert [len(_collect(loader)) for _ in range(2)] == [5, 5]
+def test_one_shard_of_one_video_on_4_ranks_x_2_workers_trains_it_once_per_epoch(shard_sets):
+    one_shard = ShardSet.open(shard_sets["root"] / "mp4").urls("train")[:1]  # one video
+    seen = collections.Counter()
+    for rank in range(4):
+        loader = build_train_loader(one_shard, clip=CLIP, batch_size=2, num_workers=2, rank=rank, world_size=4)
+        for epoch in range(2):
+            batches = _collect(loader)
+            assert len(batches) == 1  # one global batch of 8 slots: 1 clip and 7 padding slots
+            seen.update((epoch, k) for b in batches for k, w in zip(b["key"], b["weight"].tolist()) if w > 0)
+    assert list(seen.values()) == [1, 1] and {epoch for epoch, _ in seen} == {0, 1}
 
 
 def test_corrupt_samples_are_skipped_counted_and_logged(shard_sets, caplog):
@@ -252,10 +258,12 @@ def test_corrupt_samples_are_skipped_counted_and_logged(shard_sets, caplog):
     assert len(logged) == len(corrupt) and all(any(k in line for line in logged) for k in corrupt)
     assert any("no cls field" in line for line in logged) and any("outside the 3 classes" in line for line in logged)
 
-    train = build_train_loader(source, clip=CLIP, batch_size=3, num_workers=2, batches_per_epoch=8, seed=2)
+    train = build_train_loader(source, clip=CLIP, batch_size=3, num_workers=2, seed=2, rank=0, world_size=1)
     train_batches = _collect(train)
-    assert len(train_batches) == 8 and all(len(b["key"]) == 3 for b in train_batches)
-    assert sum(int(b["skipped"]) for b in train_batches) > 0
+    assert len(train_batches) == 4 and all(len(b["key"]) == 3 for b in train_batches)
+    bad = {k for b in train_batches for k, _ in b["skipped_clips"]}
+    assert bad and sum(int(b["skipped"]) for b in train_batches) == len(bad)
+    assert all(w == 0 for b in train_batches for k, w in zip(b["key"], b["weight"].tolist()) if not k)
 
 
 def _peak_pss_growth(source, batches):
@@ -276,8 +284,8 @@ def _peak_pss_growth(source, batches):
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        loader = build_train_loader(source, clip=CLIP, batch_size=2, num_workers=1, batches_per_epoch=batches,
-                                    shuffle_buffer=4, rank=0, world_size=1)
+        loader = build_train_loader(source, clip=CLIP, batch_size=2, num_workers=1, batches_per_pass=batches,
+                                    rank=0, world_size=1)
         for _ in loader:
             time.sleep(0.01)  # let the poller see the worker mid-pass
     finally:
@@ -286,10 +294,10 @@ def _peak_pss_growth(source, batches):
     return peak[0] - before
 
 
-def test_memory_is_bounded_by_the_shuffle_buffer_not_the_data_set(shard_sets, tmp_path):
+def test_memory_is_bounded_by_a_batch_not_the_data_set(shard_sets, tmp_path):
     # 2 MB of padding per sample makes the data set, not the processes' code, the thing that would show:
-    # 12 vs 120 samples, 24 vs 240 MB. A loader holding its shuffle buffer (4 samples) grows the same (measured:
-    # 41 and 54 MiB); one holding the data set would grow by 216 MB more.
+    # 12 vs 120 samples, 24 vs 240 MB. A loader that reads the samples of its batches only grows the same;
+    # one holding the data set would grow by 216 MB more.
     small = replicate_shards(shard_sets["root"] / "mp4", tmp_path / "small", copies=1, pad_bytes=2 * 2**20)
     large = replicate_shards(shard_sets["root"] / "mp4", tmp_path / "large", copies=10, pad_bytes=2 * 2**20)
     data_growth = sum(f.stat().st_size for f in large.glob("*.tar")) - sum(f.stat().st_size for f in small.glob("*.tar"))
@@ -344,6 +352,6 @@ def test_bad_sources_and_settings_fail_with_one_clear_message(shard_sets, tmp_pa
         build_train_loader(root, clip=CLIP, augment=TrainAugment(short_side_range=(20, 30)))
 
 
-def test_batches_per_epoch_defaults_to_one_pass_over_the_split(shard_sets):
+def test_a_pass_is_one_epoch_over_the_split(shard_sets):
     loader = build_train_loader(shard_sets["root"] / "mp4", clip=CLIP, batch_size=2, num_workers=0, rank=0, world_size=2)
     assert len(loader) == 12 // (2 * 2)

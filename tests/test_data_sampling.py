@@ -13,7 +13,6 @@ from actionrec.data import (
     eval_shard_parts,
     normalize_on_device,
     train_frame_indices,
-    train_worker_plan,
 )
 from actionrec.data.transforms import eval_views, train_transform
 
@@ -128,18 +127,3 @@ def test_simulated_64_ranks_x_8_workers_evaluate_every_sample_exactly_once(num_s
 def test_fewer_shards_than_slots_still_gives_every_slot_work():
     busy = [len(eval_shard_parts(3, r, 2, w, 2)) > 0 for r in range(2) for w in range(2)]
     assert all(busy)
-
-
-@pytest.mark.parametrize("batches_per_epoch,start", [(100, 0), (100, 37), (7, 6), (3, 0), (1000, 999)])
-def test_simulated_64_ranks_x_8_workers_train_equal_batches_in_order(batches_per_epoch, start):
-    for rank in range(64):  # the plan does not depend on the rank: every rank gets the same count
-        plans = [train_worker_plan(batches_per_epoch, start, w, 8) for w in range(8)]
-        assert sum(p.num_batches for p in plans) == batches_per_epoch - start
-        # DataLoader round-robin over workers, skipping exhausted ones, must give batches start..end in order
-        produced, round_index = [], 0
-        while len(produced) < batches_per_epoch - start:
-            for plan in plans:
-                if round_index < plan.num_batches:
-                    produced.append(plan.logical_worker + (plan.skip_batches + round_index) * 8)
-            round_index += 1
-        assert produced == list(range(start, batches_per_epoch))

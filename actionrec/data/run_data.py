@@ -47,19 +47,8 @@ class RunData:
     @classmethod
     def from_config(cls, cfg: Any, place: Place, device: torch.device | None = None) -> RunData:
         """The loaders a run config describes (`cfg.data`, with the batch and seed of `cfg.train`)."""
-        from actionrec.data.transforms import TrainAugment
-
-        data = cfg.data
-        clip = ClipSpec(num_frames=data.num_frames, sampling=data.sampling, frame_stride=data.frame_stride,
-                        size=data.size)
-        options = LoaderOptions(
-            clip=clip, batch_size=cfg.train.per_device_batch_size, num_workers=data.num_workers, seed=cfg.train.seed,
-            augment=TrainAugment(), decoder=data.decoder, decode_on=data.decode_on,
-            clips_per_video=data.clips_per_video, labels=cfg.task == "classify",
-            temporal_clips=data.eval_temporal_clips, spatial_crops=data.eval_spatial_crops,
-        )
-        eval_options = options.replace(batch_size=data.eval_batch_size or cfg.train.per_device_batch_size)
-        return cls(ShardSet.open(data.shards), options, place, train_split=data.train_split,
+        options, eval_options = options_from_config(cfg)
+        return cls(ShardSet.open(cfg.data.shards), options, place, train_split=cfg.data.train_split,
                    eval_options=eval_options, device=device)
 
     # -- what the trainer asks ---------------------------------------------------------------------------
@@ -133,3 +122,17 @@ class RunData:
         self._global_batches = global_batches
         if self._loader is not None:
             self._loader.next_micro_batch = global_batches * self.place.accumulation
+
+
+def options_from_config(cfg: Any) -> tuple[LoaderOptions, LoaderOptions]:
+    """(training, evaluation) loader options of a run config."""
+    from actionrec.data.transforms import TrainAugment
+
+    data = cfg.data
+    clip = ClipSpec(num_frames=data.num_frames, sampling=data.sampling, frame_stride=data.frame_stride, size=data.size)
+    options = LoaderOptions(
+        clip=clip, batch_size=cfg.train.per_device_batch_size, num_workers=data.num_workers, seed=cfg.train.seed,
+        augment=TrainAugment(), decoder=data.decoder, decode_on=data.decode_on, clips_per_video=data.clips_per_video,
+        labels=cfg.task == "classify", temporal_clips=data.eval_temporal_clips, spatial_crops=data.eval_spatial_crops,
+    )
+    return options, options.replace(batch_size=data.eval_batch_size or cfg.train.per_device_batch_size)

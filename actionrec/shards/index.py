@@ -6,13 +6,13 @@ epoch order (actionrec/data/epochs.py) can be any permutation of the data set, t
 
     train-000000.tar            the shard (plain tar, members <key>.<field>, a sample's members adjacent)
     train-000000.tar.idx.json   {"format": "actionrec-shard-index", "version": 1, "shard_bytes": N,
-                                 "keys": [...], "offsets": [...], "sizes": [...]}
+                                 "shard_mtime_ns": T, "keys": [...], "offsets": [...], "sizes": [...]}
 
 `shards/pack.py` writes the index with the shard (before publishing it, so a published shard always has one).
 Shards without one (packed before indexes existed, or written by other tools) get it built on first open from
 the tar headers alone (tarfile seeks over the payloads), written beside the shard, or under the user's cache
-dir where the shard's folder is read-only, with one log line. An index whose recorded size differs from the
-shard's is stale and rebuilt the same way.
+dir where the shard's folder is read-only, with one log line. An index whose recorded size or modification time differs
+from the shard's is stale and rebuilt the same way.
 
 Written by hand: webdataset streams shards front to back and has no random access (its wids module indexes
 shards, but re-reads whole shards into its own cache format); MosaicML Streaming has random access but its own
@@ -54,13 +54,15 @@ class ShardIndex:
     offsets: list[int]
     sizes: list[int]
     shard_bytes: int
+    shard_mtime_ns: int = -1  # with the size, what tells a current index from one of an older file
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def to_json(self) -> str:
         return json.dumps({"format": INDEX_FORMAT, "version": 1, "shard_bytes": self.shard_bytes,
-                           "keys": self.keys, "offsets": self.offsets, "sizes": self.sizes})
+                           "shard_mtime_ns": self.shard_mtime_ns, "keys": self.keys, "offsets": self.offsets,
+                           "sizes": self.sizes})
 
     @classmethod
     def from_json(cls, text: str) -> ShardIndex:
@@ -68,7 +70,7 @@ class ShardIndex:
         if data.get("format") != INDEX_FORMAT or data.get("version") != 1:
             raise ValueError("not an actionrec shard index (version 1)")
         index = cls(list(data["keys"]), [int(o) for o in data["offsets"]], [int(s) for s in data["sizes"]],
-                    int(data["shard_bytes"]))
+                    int(data["shard_bytes"]), int(data.get("shard_mtime_ns", -1)))
         if not len(index.keys) == len(index.offsets) == len(index.sizes):
             raise ValueError("shard index lists differ in length")
         return index
@@ -87,11 +89,11 @@ class IndexBuilder:
         self.offsets.append(start)
         self.sizes.append(end - start)
 
-    def finish(self, shard_bytes: int) -> ShardIndex:
-        return ShardIndex(self.keys, self.offsets, self.sizes, shard_bytes)
+    def finish(self, shard_bytes: int, shard_mtime_ns: int) -> ShardIndex:
+        return ShardIndex(self.keys, self.offsets, self.sizes, shard_bytes, shard_mtime_ns)
 
 
-def index_tar(fileobj, shard_bytes: int) -> ShardIndex:
+def index_tar(fileobj, shard_bytes: int, shard_mtime_ns: int = -1) -> ShardIndex:
     """Index a tar from its headers (a seekable file: tarfile seeks over the payloads; a stream: read through)."""
     builder = IndexBuilder()
     mode = "r:" if fileobj.seekable() else "r|"
@@ -110,7 +112,7 @@ def index_tar(fileobj, shard_bytes: int) -> ShardIndex:
             end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     if current is not None:
         builder.add(current, start, end)
-    return builder.finish(shard_bytes)
+    return builder.finish(shard_bytes, shard_mtime_ns)
 
 
 def is_local(url: str) -> bool:
@@ -123,20 +125,30 @@ def _cache_path(url: str) -> Path:
     return root / f"{digest}{INDEX_SUFFIX}"
 
 
+def _file_stamp(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _is_current(index: ShardIndex, url: str) -> bool:
+    """Same size and modification time as the shard it was made for (a rewritten shard, even of the same
+    size, has a new time; a copy that keeps times, like cp -p or rsync -t, keeps its index)."""
+    return (index.shard_bytes, index.shard_mtime_ns) == _file_stamp(url)
+
+
 def load_index(url: str) -> ShardIndex:
     """The index of one shard: its sidecar (or cached copy) when current, else built now and written."""
     local = is_local(url)
-    size = os.path.getsize(url) if local else -1
     for candidate in (Path(url + INDEX_SUFFIX), _cache_path(url)) if local else (_cache_path(url),):
         try:
             index = ShardIndex.from_json(candidate.read_text())
         except (OSError, ValueError, KeyError):
             continue
-        if index.shard_bytes == size or not local:
+        if not local or _is_current(index, url):
             return index
     if local:
         with open(url, "rb") as f:
-            index = index_tar(f, size)
+            index = index_tar(f, *_file_stamp(url))
     else:
         import webdataset as wds
 
@@ -171,7 +183,7 @@ def load_indexes(urls: list[str], announce: bool = True) -> list[ShardIndex]:
 
 def _current_sidecar(url: str) -> bool:
     try:
-        return ShardIndex.from_json(Path(url + INDEX_SUFFIX).read_text()).shard_bytes == os.path.getsize(url)
+        return _is_current(ShardIndex.from_json(Path(url + INDEX_SUFFIX).read_text()), url)
     except (OSError, ValueError, KeyError):
         return False
 

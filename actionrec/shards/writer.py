@@ -74,11 +74,11 @@ class SplitShardWriter:
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())  # the bytes reach the disk before the name says "complete"
-        size = self._file.tell()
         self._file.close()
+        stat = os.stat(self._temp)  # the rename below keeps size and modification time
         # The sample index first: a published shard always has its index (an index without its shard, left by
         # a kill between the two renames, is overwritten when the shard is packed again).
-        write_atomic(self.out / f"{self._name}{INDEX_SUFFIX}", self._index.finish(size).to_json())
+        write_atomic(self.out / f"{self._name}{INDEX_SUFFIX}", self._index.finish(stat.st_size, stat.st_mtime_ns).to_json())
         os.replace(self._temp, self.out / self._name)
         self.published.append(self._name)
         self._tar = self._file = None
