@@ -1,7 +1,8 @@
 """data.decode_on=device: loader workers ship compressed bytes, the training process decodes on its device.
 
     worker:   tar sample -> label, frame count, frame size (container headers only) -> the same frame indices and
-              augmentation draws as decode_on=worker -> EncodedVideo (bytes) + indices + TrainParams
+              augmentation draws (TrainParams) or evaluation views (EvalViewParams) as decode_on=worker
+              -> EncodedVideo (bytes) + indices + those params
     training: one batch of EncodedVideos -> decode the union of each video's needed frames
               (jpg: nvJPEG via torchvision.io.decode_jpeg(device="cuda"), batched over the whole batch;
                mp4: NVDEC via PyNvVideoCodec where it imports; otherwise the worker path's CPU readers)
@@ -32,7 +33,7 @@ from PIL import Image
 
 from actionrec.data.decode import CorruptSample, Decoder, open_frame_reader
 from actionrec.data.sampling import ClipSpec
-from actionrec.data.transforms import TrainParams, apply_train_params, eval_views
+from actionrec.data.transforms import apply_eval_params, apply_train_params
 
 logger = logging.getLogger(__name__)
 
@@ -128,20 +129,14 @@ class DeviceBatchDecoder:
             wanted.setdefault(id(encoded), set()).update(int(i) for i in indices)
         frames, failed = self._decode_videos(videos, wanted)  # id -> {frame index: (3, H, W) uint8 on device}
         keep, clips, failures = [], [], {}
-        views: dict[tuple[int, int], list[torch.Tensor]] = {}  # eval: (video, temporal clip) -> spatial views
+        apply = apply_train_params if train else apply_eval_params  # params: TrainParams | EvalViewParams
         for n, (encoded, indices, params) in enumerate(zip(batch["encoded"], batch["frame_index"], batch["params"])):
             vid = id(encoded)
             if vid in failed:
                 failures[vid] = (batch["key"][n], failed[vid])
                 continue
             clip = torch.stack([frames[vid][int(i)] for i in indices])  # (T, 3, H, W)
-            if train:
-                out = apply_train_params(clip, self.clip, params)  # (T, 3, S, S)
-            else:
-                temporal, spatial, n_spatial = params
-                if (vid, temporal) not in views:
-                    views[(vid, temporal)] = eval_views(clip, self.clip, n_spatial)
-                out = views[(vid, temporal)][spatial]
+            out = apply(clip, self.clip, params)  # (T, 3, S, S)
             clips.append(rearrange(out, "t c h w -> c t h w"))
             keep.append(n)
         t, size = self.clip.num_frames, self.clip.size
