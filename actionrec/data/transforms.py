@@ -49,15 +49,33 @@ class TrainAugment:
 
 
 @dataclass(frozen=True)
-class TrainParams:
-    """One clip's drawn augmentation, in source pixels: square crop window (top, left, side) resized to the
-    clip size, horizontal flip, and colour factors (brightness, contrast, saturation) applied in `colour_order`
-    (empty: no colour jitter). Drawn where the frame indices are drawn (the loader worker); applied wherever
-    the frames are decoded (the worker, or the training process with data.decode_on=device)."""
+class CropWindow:
+    """A square window of a frame in whole source pixels, resized to the clip size: the spatial part of both a
+    training clip's augmentation and an evaluation view."""
 
     top: int
     left: int
-    window: int
+    side: int
+
+    @classmethod
+    def of(cls, top: float, left: float, side: float) -> CropWindow:
+        return cls(round(top), round(left), max(round(side), 1))
+
+    def resize(self, clip: torch.Tensor, size: int) -> torch.Tensor:
+        """uint8 (T, C, H, W) -> (T, C, size, size). Rescaling only the window is what makes this cheap."""
+        if self.side == size:
+            return clip[..., self.top : self.top + size, self.left : self.left + size].contiguous()
+        return TF.resized_crop(clip, self.top, self.left, self.side, self.side, [size, size], antialias=True)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """One clip's drawn augmentation: crop window, horizontal flip, and colour factors (brightness, contrast,
+    saturation) applied in `colour_order` (empty: no colour jitter). Drawn where the frame indices are drawn
+    (the loader worker); applied wherever the frames are decoded (the worker, or the training process with
+    data.decode_on=device)."""
+
+    crop: CropWindow
     flip: bool = False
     colour: tuple[float, float, float] = (1.0, 1.0, 1.0)
     colour_order: tuple[int, ...] = ()
@@ -79,12 +97,12 @@ def draw_train_params(height: int, width: int, spec: ClipSpec, augment: TrainAug
         s = augment.color_jitter
         colour = tuple(float(f) for f in rng.uniform(1 - s, 1 + s, size=3))
         order = tuple(int(i) for i in rng.permutation(3))
-    return TrainParams(*_pixel_window(top, left, window), flip, colour, order)
+    return TrainParams(CropWindow.of(top, left, window), flip, colour, order)
 
 
 def apply_train_params(clip: torch.Tensor, spec: ClipSpec, params: TrainParams) -> torch.Tensor:
     """uint8 (T, C, H, W) on any device -> uint8 (T, C, S, S): the crop/resize, flip and colour of `params`."""
-    clip = _crop_to_size(clip, params.top, params.left, params.window, spec.size)
+    clip = params.crop.resize(clip, spec.size)
     if params.flip:
         clip = TF.horizontal_flip(clip)
     adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
@@ -102,16 +120,14 @@ def train_transform(clip: torch.Tensor, spec: ClipSpec, augment: TrainAugment, r
 @dataclass(frozen=True)
 class EvalViewParams:
     """One evaluation view of a video: temporal clip `temporal` (its frames are `eval_frame_indices(...,
-    temporal, temporal_clips)`) and spatial crop `spatial`, whose square window (top, left, side) in source
-    pixels is resized to the clip size. Computed from the frame size alone where the frame indices are chosen
-    (the loader worker); applied wherever the frames are decoded (the worker, `predict.py`, or the training
-    process with data.decode_on=device), as `TrainParams` are for training clips."""
+    temporal, temporal_clips)`) and spatial crop `spatial`, whose window `crop` is resized to the clip size.
+    Computed from the frame size alone where the frame indices are chosen (the loader worker); applied
+    wherever the frames are decoded (the worker, `predict.py`, or the training process with
+    data.decode_on=device), as `TrainParams` are for training clips."""
 
     temporal: int
     spatial: int
-    top: int
-    left: int
-    window: int
+    crop: CropWindow
 
 
 def eval_view_params(height: int, width: int, spec: ClipSpec, temporal_clips: int,
@@ -131,13 +147,13 @@ def eval_view_params(height: int, width: int, spec: ClipSpec, temporal_clips: in
         corners = [((height - window) * s / 2, (width - window) * s / 2) for s in range(3)]
     else:
         raise ValueError(f"spatial_crops must be 1 or 3, got {spatial_crops}")
-    return [[EvalViewParams(k, s, *_pixel_window(top, left, window)) for s, (top, left) in enumerate(corners)]
+    return [[EvalViewParams(k, s, CropWindow.of(top, left, window)) for s, (top, left) in enumerate(corners)]
             for k in range(temporal_clips)]
 
 
 def apply_eval_params(clip: torch.Tensor, spec: ClipSpec, params: EvalViewParams) -> torch.Tensor:
     """uint8 (T, C, H, W) of the view's temporal clip, on any device -> uint8 (T, C, S, S): its crop/resize."""
-    return _crop_to_size(clip, params.top, params.left, params.window, spec.size)
+    return params.crop.resize(clip, spec.size)
 
 
 def eval_views(clip: torch.Tensor, spec: ClipSpec, spatial_crops: int) -> list[torch.Tensor]:
@@ -145,18 +161,6 @@ def eval_views(clip: torch.Tensor, spec: ClipSpec, spatial_crops: int) -> list[t
     _, _, height, width = clip.shape
     (row,) = eval_view_params(height, width, spec, 1, spatial_crops)
     return [apply_eval_params(clip, spec, params) for params in row]
-
-
-def _pixel_window(top: float, left: float, window: float) -> tuple[int, int, int]:
-    """A square window in fractional source pixels -> whole pixels (top, left, side >= 1)."""
-    return round(top), round(left), max(round(window), 1)
-
-
-def _crop_to_size(clip: torch.Tensor, top: int, left: int, window: int, size: int) -> torch.Tensor:
-    """Square window (source pixels) -> size x size. Rescaling only the window is what makes this cheap."""
-    if window == size:
-        return clip[..., top : top + size, left : left + size].contiguous()
-    return TF.resized_crop(clip, top, left, window, window, [size, size], antialias=True)
 
 
 def normalize_on_device(
