@@ -270,7 +270,7 @@ class TorchCodecFrameReader(FrameReader):
         self.num_frames = int(num_frames)
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
-        unique = sorted(set(int(i) for i in indices))
+        unique = _distinct(indices)
         try:
             batch = self._decoder.get_frames_at(unique).data  # (U, 3, H, W)
         except (RuntimeError, IndexError, ValueError) as exc:
@@ -300,24 +300,28 @@ class JpegFrameReader(FrameReader):
 
     def jpgs_of(self, indices: Sequence[int]) -> dict[int, bytes]:
         """The undecoded frames at `indices`, {frame index: jpg bytes}."""
-        return {i: self._jpgs[i] for i in sorted(set(int(i) for i in indices))}
+        return {i: self._jpgs[i] for i in _distinct(indices)}
 
     def header_size(self, indices: Sequence[int]) -> tuple[int, int]:
         sizes = set()
-        for i in sorted(set(int(i) for i in indices)):
+        for i in _distinct(indices):
             with _open_jpg(i, self._jpgs[i]) as image:  # Pillow reads the header only
                 sizes.add((image.height, image.width))
         return _one_size(sizes)
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
-        unique = sorted(set(int(i) for i in indices))
         # Pillow (libjpeg-turbo) rather than torchvision.io.decode_jpeg, which torchvision 0.29 deprecates.
         decoded = {}
-        for i in unique:
+        for i in _distinct(indices):
             with _open_jpg(i, self._jpgs[i]) as image:
                 decoded[i] = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
         _one_size({tuple(frame.shape[-2:]) for frame in decoded.values()})
         return torch.stack([decoded[int(i)] for i in indices])  # (T, 3, H, W)
+
+
+def _distinct(indices: Sequence[int]) -> list[int]:
+    """Each frame index once, ascending: readers decode a frame once however many clips repeat it."""
+    return sorted(set(int(i) for i in indices))
 
 
 @contextlib.contextmanager
