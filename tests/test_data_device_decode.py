@@ -134,7 +134,8 @@ def test_a_bitstream_that_fails_only_when_decoded_is_dropped_from_its_batch_and_
 
 def _damage_jpg_frames(shard_dir, damage: dict) -> None:
     """Rewrite the jpg shards with the frames of the samples in `damage` (key -> how) broken: "garbage" (every
-    frame random bytes), "png" (every frame a PNG named .jpg), "sizes" (frames from 10 on 8 px narrower: every clip spans both)."""
+    frame not an image), "png" (every frame a PNG named .jpg), "sizes" (frames from 10 on 8 px narrower: every
+    clip of these videos holds frames of both sizes)."""
     import io
 
     import webdataset as wds
@@ -175,17 +176,17 @@ def test_broken_jpg_frames_are_skipped_alike_on_both_paths_with_the_readers_reas
         return build_eval_loader(target, clip=CLIP, batch_size=4, num_workers=0, temporal_clips=2,
                                  spatial_crops=3, rank=0, world_size=1, decode_on=decode_on, device="cpu")
 
-    reasons = {}
+    seen = {}
     for decode_on in ("worker", "device"):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="actionrec.data"):
             evaluation = loader(decode_on)
-            reasons[decode_on] = (_batches(evaluation), evaluation.skipped_in_last_pass,
+            seen[decode_on] = (_batches(evaluation), evaluation.skipped_in_last_pass,
                                   [re.sub(" at 0x[0-9a-f]+", "", r.getMessage()) for r in caplog.records])
-    _assert_same_batches(reasons["worker"][0], reasons["device"][0])
-    assert reasons["worker"][1:] == reasons["device"][1:]
-    assert reasons["worker"][1] == 3 and len({k for b in reasons["worker"][0] for k in b["key"]}) == len(val_keys) - 3
-    messages = " | ".join(reasons["worker"][2])
+    _assert_same_batches(seen["worker"][0], seen["device"][0])
+    assert seen["worker"][1:] == seen["device"][1:]
+    assert seen["worker"][1] == 3 and len({k for b in seen["worker"][0] for k in b["key"]}) == len(val_keys) - 3
+    messages = " | ".join(seen["worker"][2])
     assert "does not decode as a jpg" in messages and "is a PNG, not a jpg" in messages
     assert "jpg frames differ in size" in messages
 
