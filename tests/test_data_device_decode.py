@@ -2,6 +2,7 @@
 the training process decodes with the workers' readers, so the batches must equal decode_on=worker's."""
 
 import logging
+import re
 import shutil
 
 import pytest
@@ -140,6 +141,65 @@ def test_a_bitstream_that_fails_only_when_decoded_is_dropped_from_its_batch_and_
     assert sum(len([k for k in b["key"] if k]) for b in batches) == 5  # the other 5 videos, each once
     start = min(hit[0] + 1, len(batches) - 1)
     _assert_same_batches(batches[start:], train(start_batch=start))
+
+
+def _damage_jpg_frames(shard_dir, damage: dict) -> None:
+    """Rewrite the jpg shards with the frames of the samples in `damage` (key -> how) broken: "garbage" (every
+    frame not an image), "png" (every frame a PNG named .jpg), "sizes" (frames from 10 on 8 px narrower: every
+    clip of these videos holds frames of both sizes)."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    def broken(blob: bytes, how: str, late: bool) -> bytes:
+        if how == "garbage":
+            return bytes(range(256)) * 4
+        with Image.open(io.BytesIO(blob)) as image:
+            if how == "sizes" and late:
+                image = image.resize((image.width - 8, image.height))
+            out = io.BytesIO()
+            image.save(out, format="PNG" if how == "png" else "JPEG")
+        return out.getvalue()
+
+    for tar in sorted(shard_dir.glob("*.tar")):
+        samples = list(wds.WebDataset(str(tar), shardshuffle=False))
+        with wds.TarWriter(str(tar)) as sink:
+            for sample in samples:
+                fields = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+                how = damage.get(sample["__key__"])
+                if how is not None:
+                    fields = {k: broken(v, how, int(k[:-4]) >= 10) if k.endswith(".jpg") else v
+                              for k, v in fields.items()}
+                sink.write(fields)
+
+
+def test_broken_jpg_frames_are_skipped_alike_on_both_paths_with_the_readers_reason(shard_sets, tmp_path, caplog):
+    """Frames that are not jpgs, do not decode, or differ in size: the reader (decode.py) says so once, the
+    sample is skipped in the worker on either path, and the rest of the batches are the same."""
+    target = tmp_path / "jpg"
+    shutil.copytree(shard_sets / "jpg", target)
+    val_keys = sorted({k for b in build_eval_loader(target, clip=CLIP, num_workers=0, rank=0, world_size=1)
+                       for k in b["key"]})
+    _damage_jpg_frames(target, {val_keys[0]: "garbage", val_keys[1]: "png", val_keys[2]: "sizes"})
+
+    def loader(decode_on):
+        return build_eval_loader(target, clip=CLIP, batch_size=4, num_workers=0, temporal_clips=2,
+                                 spatial_crops=3, rank=0, world_size=1, decode_on=decode_on, device="cpu")
+
+    seen = {}
+    for decode_on in ("worker", "device"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="actionrec.data"):
+            evaluation = loader(decode_on)
+            seen[decode_on] = (_batches(evaluation), evaluation.skipped_in_last_pass,
+                                  [re.sub(" at 0x[0-9a-f]+", "", r.getMessage()) for r in caplog.records])
+    _assert_same_batches(seen["worker"][0], seen["device"][0])
+    assert seen["worker"][1:] == seen["device"][1:]
+    assert seen["worker"][1] == 3 and len({k for b in seen["worker"][0] for k in b["key"]}) == len(val_keys) - 3
+    messages = " | ".join(seen["worker"][2])
+    assert "does not decode as a jpg" in messages and "is a PNG, not a jpg" in messages
+    assert "jpg frames differ in size" in messages
 
 
 def test_bad_decode_on_fails_with_one_clear_message(shard_sets):

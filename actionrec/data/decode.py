@@ -10,12 +10,13 @@ thread by default: the loader's parallelism is its worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +67,14 @@ class FrameReader:
     def read(self, indices: Sequence[int]) -> torch.Tensor:
         """Frames at `indices` (sorted or not, repeats allowed) as uint8 (T, 3, H, W)."""
         raise NotImplementedError
+
+    def header_size(self, indices: Sequence[int]) -> tuple[int, int]:
+        """(height, width) of the frames at `indices` from the headers alone, without decoding them
+        (decode_on=device: the worker ships it, the training process holds the decoded frames to it)."""
+        height, width = self.frame_size
+        if height < 1 or width < 1:
+            raise CorruptSample(f"mp4 header gives a {width}x{height} frame size")
+        return height, width
 
     def close(self) -> None:
         """Release decoder resources (nothing to release by default)."""
@@ -261,7 +270,7 @@ class TorchCodecFrameReader(FrameReader):
         self.num_frames = int(num_frames)
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
-        unique = sorted(set(int(i) for i in indices))
+        unique = _distinct(indices)
         try:
             batch = self._decoder.get_frames_at(unique).data  # (U, 3, H, W)
         except (RuntimeError, IndexError, ValueError) as exc:
@@ -270,31 +279,69 @@ class TorchCodecFrameReader(FrameReader):
         return batch[[position[int(i)] for i in indices]]
 
 
-class JpegFrameReader(FrameReader):
-    """Frames stored as `000.jpg`, `001.jpg`, ... fields: only the chosen ones are decoded."""
+def jpg_frames(sample: dict) -> dict[int, bytes]:
+    """The frames of a jpg-format sample, {frame index: jpg bytes}: its `NNN.jpg` fields in numeric order."""
+    names = sorted((name for name in sample if _JPG_FIELD.match(name)), key=lambda n: int(n[:-4]))
+    return {index: sample[name] for index, name in enumerate(names)}
 
-    def __init__(self, sample: dict):
-        self._names = sorted((name for name in sample if _JPG_FIELD.match(name)), key=lambda n: int(n[:-4]))
-        if not self._names:
+
+class JpegFrameReader(FrameReader):
+    """Frames stored as jpg fields (see `jpg_frames`): only the chosen ones are decoded.
+
+    `jpgs` maps a frame's index in the video to its bytes. With data.decode_on=device it holds only the
+    frames a worker shipped (`jpgs_of`), still read by their index in the video; num_frames counts what it holds.
+    """
+
+    def __init__(self, jpgs: dict[int, bytes]):
+        if not jpgs:
             raise CorruptSample("sample has no mp4 and no NNN.jpg frames")
-        self._sample = sample
-        self.num_frames = len(self._names)
+        self._jpgs = jpgs
+        self.num_frames = len(jpgs)
+
+    def jpgs_of(self, indices: Sequence[int]) -> dict[int, bytes]:
+        """The undecoded frames at `indices`, {frame index: jpg bytes}."""
+        return {i: self._jpgs[i] for i in _distinct(indices)}
+
+    def header_size(self, indices: Sequence[int]) -> tuple[int, int]:
+        sizes = set()
+        for i in _distinct(indices):
+            with _open_jpg(i, self._jpgs[i]) as image:  # Pillow reads the header only
+                sizes.add((image.height, image.width))
+        return _one_size(sizes)
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
-        unique = sorted(set(int(i) for i in indices))
         # Pillow (libjpeg-turbo) rather than torchvision.io.decode_jpeg, which torchvision 0.29 deprecates.
-        decoded = []
-        for i in unique:
-            try:
-                with Image.open(io.BytesIO(self._sample[self._names[i]])) as image:
-                    decoded.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
-            except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises for broken images
-                raise CorruptSample(f"{self._names[i]} does not decode as a jpg: {exc}") from exc
-        shapes = {tuple(frame.shape) for frame in decoded}
-        if len(shapes) != 1:
-            raise CorruptSample(f"jpg frames differ in size: {sorted(shapes)[:3]}")
-        position = {index: k for k, index in enumerate(unique)}
-        return torch.stack([decoded[position[int(i)]] for i in indices])  # (T, 3, H, W)
+        decoded = {}
+        for i in _distinct(indices):
+            with _open_jpg(i, self._jpgs[i]) as image:
+                decoded[i] = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+        _one_size({tuple(frame.shape[-2:]) for frame in decoded.values()})
+        return torch.stack([decoded[int(i)] for i in indices])  # (T, 3, H, W)
+
+
+def _distinct(indices: Sequence[int]) -> list[int]:
+    """Each frame index once, ascending: readers decode a frame once however many clips repeat it."""
+    return sorted(set(int(i) for i in indices))
+
+
+@contextlib.contextmanager
+def _open_jpg(index: int, blob: bytes) -> Iterator[Image.Image]:
+    """Frame `index` as a Pillow image (header read, pixels decoded on use); anything but a readable jpg is a
+    CorruptSample. jpg only, as the packer writes: nvJPEG (decode_on=device) decodes nothing else."""
+    try:
+        with Image.open(io.BytesIO(blob)) as image:
+            if image.format != "JPEG":
+                raise CorruptSample(f"jpg frame {index} is a {image.format}, not a jpg")
+            yield image
+    except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises for broken images
+        raise CorruptSample(f"jpg frame {index} does not decode as a jpg: {exc}") from exc
+
+
+def _one_size(sizes: set[tuple[int, int]]) -> tuple[int, int]:
+    """The (height, width) all of a sample's frames share."""
+    if len(sizes) != 1:
+        raise CorruptSample(f"jpg frames differ in size: {sorted(sizes)[:3]}")
+    return next(iter(sizes))
 
 
 def open_frame_reader(sample: dict, backend: str | Decoder) -> FrameReader:
@@ -302,7 +349,12 @@ def open_frame_reader(sample: dict, backend: str | Decoder) -> FrameReader:
     Decoder), or jpg frames."""
     data = sample.get("mp4")
     if data is None:
-        return JpegFrameReader(sample)
+        return JpegFrameReader(jpg_frames(sample))
+    return open_mp4_reader(data, backend)
+
+
+def open_mp4_reader(data: bytes, backend: str | Decoder) -> FrameReader:
+    """The reader for mp4 bytes via `backend` (a resolved name or a Decoder)."""
     settings = backend if isinstance(backend, Decoder) else Decoder(backend)
     if settings.backend == "torchcodec":
         return TorchCodecFrameReader(data, settings)

@@ -1,7 +1,8 @@
 """data.decode_on=device: loader workers ship compressed bytes, the training process decodes on its device.
 
     worker:   tar sample -> label, frame count, frame size (container headers only) -> the same frame indices and
-              augmentation draws as decode_on=worker -> EncodedVideo (bytes) + indices + TrainParams
+              augmentation draws (TrainParams) or evaluation views (EvalViewParams) as decode_on=worker
+              -> EncodedVideo (bytes) + indices + those params
     training: one batch of EncodedVideos -> decode the union of each video's needed frames
               (jpg: nvJPEG via torchvision.io.decode_jpeg(device="cuda"), batched over the whole batch;
                mp4: NVDEC via PyNvVideoCodec where it imports; otherwise the worker path's CPU readers)
@@ -18,9 +19,7 @@ counted in `skipped`. The stream position counts the sample as consumed either w
 from __future__ import annotations
 
 import functools
-import io
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,17 +27,15 @@ from typing import Literal
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image
 
-from actionrec.data.decode import CorruptSample, Decoder, open_frame_reader
+from actionrec.data.decode import CorruptSample, Decoder, FrameReader, JpegFrameReader, open_mp4_reader
 from actionrec.data.sampling import ClipSpec
-from actionrec.data.transforms import TrainParams, apply_train_params, eval_views
+from actionrec.data.transforms import apply_eval_params, apply_train_params
 
 logger = logging.getLogger(__name__)
 
 DecodeOn = Literal["worker", "device"]
 DECODE_ON = ("worker", "device")
-_JPG_FIELD = re.compile(r"^\d+\.jpg$")  # the frame fields of a jpg-format sample, as decode.py reads them
 
 
 @dataclass
@@ -59,36 +56,13 @@ def check_decode_on(decode_on: str) -> None:
         raise ValueError(f"decode_on must be 'worker' or 'device', got {decode_on!r}")
 
 
-def encode_for_device(sample: dict, reader, indices: np.ndarray) -> EncodedVideo:
+def encode_for_device(sample: dict, reader: FrameReader, indices: np.ndarray) -> EncodedVideo:
     """The bytes of `sample` that decoding `indices` needs, with the frame size read from the headers only.
-    `reader` is the sample's open FrameReader (its frame count chose the indices; an mp4 reader has read
-    the frame size from the container's headers when it opened)."""
-    data = sample.get("mp4")
-    if data is not None:
-        height, width = reader.frame_size
-        if height < 1 or width < 1:
-            raise CorruptSample(f"mp4 header gives a {width}x{height} frame size")
-        return EncodedVideo("mp4", mp4=data, height=height, width=width)
-    names = sorted((name for name in sample if _JPG_FIELD.match(name)), key=lambda n: int(n[:-4]))
-    if len(names) != reader.num_frames:
-        raise CorruptSample("sample has no mp4 and no NNN.jpg frames")
-    jpgs = {i: sample[names[i]] for i in sorted(set(int(i) for i in indices))}
-    shapes = {_jpg_frame_size(names[i], blob) for i, blob in jpgs.items()}
-    if len(shapes) != 1:
-        raise CorruptSample(f"jpg frames differ in size: {sorted(shapes)[:3]}")
-    height, width = shapes.pop()
-    return EncodedVideo("jpg", jpgs=jpgs, height=height, width=width)
-
-
-def _jpg_frame_size(name: str, blob: bytes) -> tuple[int, int]:
-    try:
-        with Image.open(io.BytesIO(blob)) as image:  # reads the header only
-            if image.format != "JPEG":
-                raise CorruptSample(f"{name} is a {image.format}, not a jpg")
-            width, height = image.size
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptSample(f"{name} does not decode as a jpg: {exc}") from exc
-    return height, width
+    `reader` is the sample's open FrameReader (its frame count chose the indices)."""
+    height, width = reader.header_size(indices)
+    if isinstance(reader, JpegFrameReader):
+        return EncodedVideo("jpg", jpgs=reader.jpgs_of(indices), height=height, width=width)
+    return EncodedVideo("mp4", mp4=sample["mp4"], height=height, width=width)
 
 
 @functools.cache
@@ -135,7 +109,7 @@ class DeviceBatchDecoder:
         keep, clips, failures = [], [], {}
         weight = batch["weight"].clone() if train else None
         skipped_clips = list(batch.get("skipped_clips", []))
-        views: dict[tuple[int, int], list[torch.Tensor]] = {}  # eval: (video, temporal clip) -> spatial views
+        apply = apply_train_params if train else apply_eval_params  # params: TrainParams | EvalViewParams
         for n, (encoded, indices, params) in enumerate(zip(batch["encoded"], batch["frame_index"], batch["params"])):
             vid = id(encoded)
             if encoded is None or vid in failed:
@@ -149,13 +123,7 @@ class DeviceBatchDecoder:
                     keep.append(n)
                 continue
             clip = torch.stack([frames[vid][int(i)] for i in indices])  # (T, 3, H, W)
-            if train:
-                out = apply_train_params(clip, self.clip, params)  # (T, 3, S, S)
-            else:
-                temporal, spatial, n_spatial = params
-                if (vid, temporal) not in views:
-                    views[(vid, temporal)] = eval_views(clip, self.clip, n_spatial)
-                out = views[(vid, temporal)][spatial]
+            out = apply(clip, self.clip, params)  # (T, 3, S, S)
             clips.append(rearrange(out, "t c h w -> c t h w"))
             keep.append(n)
         decoded = {
@@ -195,19 +163,14 @@ class DeviceBatchDecoder:
         return frames, failed
 
     def _nvjpeg(self, videos, jpg_ids, wanted, frames, failed) -> None:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         order = [(vid, i) for vid in jpg_ids for i in sorted(wanted[vid])]
-        blobs = [torch.frombuffer(bytearray(videos[vid].jpgs[i]), dtype=torch.uint8) for vid, i in order]
         try:
-            decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)  # list of (3, H, W)
+            decoded = self._decode_jpegs([videos[vid].jpgs[i] for vid, i in order])
         except RuntimeError:
             # One broken jpg fails the whole batched call: decode video by video to find the broken ones.
             for vid in jpg_ids:
                 try:
-                    own = [torch.frombuffer(bytearray(videos[vid].jpgs[i]), dtype=torch.uint8)
-                           for i in sorted(wanted[vid])]
-                    images = decode_jpeg(own, mode=ImageReadMode.RGB, device=self.device)
+                    images = self._decode_jpegs([videos[vid].jpgs[i] for i in sorted(wanted[vid])])
                     frames[vid] = dict(zip(sorted(wanted[vid]), images))
                     _check_size(videos[vid], frames[vid].values())
                 except (RuntimeError, CorruptSample) as exc:
@@ -223,6 +186,13 @@ class DeviceBatchDecoder:
                 frames.pop(vid)
                 failed[vid] = str(exc)
 
+    def _decode_jpegs(self, jpgs: list[bytes]) -> list[torch.Tensor]:
+        """nvJPEG, one batched call: jpg bytes -> (3, H, W) uint8 RGB frames on the device."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        blobs = [torch.frombuffer(bytearray(jpg), dtype=torch.uint8) for jpg in jpgs]
+        return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
+
 
 def _check_size(video: EncodedVideo, frames) -> None:
     for frame in frames:
@@ -233,17 +203,9 @@ def _check_size(video: EncodedVideo, frames) -> None:
 
 def _cpu_frames(video: EncodedVideo, indices: Sequence[int], backend: str | Decoder) -> dict[int, torch.Tensor]:
     """The workers' own readers, in this process: the frames of decode_on=worker, bit for bit."""
-    if video.kind == "mp4":
-        sample = {"mp4": video.mp4}
-        positions = list(indices)
-    else:
-        # Only the needed jpgs travelled: name them so the reader's sorted order is the shipped index order.
-        sample = {f"{i:06d}.jpg": blob for i, blob in video.jpgs.items()}
-        shipped = sorted(video.jpgs)
-        positions = [shipped.index(i) for i in indices]
-    with open_frame_reader(sample, backend) as reader:
-        clip = reader.read(positions)  # (U, 3, H, W)
-    return dict(zip(indices, clip))
+    reader = JpegFrameReader(video.jpgs) if video.kind == "jpg" else open_mp4_reader(video.mp4, backend)
+    with reader:
+        return dict(zip(indices, reader.read(indices)))  # frame index -> (3, H, W)
 
 
 def _nvdec_frames(data: bytes, indices: Sequence[int], device: torch.device) -> dict[int, torch.Tensor]:

@@ -32,7 +32,7 @@ from actionrec.data.device_decode import DecodeOn, DeviceBatchDecoder, check_dec
 from actionrec.data.epochs import EpochPlan, MicroBatchLayout, Slot, clip_rng
 from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices
 from actionrec.data.shardset import ShardSet
-from actionrec.data.transforms import TrainAugment, draw_train_params, read_eval_views, train_transform
+from actionrec.data.transforms import TrainAugment, draw_train_params, eval_view_params, read_eval_views, train_transform
 from actionrec.shards.index import SampleReader, SplitIndex
 
 logger = logging.getLogger(__name__)
@@ -226,7 +226,8 @@ class ClipStream(IterableDataset):
                     if self.decode_on == "device":
                         indices = [eval_frame_indices(self.clip, reader.num_frames, k, n_t) for k in range(n_t)]
                         encoded = encode_for_device(sample, reader, np.concatenate(indices))
-                        views = [[{"encoded": encoded, "params": (k, s, n_s)} for s in range(n_s)] for k in range(n_t)]
+                        views = [[{"encoded": encoded, "params": params} for params in row]
+                                 for row in eval_view_params(encoded.height, encoded.width, self.clip, n_t, n_s)]
                     else:
                         indices, crops = read_eval_views(reader, self.clip, n_t, n_s)
                         views = [[{"video": crop} for crop in row] for row in crops]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from actionrec.data.decode import FrameReader
 from actionrec.data.sampling import ClipSpec, eval_frame_indices
 
 # Kinetics statistics used by TimeSformer / SlowFast (pixel values in [0, 1]).
@@ -48,15 +49,33 @@ class TrainAugment:
 
 
 @dataclass(frozen=True)
-class TrainParams:
-    """One clip's drawn augmentation, in source pixels: square crop window (top, left, side) resized to the
-    clip size, horizontal flip, and colour factors (brightness, contrast, saturation) applied in `colour_order`
-    (empty: no colour jitter). Drawn where the frame indices are drawn (the loader worker); applied wherever
-    the frames are decoded (the worker, or the training process with data.decode_on=device)."""
+class CropWindow:
+    """A square window of a frame in whole source pixels, resized to the clip size: the spatial part of both a
+    training clip's augmentation and an evaluation view."""
 
     top: int
     left: int
-    window: int
+    side: int
+
+    @classmethod
+    def of(cls, top: float, left: float, side: float) -> CropWindow:
+        return cls(round(top), round(left), max(round(side), 1))
+
+    def resize(self, clip: torch.Tensor, size: int) -> torch.Tensor:
+        """uint8 (T, C, H, W) -> (T, C, size, size). Rescaling only the window is what makes this cheap."""
+        if self.side == size:
+            return clip[..., self.top : self.top + size, self.left : self.left + size].contiguous()
+        return TF.resized_crop(clip, self.top, self.left, self.side, self.side, [size, size], antialias=True)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """One clip's drawn augmentation: crop window, horizontal flip, and colour factors (brightness, contrast,
+    saturation) applied in `colour_order` (empty: no colour jitter). Drawn where the frame indices are drawn
+    (the loader worker); applied wherever the frames are decoded (the worker, or the training process with
+    data.decode_on=device)."""
+
+    crop: CropWindow
     flip: bool = False
     colour: tuple[float, float, float] = (1.0, 1.0, 1.0)
     colour_order: tuple[int, ...] = ()
@@ -78,12 +97,12 @@ def draw_train_params(height: int, width: int, spec: ClipSpec, augment: TrainAug
         s = augment.color_jitter
         colour = tuple(float(f) for f in rng.uniform(1 - s, 1 + s, size=3))
         order = tuple(int(i) for i in rng.permutation(3))
-    return TrainParams(round(top), round(left), max(round(window), 1), flip, colour, order)
+    return TrainParams(CropWindow.of(top, left, window), flip, colour, order)
 
 
 def apply_train_params(clip: torch.Tensor, spec: ClipSpec, params: TrainParams) -> torch.Tensor:
     """uint8 (T, C, H, W) on any device -> uint8 (T, C, S, S): the crop/resize, flip and colour of `params`."""
-    clip = _crop_to_size(clip, params.top, params.left, params.window, spec.size)
+    clip = params.crop.resize(clip, spec.size)
     if params.flip:
         clip = TF.horizontal_flip(clip)
     adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
@@ -98,30 +117,50 @@ def train_transform(clip: torch.Tensor, spec: ClipSpec, augment: TrainAugment, r
     return apply_train_params(clip, spec, draw_train_params(height, width, spec, augment, rng))
 
 
-def eval_views(clip: torch.Tensor, spec: ClipSpec, spatial_crops: int) -> list[torch.Tensor]:
-    """Deterministic spatial views of one clip.
+@dataclass(frozen=True)
+class EvalViewParams:
+    """One evaluation view of a video: temporal clip `temporal` (its frames are `eval_frame_indices(...,
+    temporal, temporal_clips)`) and spatial crop `spatial`, whose window `crop` is resized to the clip size.
+    Computed from the frame size alone where the frame indices are chosen (the loader worker); applied
+    wherever the frames are decoded (the worker, `predict.py`, or the training process with
+    data.decode_on=device), as `TrainParams` are for training clips."""
+
+    temporal: int
+    spatial: int
+    crop: CropWindow
+
+
+def eval_view_params(height: int, width: int, spec: ClipSpec, temporal_clips: int,
+                     spatial_crops: int) -> list[list[EvalViewParams]]:
+    """Every view of a (height, width) video, [temporal][spatial]; the view index is
+    temporal * spatial_crops + spatial.
 
     1 crop: short side -> spec.eval_short_side, centre size x size crop.
     3 crops: short side -> size, crops at the start, centre and end of the long side (SlowFast multi-view test).
     """
-    _, _, height, width = clip.shape
     short = min(height, width)
     if spatial_crops == 1:
         window = short * spec.size / spec.resolved_eval_short_side
-        return [_crop_to_size(clip, (height - window) / 2, (width - window) / 2, window, spec.size)]
-    if spatial_crops == 3:
+        corners = [((height - window) / 2, (width - window) / 2)]
+    elif spatial_crops == 3:
         window = float(short)
-        slack_h, slack_w = height - window, width - window
-        return [_crop_to_size(clip, slack_h * k / 2, slack_w * k / 2, window, spec.size) for k in range(3)]
-    raise ValueError(f"spatial_crops must be 1 or 3, got {spatial_crops}")
+        corners = [((height - window) * s / 2, (width - window) * s / 2) for s in range(3)]
+    else:
+        raise ValueError(f"spatial_crops must be 1 or 3, got {spatial_crops}")
+    return [[EvalViewParams(k, s, CropWindow.of(top, left, window)) for s, (top, left) in enumerate(corners)]
+            for k in range(temporal_clips)]
 
 
-def _crop_to_size(clip: torch.Tensor, top: float, left: float, window: float, size: int) -> torch.Tensor:
-    """Square window (source pixels) -> size x size. Rescaling only the window is what makes this cheap."""
-    top_px, left_px, window_px = round(top), round(left), max(round(window), 1)
-    if window_px == size:
-        return clip[..., top_px : top_px + size, left_px : left_px + size].contiguous()
-    return TF.resized_crop(clip, top_px, left_px, window_px, window_px, [size, size], antialias=True)
+def apply_eval_params(clip: torch.Tensor, spec: ClipSpec, params: EvalViewParams) -> torch.Tensor:
+    """uint8 (T, C, H, W) of the view's temporal clip, on any device -> uint8 (T, C, S, S): its crop/resize."""
+    return params.crop.resize(clip, spec.size)
+
+
+def eval_views(clip: torch.Tensor, spec: ClipSpec, spatial_crops: int) -> list[torch.Tensor]:
+    """The spatial views of one temporal clip (T, C, H, W) -> spatial_crops x (T, C, S, S)."""
+    _, _, height, width = clip.shape
+    (row,) = eval_view_params(height, width, spec, 1, spatial_crops)
+    return [apply_eval_params(clip, spec, params) for params in row]
 
 
 def normalize_on_device(
@@ -153,16 +192,19 @@ def _pixel_scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.
     return mean_t, std_t
 
 
-def read_eval_views(reader, clip: ClipSpec, temporal_clips: int, spatial_crops: int):
+def read_eval_views(reader: FrameReader, clip: ClipSpec, temporal_clips: int,
+                    spatial_crops: int) -> tuple[list[np.ndarray], list[list[torch.Tensor]]]:
     """Every evaluation view of one video, all temporal clips decoded in one pass from a `FrameReader`.
 
     Returns (frame indices of each temporal clip, views[k][s]: uint8 (C, T, S, S) of temporal clip k and
     spatial crop s). The evaluation loader and `predict.py` both use it, so a prediction sees exactly the
-    views of evaluation.
+    views of evaluation; data.decode_on=device applies the same `eval_view_params` in the training process.
     """
     t = clip.num_frames
     indices = [eval_frame_indices(clip, reader.num_frames, k, temporal_clips) for k in range(temporal_clips)]
     frames = reader.read(np.concatenate(indices))  # (temporal_clips * T, C, H, W)
-    views = [[view.permute(1, 0, 2, 3) for view in eval_views(frames[k * t : (k + 1) * t], clip, spatial_crops)]
-             for k in range(temporal_clips)]  # (T, C, S, S) -> (C, T, S, S)
+    height, width = frames.shape[-2:]
+    views = [[apply_eval_params(frames[p.temporal * t : (p.temporal + 1) * t], clip, p).permute(1, 0, 2, 3)
+              for p in row]  # (T, C, S, S) -> (C, T, S, S)
+             for row in eval_view_params(height, width, clip, temporal_clips, spatial_crops)]
     return indices, views
