@@ -17,13 +17,15 @@ from actionrec.engine.checkpoint import CheckpointNotFound
 from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 
 
-def main() -> int:
+def main(data=None) -> int:
+    """`data`: the trainer's data-side factory (cfg, place, device) -> RunData, for tests that plant faults."""
     args = build_arg_parser().parse_args()
     try:
         cfg = config_from_args(args)
         from actionrec.engine.trainer import train  # heavy imports after the config is known to be good
 
-        train(cfg, eval_only=args.eval_only, checkpoint=args.checkpoint, frames_shuffled=args.shuffle_frames)
+        extra = {"data": data} if data is not None else {}
+        train(cfg, eval_only=args.eval_only, checkpoint=args.checkpoint, frames_shuffled=args.shuffle_frames, **extra)
     except (ConfigError, CheckpointNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

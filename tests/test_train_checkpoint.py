@@ -55,7 +55,7 @@ def test_save_keeps_last_k_and_points_latest_at_the_newest(tmp_path, accelerator
     manager = CheckpointManager(tmp_path, accelerator, keep_last=2)
     for step in range(1, 5):
         take_step(model, optimizer)
-        progress.step, progress.micro_batches = step, 3 * step
+        progress.step, progress.data = step, {"global_batches": step}
         manager.save(step, FILES)
     assert [p.name for p in manager.step_dirs()] == ["step_0000003", "step_0000004"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000004"
@@ -69,16 +69,16 @@ def test_load_restores_weights_optimizer_and_progress(tmp_path, accelerator):
     model, optimizer, progress = tiny_setup(accelerator)
     manager = CheckpointManager(tmp_path, accelerator, keep_last=3)
     take_step(model, optimizer)
-    progress.step, progress.micro_batches, progress.skipped = 1, 2, 5
+    progress.step, progress.data, progress.skipped = 1, {"global_batches": 1}, 5
     saved = manager.save(1, FILES)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     exp_avg = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
     take_step(model, optimizer)
-    progress.step, progress.micro_batches, progress.skipped = 9, 9, 9
+    progress.step, progress.data, progress.skipped = 9, {"global_batches": 9}, 9
     manager.load(saved)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(exp_avg[k], v["exp_avg"]) for k, v in optimizer.state_dict()["state"].items())
-    assert (progress.step, progress.micro_batches, progress.skipped) == (1, 2, 5)
+    assert (progress.step, progress.data, progress.skipped) == (1, {"global_batches": 1}, 5)
     bare = load_fp32_state_dict(saved)
     assert set(bare) == set(weights) and all(torch.equal(bare[k], weights[k].float()) for k in bare)
 
@@ -240,7 +240,7 @@ def test_resume_skips_a_truncated_checkpoint_keeps_it_and_loads_the_older_one(tm
     manager = CheckpointManager(tmp_path, accelerator, keep_last=3)
     for step in (1, 2):
         take_step(model, optimizer)
-        progress.step, progress.micro_batches = step, 2 * step
+        progress.step, progress.data = step, {"global_batches": step}
         manager.save(step, FILES)
         if step == 1:
             weights_1 = {k: v.clone() for k, v in model.state_dict().items()}
@@ -252,7 +252,7 @@ def test_resume_skips_a_truncated_checkpoint_keeps_it_and_loads_the_older_one(tm
     restarted = CheckpointManager(tmp_path, accelerator, keep_last=3, logger=lines)  # as a re-run makes it
     resumed = restarted.resume()
     assert resumed == tmp_path / "checkpoints" / "step_0000001"
-    assert (progress.step, progress.micro_batches) == (1, 2)
+    assert (progress.step, progress.data) == (1, {"global_batches": 1})
     assert all(torch.equal(weights_1[k], v) for k, v in model.state_dict().items())
     assert lines.lines[0].startswith(f"checkpoint {newest} cannot be loaded (rank 0: ")
     kept = tmp_path / "checkpoints" / "step_0000002.damaged"

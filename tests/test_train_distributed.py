@@ -184,12 +184,13 @@ def test_eval_only_with_shuffled_frames_reports_the_same_on_one_and_two_processe
 
 
 def test_world_size_one_and_two_follow_the_same_loss_trajectory(shards, runs):
-    """Same global batch (4): 1 process x 2 per device x 2 accumulation vs 2 processes x 2 per device."""
+    """Same global batch (4): 1 process x 2 per device x 2 accumulation vs 2 processes x 2 per device, the real
+    loader (the same clips in every global batch on any world size) and the real augmentation."""
     common = {"train.max_steps": 5, "train.eval_every": 0, "train.checkpoint_every": 100, "data.test_split": "",
               "data.val_split": ""}
-    one = ok(launch("tests/train_fixed_batches.py", tiny_overrides(shards, runs, "ws1", **common)))
+    one = ok(launch("train.py", tiny_overrides(shards, runs, "ws1", **common)))
     assert "2 accumulation x 1" in one
-    two = ok(launch("tests/train_fixed_batches.py", tiny_overrides(shards, runs, "ws2", **common), nproc=2))
+    two = ok(launch("train.py", tiny_overrides(shards, runs, "ws2", **common), nproc=2))
     assert "1 accumulation x 2" in two
     a, b = train_losses(runs / "ws1"), train_losses(runs / "ws2")
     assert sorted(a) == sorted(b) == list(range(1, 6))

@@ -326,11 +326,10 @@ class StepResult:
 
 def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
           stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), frames_shuffled: bool = False,
-          data: Callable[[Place, torch.device], RunData] | None = None) -> dict[str, Any]:
+          data: Callable[[Config, Place, torch.device], RunData] = RunData.from_config) -> dict[str, Any]:
     """Train (or with eval_only, evaluate `checkpoint`; with frames_shuffled too, on clips whose frames are
     shuffled: metrics and reports under `{split}_frames_shuffled`) in the process group the environment describes.
-    `data`: builds the run's data side for this process (default: `RunData.from_config(cfg, ...)`; tests and
-    benchmarks pass their own).
+    `data`: builds this process's data side from (cfg, place, device) (tests and benchmarks pass their own).
     Returns the final metrics (the same on every rank). One of `stop_signals` during training makes every rank
     finish its step and write a checkpoint there, then raises TrainingInterrupted; a run stopped by a fault
     raises NonFiniteLossError or CheckpointWriteError (see actionrec.engine.faults)."""
@@ -358,7 +357,7 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         torch.backends.cudnn.allow_tf32 = True
     run_dir = cfg.run_dir
     place = Place(accelerator.process_index, world_size, accumulation)
-    data = data(place, accelerator.device) if data is not None else RunData.from_config(cfg, place, accelerator.device)
+    data = data(cfg, place, accelerator.device)
     logger.info(
         "run %s: %d process(es) (%s%s), global batch %d = %d per device x %d accumulation x %d, %d classes",
         run_dir, world_size, accelerator.device.type,
