@@ -177,7 +177,7 @@ def _measure(batches: Iterator[dict], size_of) -> Throughput:
 
 def loader_throughput(workers: int, shardset: ShardSet, batches: int, decoder: str, clip: ClipSpec = CLIP,
                       clips_per_video: int = 1) -> Throughput:
-    loader = build_train_loader(shardset, clip=clip, batch_size=BATCH, num_workers=workers, batches_per_epoch=batches,
+    loader = build_train_loader(shardset, clip=clip, batch_size=BATCH, num_workers=workers, batches_per_pass=batches,
                                 seed=0, rank=0, world_size=1, decoder=decoder, augment=TrainAugment(),
                                 clips_per_video=clips_per_video)
     return _measure(iter(loader), lambda batch: len(batch["key"]))
@@ -248,7 +248,7 @@ def peak_pss_mib(source: Path, workers: int, batches: int) -> float:
     script = (
         "import sys\nfrom actionrec.data import ClipSpec, build_train_loader\n"
         f"loader = build_train_loader(sys.argv[1], clip=ClipSpec(num_frames=8, size=224), batch_size={BATCH}, "
-        f"num_workers={workers}, batches_per_epoch={batches}, rank=0, world_size=1)\n"
+        f"num_workers={workers}, batches_per_pass={batches}, rank=0, world_size=1)\n"
         "for batch in loader:\n    pass\n"
     )
     process = subprocess.Popen([sys.executable, "-c", script, str(source)],
@@ -278,7 +278,7 @@ PROFILE_PHASES = [  # (label, substrings of "file:function" whose own time belon
 
 def profile_loader(shardset: ShardSet, decoder: str, batches: int) -> list[tuple[str, float]]:
     """Where one worker's time goes: cProfile of the loader run in-process, own time grouped by phase."""
-    loader = build_train_loader(shardset, clip=CLIP, batch_size=BATCH, num_workers=0, batches_per_epoch=batches,
+    loader = build_train_loader(shardset, clip=CLIP, batch_size=BATCH, num_workers=0, batches_per_pass=batches,
                                 seed=1, rank=0, world_size=1, decoder=decoder)
     profiler = cProfile.Profile(time.process_time)  # CPU time: other jobs on the machine do not count
     start = time.process_time()
