@@ -61,7 +61,7 @@ class ModelConfig:
     dataclass (validated against it). num_classes, num_frames and img_size come from the data."""
 
     name: str = "timesformer_base"
-    pretrained: str = ""  # local weights file for actionrec.models.load_pretrained ("" = from scratch)
+    pretrained: str = ""  # local weights file, or a run (dir or checkpoint) of ours to start from ("" = from scratch)
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors import SafetensorError
 from torch import nn
 
 from actionrec.config import MODEL_KEYS_FROM_DATA, Config, ConfigError, DataConfig, build_config
@@ -128,14 +129,17 @@ def check_model_config(cfg: Config) -> None:
 
 def recorded_model(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     """(model name, every option as built) of a run of ours that `path` names (its run dir, a step dir, or a
-    model.safetensors with the run's config.yaml beside it); None for anything else (a weights file)."""
+    model.safetensors with the run's config.yaml beside it or inside); None for anything else (a weights file)."""
     path = Path(path)
     saved = (path if path.is_dir() else path.parent) / "config.yaml"
-    if not saved.is_file():
-        return None
     try:
-        config = yaml.safe_load(saved.read_text())
-    except yaml.YAMLError:
+        if saved.is_file():
+            config = yaml.safe_load(saved.read_text())
+        elif path.suffix == ".safetensors" and path.is_file():
+            config, _ = checkpoint_metadata(path)  # an exported model copied away from its run dir
+        else:
+            return None
+    except (yaml.YAMLError, CheckpointNotFound, SafetensorError):  # not ours: load_pretrained says what it is
         return None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "name" not in config["model"]:
         return None

@@ -628,7 +628,11 @@ def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
             state = fp32_cpu_state_dict(state)
         run_dir = trainer.cfg.run_dir
         with atomic_path(run_dir / "model.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name})
+            # The run's config and classes travel inside the file too: a model.safetensors copied on its own
+            # still loads as the model it is (checkpoint_metadata reads them when no config.yaml is beside it).
+            metadata = {"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name,
+                        "config": yaml.safe_dump(config_to_dict(trainer.cfg), sort_keys=False)}
+            save_file(state, str(tmp), metadata=metadata)
         trainer.logger.info("exported %s (fp32, %d tensors)", run_dir / "model.safetensors", len(state))
     acc.wait_for_everyone()
 
