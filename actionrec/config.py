@@ -63,7 +63,7 @@ class ModelConfig:
     dataclass (validated against it). num_classes, num_frames and img_size come from the data."""
 
     name: str = "timesformer_base"
-    pretrained: str = ""  # local weights file for actionrec.models.load_pretrained ("" = from scratch)
+    pretrained: str = ""  # local weights file, or a run (dir or checkpoint) of ours to start from ("" = from scratch)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -181,10 +181,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise ConfigError("--shuffle-frames is an evaluation of a saved model: add --eval-only --checkpoint PATH")
     data: dict[str, Any] = {}
     if args.eval_only and not args.config:
-        from actionrec.engine.checkpoint import CheckpointNotFound, checkpoint_metadata, resolve_checkpoint
+        from actionrec.engine.checkpoint import CheckpointNotFound, resolve_checkpoint
+        from actionrec.engine.run_model import recorded_run_config
 
-        try:
-            data, _ = checkpoint_metadata(resolve_checkpoint(args.checkpoint))
+        try:  # the model as the run built it; the run it was fine-tuned from is not read again
+            data, _ = recorded_run_config(resolve_checkpoint(args.checkpoint))
         except CheckpointNotFound as exc:
             raise ConfigError(str(exc)) from None
     elif args.config:
@@ -231,46 +232,6 @@ def save_config(cfg: Config, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def model_build_options(cfg: Config) -> dict[str, Any]:
-    """The keyword options `build_model(cfg.model.name, num_classes, **options)` gets: the model section's
-    options plus the clip geometry from the data section, for the families whose config has those fields."""
-    from actionrec.models import model_config_class
-
-    fields = {f.name for f in dataclasses.fields(model_config_class(cfg.model.name))}
-    from_data = {"num_frames": cfg.data.num_frames, "img_size": cfg.data.size}
-    return {**{k: v for k, v in from_data.items() if k in fields}, **resolved_model_options(cfg)}
-
-
-def resolved_model_options(cfg: Config) -> dict[str, Any]:
-    """`model.options` with `init: auto` resolved by whether weights are loaded: the official (ViT) set-up
-    when `model.pretrained` names a weights file, the from-scratch set-up when it names none, and the set-up
-    a masked pre-training run of ours used when it names that run (its encoder comes with its stem)."""
-    options = dict(cfg.model.options)
-    if options.get("init", "auto") == "auto":
-        pretrain_run = pretrain_run_config(cfg.model.pretrained) if cfg.model.pretrained else None
-        if pretrain_run is not None:
-            options["init"] = resolved_model_options(build_config(pretrain_run, check_paths=False))["init"]
-        else:
-            options["init"] = "vit" if cfg.model.pretrained else "scratch"
-    return options
-
-
-def pretrain_run_config(path: str) -> dict[str, Any] | None:
-    """The saved config of a masked pre-training run that `path` names (its run dir or its
-    model.safetensors), or None when `path` is anything else."""
-    run_dir = Path(path)
-    if run_dir.is_file():
-        run_dir = run_dir.parent
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return None
-    try:
-        data = yaml.safe_load(saved.read_text())
-    except yaml.YAMLError:
-        return None
-    return data if isinstance(data, dict) and data.get("task") == "pretrain" else None
 
 
 def world_size_from_env() -> int:
@@ -540,13 +501,15 @@ def _validate(cfg: Config, check_paths: bool) -> None:
             json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"deepspeed_config {cfg.deepspeed_config} is not valid JSON: {exc}") from None
-    if cfg.model.pretrained and Path(cfg.model.pretrained).is_dir() and pretrain_run_config(cfg.model.pretrained):
-        if not (Path(cfg.model.pretrained) / "model.safetensors").is_file():
-            raise ConfigError(f"model.pretrained {cfg.model.pretrained} is a pre-training run without its final "
-                              "model.safetensors: let it finish (re-run its command to resume it) first")
-    elif cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+    pretrained = Path(cfg.model.pretrained)
+    if cfg.model.pretrained and pretrained.is_dir() and (pretrained / "config.yaml").is_file():
+        if not (pretrained / "model.safetensors").is_file():
+            raise ConfigError(f"model.pretrained {cfg.model.pretrained} is a run without its final model.safetensors: "
+                              "let it finish (re-run its command to resume it) first, or name a checkpoint's "
+                              "model.safetensors")
+    elif cfg.model.pretrained and not pretrained.exists():
         raise ConfigError(f"model.pretrained {cfg.model.pretrained} does not exist: give a local weights file "
-                          "or the run dir of a masked pre-training run")
+                          "or the run dir of a run of ours (masked pre-training or classification)")
     _validate_shards(cfg.data.shards, cfg.task)
 
 
@@ -564,10 +527,10 @@ def _validate_pretrain(cfg: Config) -> None:
         raise ConfigError(f"data.num_frames={cfg.data.num_frames} is not a multiple of pretrain.tubelet={pre.tubelet}")
     if cfg.optim.mixup_alpha > 0 or cfg.optim.cutmix_alpha > 0:
         raise ConfigError("optim.mixup_alpha / optim.cutmix_alpha mix labels: set them to 0 for task=pretrain")
-    from actionrec.models import model_config_class
+    from actionrec.models import TimeSformerConfig, model_config_class
     from actionrec.models.masked import check_maskable
 
-    if model_config_class(cfg.model.name).__name__ != "TimeSformerConfig":
+    if not issubclass(model_config_class(cfg.model.name), TimeSformerConfig):
         raise ConfigError(f"task=pretrain pre-trains a TimeSformer encoder; model.name {cfg.model.name} is not one")
     try:
         check_maskable(cfg.model.options.get("attention_type", "divided_space_time"))
@@ -576,18 +539,9 @@ def _validate_pretrain(cfg: Config) -> None:
 
 
 def _validate_model(cfg: Config) -> None:
-    """Build the model's config (not the model): its own checks (attention type, clip size against patch size,
-    widths against heads) fail here, before any process group exists, instead of in every rank's model build."""
-    from actionrec.models import model_config
+    from actionrec.engine.run_model import check_model_config  # the model side of the run config lives there
 
-    try:
-        model_config(cfg.model.name, **model_build_options(cfg))
-    except ValueError as exc:
-        from_data = (("img_size", "data.size", cfg.data.size), ("num_frames", "data.num_frames", cfg.data.num_frames))
-        notes = [f"{field} is {key}={value}" for field, key, value in from_data if field in str(exc)]
-        raise ConfigError(
-            f"model {cfg.model.name} cannot be built from this config: {exc}" + (f" ({'; '.join(notes)})" if notes else "")
-        ) from None
+    check_model_config(cfg)
 
 
 def _validate_shards(source: str, task: str = "classify") -> None:

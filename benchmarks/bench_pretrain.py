@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actionrec.config import build_config, model_build_options  # noqa: E402
+from actionrec.config import build_config  # noqa: E402
 from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices  # noqa: E402
 from actionrec.data.transforms import TrainAugment, eval_views, normalize_on_device, train_transform  # noqa: E402
-from actionrec.engine.pretraining import step_mask_generator  # noqa: E402
-from actionrec.engine.trainer import build_optimizer, cosine_with_warmup  # noqa: E402
+from actionrec.engine.optim import build_optimizer, cosine_with_warmup  # noqa: E402
+from actionrec.engine.run_model import model_build_options  # noqa: E402
 from actionrec.models import build_model  # noqa: E402
 from actionrec.models.masked import MaskedVideoModel  # noqa: E402
 from benchmarks.bench_scratch import render_set  # noqa: E402
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         pre_rng = np.random.default_rng([args.seed, 1])
         for step in tqdm(range(args.pretrain_steps), desc="pre-training", leave=False):
             video = clips_of(unlabelled, pre_rng.choice(len(unlabelled), args.pretrain_batch), pre_rng)
-            mask = masked.random_mask(len(video), step_mask_generator(args.seed, 0, step))
+            mask = masked.random_mask(len(video), torch.Generator().manual_seed(args.seed * 1_000_003 + step))
             loss = F.mse_loss(masked(video, mask), masked.targets(video, mask))
             pre_losses.append(optimise(masked, loss, optimizer, schedule))
             if (step + 1) % args.eval_every == 0:

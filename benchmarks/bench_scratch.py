@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actionrec.config import build_config, model_build_options  # noqa: E402
+from actionrec.config import build_config  # noqa: E402
 from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices  # noqa: E402
 from actionrec.data.transforms import TrainAugment, eval_views, normalize_on_device, train_transform  # noqa: E402
-from actionrec.engine.trainer import build_optimizer, cosine_with_warmup  # noqa: E402
+from actionrec.engine.optim import build_optimizer, cosine_with_warmup  # noqa: E402
+from actionrec.engine.run_model import model_build_options  # noqa: E402
 from actionrec.models import build_model  # noqa: E402
 from actionrec.shards.synthetic import ALL_CLASSES, render_video  # noqa: E402
 from benchmarks.motion_heldout import DIRECTIONS, render_motion_video  # noqa: E402

@@ -29,7 +29,8 @@ from actionrec.config import build_config  # noqa: E402
 from actionrec.data import normalize_on_device  # noqa: E402
 from actionrec.data.sample_log import SampleLog  # noqa: E402
 from actionrec.engine.faults import StopSignals  # noqa: E402
-from actionrec.engine.trainer import Trainer, build_accelerator, cosine_with_warmup, run_loop  # noqa: E402
+from actionrec.engine.optim import cosine_with_warmup  # noqa: E402
+from actionrec.engine.trainer import Trainer, build_accelerator, run_loop  # noqa: E402
 from actionrec.logging import RunMonitor, get_logger  # noqa: E402
 from actionrec.models import build_model  # noqa: E402
 

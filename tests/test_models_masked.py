@@ -9,8 +9,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from actionrec.config import build_config, resolved_model_options
-from actionrec.engine.run_model import build_model_for
+from actionrec.config import build_config
+from actionrec.engine.run_model import build_model_for, resolved_model_options
 from actionrec.models import build_model, load_pretrained
 from actionrec.models.masked import (
     MASKABLE_ATTENTION, MaskedVideoModel, check_maskable, cube_targets, split_positions, tube_mask,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tarfile
 import time
 
@@ -91,6 +92,12 @@ def test_predict_prints_top_classes_with_probabilities(ddp_run, shards):
     probabilities = [float(r[2]) for r in ranked]
     assert probabilities == sorted(probabilities, reverse=True)
     assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)  # 3 classes: the top-5 list is all of them
+    # The exported model carries its run's config and classes: copied on its own it predicts the same.
+    alone = run_dir.parent / "copied" / "model.safetensors"
+    alone.parent.mkdir(exist_ok=True)
+    shutil.copy(run_dir / "model.safetensors", alone)
+    copied = launch("predict.py", [str(video), "--checkpoint", str(alone), "--temporal-clips", "2"])
+    assert ok(copied).strip().splitlines()[1:] == lines[1:]
 
 
 @pytest.fixture(scope="module")

@@ -319,11 +319,19 @@ def load_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_metadata(checkpoint: Path) -> tuple[dict[str, Any], list[str]]:
-    """(merged config mapping, class names) saved next to the weights."""
+    """(merged config mapping, class names) saved next to the weights, or inside an exported model.safetensors
+    that was copied away from its run dir."""
     import yaml
 
     folder = Path(checkpoint).parent if Path(checkpoint).is_file() else Path(checkpoint)
     config_path, classes_path = folder / "config.yaml", folder / "classes.json"
-    if not config_path.is_file() or not classes_path.is_file():
-        raise CheckpointNotFound(f"{folder} lacks config.yaml/classes.json: not a checkpoint written by train.py")
-    return yaml.safe_load(config_path.read_text()), json.loads(classes_path.read_text())
+    if config_path.is_file() and classes_path.is_file():
+        return yaml.safe_load(config_path.read_text()), json.loads(classes_path.read_text())
+    if Path(checkpoint).suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(checkpoint), "pt") as weights:
+            metadata = weights.metadata() or {}
+        if "config" in metadata and "classes" in metadata:
+            return yaml.safe_load(metadata["config"]), json.loads(metadata["classes"])
+    raise CheckpointNotFound(f"{folder} lacks config.yaml/classes.json: not a checkpoint written by train.py")

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from actionrec.config import Config, build_config, resolved_model_options
-from actionrec.engine.checkpoint import checkpoint_metadata, load_fp32_state_dict, resolve_checkpoint
-from actionrec.engine.run_model import build_model_for
+from actionrec.config import Config
+from actionrec.engine.run_model import load_run_model
 
 
 @dataclass
@@ -25,17 +24,11 @@ class Classifier:
 
 
 def load_classifier(checkpoint: str | Path, device: str = "auto") -> Classifier:
-    """A run dir, checkpoints/latest, a step dir (plain, DDP or DeepSpeed ZeRO) or an exported model."""
-    resolved = resolve_checkpoint(checkpoint)
-    config, classes = checkpoint_metadata(resolved)
-    cfg = build_config(config, check_paths=False)
-    # Built with the set-up it was trained with; then the checkpoint holds all weights.
-    cfg.model.options = resolved_model_options(cfg)
-    cfg.model.pretrained = ""
-    model = build_model_for(cfg, len(classes))
-    model.load_state_dict(load_fp32_state_dict(resolved))
+    """A run dir, checkpoints/latest, a step dir (plain, DDP or DeepSpeed ZeRO) or an exported model: the
+    model as its run built it (see actionrec.engine.run_model)."""
+    model, cfg, classes = load_run_model(checkpoint)
     target = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-    return Classifier(model.to(target).eval(), cfg, list(classes), target)
+    return Classifier(model.to(target).eval(), cfg, classes, target)
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ drop data, see docs/training.md); batches are moved and normalised on the device
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -45,9 +44,11 @@ from actionrec.engine.checkpoint import (
 )
 from actionrec.engine.evaluation import EvalResult, evaluate
 from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, StopSignals, TrainingInterrupted
-from actionrec.engine.pretraining import clip_masks, masked_reconstruction_loss
 from actionrec.data.run_data import Place, RunData
 from actionrec.data.sample_log import SampleLog, audit, truncate_after
+from actionrec.engine.optim import build_mixing, build_optimizer, cosine_with_warmup
+from actionrec.engine.pretraining import clip_masks, masked_reconstruction_loss
+from actionrec.engine.run_model import build_model_for, resolve_run_model
 from actionrec.logging import RunMonitor, get_logger
 
 # DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the warning repeats on every rank and step.
@@ -106,58 +107,6 @@ def is_zero3(accelerator: Accelerator) -> bool:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return False
     return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on biases, norms and embeddings-like 1-d parameters (the ViT/DeiT convention).
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name.endswith(("pos_embed", "time_embed", "cls_token")) else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if cfg.optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.momentum > 0)
-
-
-def cosine_with_warmup(cfg: Config):
-    """LR multiplier per optimizer step: linear warmup to 1, then cosine down to min_lr / lr."""
-    warmup, total = cfg.optim.warmup_steps, cfg.train.max_steps
-    floor = cfg.optim.min_lr / cfg.optim.lr
-
-    def multiplier(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def build_mixing(cfg: Config, num_classes: int):
-    """MixUp / CutMix on the device batch (torchvision v2), or None. Returns (video, soft targets)."""
-    if cfg.optim.mixup_alpha <= 0 and cfg.optim.cutmix_alpha <= 0:
-        return None
-    from torchvision import tv_tensors
-    from torchvision.transforms import v2
-
-    choices = []
-    if cfg.optim.mixup_alpha > 0:
-        choices.append(v2.MixUp(alpha=cfg.optim.mixup_alpha, num_classes=num_classes))
-    if cfg.optim.cutmix_alpha > 0:
-        choices.append(v2.CutMix(alpha=cfg.optim.cutmix_alpha, num_classes=num_classes))
-    mix = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
-
-    def apply(video: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # torchvision's Video layout is (B, T, C, H, W); ours is (B, C, T, H, W).
-        mixed, targets = mix(tv_tensors.Video(video.transpose(1, 2)), labels)
-        return mixed.as_subclass(torch.Tensor).transpose(1, 2), targets
-
-    return apply
 
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -337,6 +286,7 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
     world_size = world_size_from_env()
     accumulation = derive_accumulation(cfg, world_size)
     weights_from = resolve_checkpoint(checkpoint) if checkpoint else None
+    cfg = resolve_run_model(cfg, weights_from)  # every `auto` resolved: the model config.yaml records
 
     accelerator = build_accelerator(cfg, accumulation)
     if accelerator.num_processes != world_size:
@@ -365,8 +315,6 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         if accelerator.distributed_type == DistributedType.DEEPSPEED else "",
         cfg.train.global_batch_size, cfg.train.per_device_batch_size, accumulation, world_size, len(data.classes),
     )
-
-    from actionrec.engine.run_model import build_model_for
 
     model = build_model_for(cfg, len(data.classes))
     if weights_from is not None:
@@ -622,7 +570,11 @@ def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
             state = fp32_cpu_state_dict(state)
         run_dir = trainer.cfg.run_dir
         with atomic_path(run_dir / "model.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name})
+            # The run's config and classes travel inside the file too: a model.safetensors copied on its own
+            # still loads as the model it is (checkpoint_metadata reads them when no config.yaml is beside it).
+            metadata = {"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name,
+                        "config": yaml.safe_dump(config_to_dict(trainer.cfg), sort_keys=False)}
+            save_file(state, str(tmp), metadata=metadata)
         trainer.logger.info("exported %s (fp32, %d tensors)", run_dir / "model.safetensors", len(state))
     acc.wait_for_everyone()
 

@@ -24,7 +24,9 @@ outputs are the same.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,10 @@ ATTENTION_TYPES = ("space_only", "joint_space_time", "divided_space_time", "spar
 @dataclass
 class TimeSformerConfig:
     """Architecture and regularisation of a TimeSformer (defaults: the official ViT-B/16, 8 x 224^2)."""
+
+    # The fields a set-up decides (`init` and the from-scratch stem): a model started from the weights of
+    # another model of ours takes them from that model unless set (the stride is not in the weights).
+    setup_fields: ClassVar[tuple[str, ...]] = ("init", "stem_channels", "stem_layers", "stem_stride")
 
     num_frames: int = 8
     img_size: int = 224
@@ -73,6 +79,13 @@ class TimeSformerConfig:
     # What the classifier reads: "cls", the cls token (the official TimeSformer); "mean", the mean of the
     # normalised patch tokens (VideoMAE's fine-tuning: masked pre-training never trains the cls token).
     global_pool: str = "cls"
+
+    def resolved(self) -> TimeSformerConfig:
+        """This config with `auto` replaced by what it builds (`init: auto` builds the from-scratch set-up)."""
+        return dataclasses.replace(self, init="scratch" if self.init == "auto" else self.init)
+
+    def check_clip(self, frames: int, height: int, width: int) -> None:
+        """Clip sizes are fields of this config (num_frames, img_size), checked when it is made."""
 
     def __post_init__(self) -> None:
         if self.global_pool not in ("cls", "mean"):

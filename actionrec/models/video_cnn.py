@@ -17,6 +17,7 @@ layer that does not depend on the batch (instance norm), and optionally a narrow
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -92,6 +93,17 @@ def trunk_norm(config: VideoResNetTransformerConfig | FrameResNetTransformerConf
     if config.norm != "auto":
         return config.norm
     return "batch" if config.init == "vit" else config.scratch_norm
+
+
+def check_norm_map(config: VideoResNetTransformerConfig | FrameResNetTransformerConfig, grid: tuple[int, ...],
+                   clip: str, larger: str) -> None:
+    """Instance norm over a one-element map (the trunk's last, 1x1x1 for a video trunk, 1x1 per frame) subtracts
+    the element from itself: the trunk outputs its norm's bias whatever the clip, and nothing learns. Refused
+    with the option or size to change; `clip` names the input, `larger` what makes the map larger."""
+    if trunk_norm(config) == "instance" and math.prod(grid) == 1:
+        shape = "x".join(map(str, grid))
+        raise ValueError(f"norm instance on {clip}: the trunk's last feature map is {shape} (one element), where "
+                         f"instance norm outputs zeros whatever the input: use {larger}, or norm batch or group")
 
 
 @contextmanager
@@ -189,6 +201,9 @@ class TransformerHead(nn.Module):
 @dataclass
 class VideoResNetTransformerConfig:
     scratch_norm: ClassVar[str] = "instance"  # what norm "auto" means without weights (see `norm`)
+    # The fields a set-up decides: a model started from the weights of another model of ours takes them
+    # from that model unless set (see TimeSformerConfig.setup_fields).
+    setup_fields: ClassVar[tuple[str, ...]] = ("init", "norm", "width")
     trunk: str = "r3d_18"
     # The trunk's last feature map is average-pooled to (token_frames, token_size, token_size) tokens.
     token_frames: int = 1
@@ -215,6 +230,15 @@ class VideoResNetTransformerConfig:
     # Trunk base channels (stages: width, 2x, 4x, 8x); 64 is torchvision's, the only width its weights fit.
     width: int = 64
 
+    def resolved(self) -> VideoResNetTransformerConfig:
+        """This config with every `auto` replaced by what it builds."""
+        init = "scratch" if self.init == "auto" else self.init
+        return dataclasses.replace(self, init=init, norm=trunk_norm(dataclasses.replace(self, init=init)))
+
+    def check_clip(self, frames: int, height: int, width: int) -> None:
+        """Refuse a clip size this model builds but cannot learn from (ValueError naming what to change)."""
+        check_video_clip_size(self, frames, height, width)
+
     def __post_init__(self) -> None:
         check_init_setup(self.init, self.embed_std)
         check_trunk_setup(self)
@@ -230,6 +254,26 @@ def _halve(size: int, times: int) -> int:
     for _ in range(times):
         size = -(-size // 2)
     return size
+
+
+def video_trunk_grid(config: VideoResNetTransformerConfig, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(t, h, w) of a video trunk's last feature map for a clip of that size (MC3 keeps time after its stem)."""
+    time_halvings = 0 if config.trunk == "mc3_18" else 3
+    return _halve(frames, time_halvings), _halve(height, 4), _halve(width, 4)
+
+
+def check_video_clip_size(config: VideoResNetTransformerConfig, frames: int, height: int, width: int) -> None:
+    """A clip of that size gives the trunk a map its norm can normalise (see `check_norm_map`)."""
+    grid = video_trunk_grid(config, frames, height, width)
+    more_frames = "" if config.trunk == "mc3_18" else " or more than 8 frames (data.num_frames)"
+    check_norm_map(config, grid, f"{config.trunk} clips of {frames}x{height}x{width}",
+                   f"clips larger than 16x16 (data.size){more_frames}")
+
+
+def check_frame_size(config: FrameResNetTransformerConfig, height: int, width: int) -> None:
+    """A frame of that size gives the 2D trunk a map its norm can normalise (see `check_norm_map`)."""
+    check_norm_map(config, (_halve(height, 5), _halve(width, 5)), f"{height}x{width} frames",
+                   "frames larger than 32x32 (data.size)")
 
 
 class TrunkTransformer(nn.Module):
@@ -303,12 +347,12 @@ class VideoResNetTransformer(TrunkTransformer):
 
     def trunk_output_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """(t, h, w) of the trunk's last feature map for a clip of that size."""
-        time_halvings = 0 if self.config.trunk == "mc3_18" else 3
-        return _halve(frames, time_halvings), _halve(height, 4), _halve(width, 4)
+        return video_trunk_grid(self.config, frames, height, width)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         _check_clip(video)
         grid = self.trunk_output_grid(*video.shape[2:])
+        check_video_clip_size(self.config, *video.shape[2:])
         if any(have < want for have, want in zip(grid, self.token_grid)):
             raise ValueError(
                 f"a {video.shape[2]}x{video.shape[3]}x{video.shape[4]} (frames x H x W) clip gives a "
@@ -323,6 +367,7 @@ class VideoResNetTransformer(TrunkTransformer):
 @dataclass
 class FrameResNetTransformerConfig:
     scratch_norm: ClassVar[str] = "batch"  # see `norm`
+    setup_fields: ClassVar[tuple[str, ...]] = ("init", "norm", "width", "temporal_shift")
     # Frames the temporal position embeddings are made for (other clip lengths resample them linearly).
     num_frames: int = 8
     hidden_dim: int = 512
@@ -348,6 +393,17 @@ class FrameResNetTransformerConfig:
     # extra cost. "auto": on from scratch, off with weights (torchvision's network unchanged); "on" with
     # weights loads ImageNet ResNet-18 weights into a shifted trunk (TSM's own recipe).
     temporal_shift: str = "auto"
+
+    def resolved(self) -> FrameResNetTransformerConfig:
+        """This config with every `auto` replaced by what it builds."""
+        init = "scratch" if self.init == "auto" else self.init
+        shift = self.temporal_shift if self.temporal_shift != "auto" else ("off" if init == "vit" else "on")
+        return dataclasses.replace(self, init=init, norm=trunk_norm(dataclasses.replace(self, init=init)),
+                                   temporal_shift=shift)
+
+    def check_clip(self, frames: int, height: int, width: int) -> None:
+        """Refuse a clip size this model builds but cannot learn from (ValueError naming what to change)."""
+        check_frame_size(self, height, width)
 
     def __post_init__(self) -> None:
         check_init_setup(self.init, self.embed_std)
@@ -404,6 +460,7 @@ class FrameResNetTransformer(TrunkTransformer):
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         _check_clip(video)
         batch = video.shape[0]
+        check_frame_size(self.config, *video.shape[3:])
         if self.temporal_shift is not None:
             self.temporal_shift.frames = video.shape[2]
         x = self.run_trunk(rearrange(video, "b c t h w -> (b t) c h w"))  # (B*T, C, h, w)
