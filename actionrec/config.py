@@ -507,10 +507,15 @@ def _validate(cfg: Config, check_paths: bool) -> None:
             raise ConfigError(f"model.pretrained {cfg.model.pretrained} is a run without its final model.safetensors: "
                               "let it finish (re-run its command to resume it) first, or name a checkpoint's "
                               "model.safetensors")
-    elif cfg.model.pretrained and not pretrained.exists():
+    elif cfg.model.pretrained and not pretrained.exists() and not _has_checkpoint(cfg.run_dir):
+        # (a run that resumes takes its weights from its checkpoint: its starting weights may be gone)
         raise ConfigError(f"model.pretrained {cfg.model.pretrained} does not exist: give a local weights file "
                           "or the run dir of a run of ours (masked pre-training or classification)")
     _validate_shards(cfg.data.shards, cfg.task)
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any(p.name.startswith("step_") and p.is_dir() for p in (run_dir / "checkpoints").glob("step_*"))
 
 
 def _validate_pretrain(cfg: Config) -> None:

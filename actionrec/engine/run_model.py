@@ -46,21 +46,22 @@ from actionrec.models.video_cnn import FrameResNetTransformerConfig
 TEMPORAL_SHIFT_SINCE = "2026-12-04"
 
 
-def build_model_for(cfg: Config, num_classes: int) -> nn.Module:
-    """`cfg.model` with the clip geometry of `cfg.data`, and the local pretrained weights if it names any.
+def build_model_for(cfg: Config, num_classes: int, load_weights: bool = True) -> nn.Module:
+    """`cfg.model` with the clip geometry of `cfg.data`, and the local pretrained weights if it names any
+    (unless `load_weights` is False: a run that resumes gets its weights from its checkpoint).
     With `task: pretrain`, that model is the encoder of a MaskedVideoModel (num_classes is not used)."""
     if cfg.task == "pretrain":
         from actionrec.models.masked import MaskedVideoModel
 
         encoder = build_model(cfg.model.name, num_classes=1, **model_build_options(cfg))
-        if cfg.model.pretrained:
+        if cfg.model.pretrained and load_weights:
             load_pretrained(encoder, cfg.model.pretrained)  # e.g. ImageNet ViT weights to pre-train from
         pre = cfg.pretrain
         return MaskedVideoModel(encoder, mask_ratio=pre.mask_ratio, tubelet=pre.tubelet, decoder_dim=pre.decoder_dim,
                                 decoder_depth=pre.decoder_depth, decoder_heads=pre.decoder_heads,
                                 norm_target=pre.norm_target, target=pre.target)
     model = build_model(cfg.model.name, num_classes=num_classes, **model_build_options(cfg))
-    if cfg.model.pretrained:
+    if cfg.model.pretrained and load_weights:
         load_pretrained(model, cfg.model.pretrained)
     return model
 

@@ -316,7 +316,8 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         cfg.train.global_batch_size, cfg.train.per_device_batch_size, accumulation, world_size, len(data.classes),
     )
 
-    model = build_model_for(cfg, len(data.classes))
+    resuming = not eval_only and CheckpointManager(run_dir).latest() is not None
+    model = build_model_for(cfg, len(data.classes), load_weights=weights_from is None and not resuming)
     if weights_from is not None:
         model.load_state_dict(load_fp32_state_dict(weights_from))
         logger.info("weights from %s", weights_from)
