@@ -37,3 +37,9 @@ def test_bench_loader_smoke_writes_its_tables(tmp_path):
     out = run("benchmarks/bench_loader.py", "--videos", "2", "--seconds", "0.5", "--memory-videos", "8",
               "--repeats", "1", "--workers", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"))
     assert (tmp_path / "out" / "table.md").is_file() and "clips/s" in out
+
+
+def test_bench_order_smoke_sees_every_video_once_per_epoch(tmp_path):
+    out = run("benchmarks/bench_order.py", "--smoke", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert all(row["missing"] == 0 and row["repeated"] == 0 for row in result["epochs"]) and "| epoch |" in out
