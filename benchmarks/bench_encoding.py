@@ -5,8 +5,9 @@
 Makes three kinds of 10 s 456x256 30 fps sources (--content):
   - camera: the loader benchmark's panning textured scene with moving objects and light noise (sigma 3 before
     the source's crf 18, so most of it is smoothed away by the encoder);
-  - sensor: the same scene with camera sensor noise, new in every frame (FFmpeg `noise=alls=12:allf=t`:
-    about 6 grey levels of luma std against the camera source), which x264 cannot predict from frame to frame;
+  - sensor: the same scene with camera sensor noise, new in every frame (FFmpeg `noise=alls=12:allf=t`,
+    --sensor-noise: about 6 grey levels of luma std against the camera source), which x264 cannot predict
+    from frame to frame;
   - mandelbrot: an FFmpeg `mandelbrot` zoom with temporal noise: fine detail in motion everywhere.
 Each content type is packed on its own with the real packer once per encoding, and for each (content,
 encoding, decoder) the real loader measures (one process, no workers, one thread, CPU clock):
@@ -35,6 +36,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -103,10 +105,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--videos", type=int, default=3, help="videos per content type (default 3)")
     parser.add_argument("--content", default=",".join(CONTENTS),
                         help=f"comma-separated content types to measure (default all: {','.join(CONTENTS)})")
+    parser.add_argument("--sensor-noise", type=int, default=12,
+                        help="strength of the sensor content's noise (FFmpeg noise=alls; default 12: about 6 grey "
+                             "levels of luma std; the sources are kept in --work, so another strength needs another "
+                             "--work)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each source video (default 10)")
-    parser.add_argument("--clips", type=int, default=32, help="measured clips per (encoding, decoder, sampling)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="interleaved repetitions; the lowest CPU per clip is kept (the machine is shared)")
+    parser.add_argument("--clips", type=int, default=32,
+                        help="measured clips per (content, encoding, decoder, sampling) and repetition (a first "
+                             "batch is read before and not counted)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repetitions (default 3); each is kept, ratios are taken within one "
+                             "repetition and reported as median and range (the machine is shared)")
     parser.add_argument("--psnr-step", type=int, default=1,
                         help="PSNR of every n-th frame (default 1; a step sharing a factor with a GOP length "
                              "over-weights that encoding's keyframes, which x264 codes at higher quality)")
@@ -116,9 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/encoding"), help="results folder")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for videos/shards (default: temp)")
     args = parser.parse_args(argv)
-    args.content = [c for c in args.content.split(",") if c]
-    if not args.content or set(args.content) - set(CONTENTS):
-        parser.error(f"--content takes a comma-separated subset of {','.join(CONTENTS)}, got {args.content}")
+    content = [c for c in args.content.split(",") if c]
+    if not content or set(content) - set(CONTENTS):
+        parser.error(f"--content takes a comma-separated subset of {','.join(CONTENTS)}, got {args.content!r}")
+    args.content = content
     if args.videos < 1 or args.seconds <= 0 or args.clips < BATCH or args.repeats < 1 or args.psnr_step < 1:
         parser.error(f"--videos must be >= 1, --seconds > 0, --clips >= {BATCH}, --repeats and --psnr-step >= 1")
     if shutil.which("ffmpeg") is None:
@@ -138,11 +148,11 @@ def mandelbrot_video(path: Path, seconds: float, seed: int) -> None:
                     "-t", f"{seconds}", "-c:v", "libx264", "-crf", "18", "-preset", "veryfast", str(path)], check=True)
 
 
-def sensor_noise_video(path: Path, camera: Path, seed: int) -> None:
+def sensor_noise_video(path: Path, camera: Path, seed: int, strength: int) -> None:
     """The camera scene with sensor noise drawn anew in every frame (luma and chroma), as a camera's sensor
     adds it: x264 can neither predict it from the previous frame nor, at crf 23-24, smooth all of it away."""
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", str(camera), "-vf",
-                    f"noise=alls=12:allf=t:all_seed={seed},format=yuv420p", "-c:v", "libx264", "-crf", "18",
+                    f"noise=alls={strength}:allf=t:all_seed={seed},format=yuv420p", "-c:v", "libx264", "-crf", "18",
                     "-preset", "veryfast", str(path)], check=True)
 
 
@@ -151,7 +161,7 @@ def source_folder(work: Path, kind: str) -> Path:
     return work / "sources" / kind
 
 
-def make_sources(work: Path, kinds: list[str], videos: int, seconds: float) -> None:
+def make_sources(work: Path, kinds: list[str], videos: int, seconds: float, sensor_noise: int) -> None:
     # sensor videos are made from the camera videos of the same seed
     needed = sorted(set(kinds) | ({"camera"} if "sensor" in kinds else set()), key=CONTENTS.index)
     jobs = [(kind, i) for kind in needed for i in range(videos)]
@@ -163,7 +173,8 @@ def make_sources(work: Path, kinds: list[str], videos: int, seconds: float) -> N
         if kind == "camera":
             synthetic_camera_video(target, seconds, 30, seed=i)
         elif kind == "sensor":
-            sensor_noise_video(target, source_folder(work, "camera") / "camera" / f"camera_{i:03d}.mp4", seed=i)
+            sensor_noise_video(target, source_folder(work, "camera") / "camera" / f"camera_{i:03d}.mp4", seed=i,
+                               strength=sensor_noise)
         else:
             mandelbrot_video(target, seconds, seed=i)
 
@@ -263,7 +274,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_encoding_"))
     torch.set_num_threads(1)
-    make_sources(work, args.content, args.videos, args.seconds)
+    make_sources(work, args.content, args.videos, args.seconds, args.sensor_noise)
     encodings = [e for e in grid() if not args.only or e.settings in (OLD, NEW)
                  or any(s and s in e.name for s in args.only.split(","))]
     available = {"pyav", "pyav+slf", "pyav+2t"} | ({"torchcodec"} if torchcodec_load_error() is None else set())
@@ -294,7 +305,7 @@ def main(argv=None) -> int:
                "repeats": args.repeats, "baseline_decoder": baseline_decoder(),
                "rows": [asdict(row) for row in rows]}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    command = "PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_encoding.py " + " ".join(argv or sys.argv[1:])
+    command = "PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_encoding.py " + shlex.join(argv or sys.argv[1:])
     print(write_report(results, args.out, command.strip()))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
