@@ -40,8 +40,9 @@ class EncodeSettings:
     # duplicated frames); "exact": every video is re-timed to `fps`, repeating frames of slower sources.
     fps_mode: str = "cap"
     # The defaults (format v2) come from benchmarks/bench_encoding.py (docs/loader.md): against v1's GOP 16
-    # with the preset's B-frames, crf 23 and no tune, an 8 x 224^2 TSN training clip costs under 1/3 of the
-    # CPU for ~1.9x the bytes at a PSNR to the source within 1 dB (table in docs/loader.md).
+    # with the preset's B-frames, crf 23 and no tune, an 8 x 224^2 TSN training clip costs 3.0x to 4.4x less
+    # CPU, depending on the content, for 1.6x to 2.4x the bytes at a PSNR to the source from -1.3 to +0.2 dB
+    # (tables by content type in docs/loader.md).
     gop: int = 4  # frames per keyframe interval (fixed, no scene-cut keyframes): a needed frame is <= 3 decodes away
     crf: int = 24
     preset: str = "veryfast"
