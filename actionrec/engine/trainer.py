@@ -264,12 +264,12 @@ class Trainer:
         optimizer = build_optimizer(cfg, model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        self.progress = TrainProgress()
+        self.progress = TrainProgress(world_size=self.world_size, accumulation=accelerator.gradient_accumulation_steps)
         accelerator.register_for_checkpointing(self.progress)
         from actionrec.data import StreamPosition
 
         self.stream_position = StreamPosition()  # this rank's, as of the last batch trained on
-        self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last, logger)
+        self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last, logger, cfg.train.seed)
 
     def to_inputs(self, video_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, T, H, W) on the host -> normalised float (B, C, T, H, W) on the device."""
