@@ -35,7 +35,7 @@ def tiny_setup(acc):
     model = build_model("timesformer_tiny", num_classes=3, num_frames=2, img_size=32, init="vit")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, optimizer = acc.prepare(model, optimizer)
-    progress = TrainProgress()
+    progress = TrainProgress(accumulation=2)  # micro_batches comes back as step x 2
     acc.register_for_checkpointing(progress)
     return model, optimizer, progress
 

@@ -204,47 +204,53 @@ class CheckpointManager:
         by later resumes) and loaded with `checkpoint.load_universal`. Random states are per rank and a rank
         of this run has no counterpart in the old one, so every rank seeds its generators from (seed, step,
         rank) instead: the resumed run is reproducible, and no two ranks share a dropout mask.
-        Anything that fails here fails on every rank with `CheckpointWorldSizeError` (never "damaged")."""
+        Under DeepSpeed, anything that fails fails on every rank with `CheckpointWorldSizeError`: the
+        checkpoint is not marked damaged (with its own number of processes it may well load)."""
         acc = self.accelerator
         here = acc.num_processes
-        source = path
-        deepspeed_engines = _deepspeed_engines(acc)
-        if deepspeed_engines:
-            failure = ""
-            if acc.is_main_process:
-                try:
-                    started = time.perf_counter()
-                    source, converted = universal_checkpoint(path)
-                    if converted:
-                        self._info(f"converted {path.name} (ZeRO, written by {written} processes) to a DeepSpeed "
-                                   f"universal checkpoint in {time.perf_counter() - started:.1f} s: {source}")
-                except Exception as exc:  # noqa: BLE001 — reported on every rank below
-                    failure = _first_line(exc)
-            failures = [text for text in _from_all_ranks(failure) if text]
-            if failures:
-                raise CheckpointWorldSizeError(_reshard_refusal(path, written, here, failures[0]))
-            source = path / UNIVERSAL_DIR
-        try:
-            # What the DeepSpeed config key `checkpoint: {load_universal: true}` sets, for this one load only: the
-            # engine reads the flag when it loads, and a same-size checkpoint must load the ordinary way.
-            for engine in deepspeed_engines:
-                engine._config.load_universal_checkpoint = True
-            acc.load_state(str(source))
-            failure = ""
-        except Exception as exc:  # noqa: BLE001 — reported on every rank below
-            failure = f"{type(exc).__name__}: {_first_line(exc)}"
-        finally:
-            for engine in deepspeed_engines:
-                engine._config.load_universal_checkpoint = False
-        failures = [text for text in _from_all_ranks(failure) if text]
-        if failures:
-            raise CheckpointWorldSizeError(_reshard_refusal(path, written, here, failures[0]))
+        engines = _deepspeed_engines(acc)
+        if not engines:  # DDP: every file but the random states is rank-independent; failures are as for any load
+            acc.load_state(str(path))
+        else:
+            self._load_universal(path, written, engines)
         from accelerate.utils import set_seed
 
         step = int(STEP_DIR.match(path.name).group(1)) if STEP_DIR.match(path.name) else 0
         set_seed(_rank_seed(self.seed, step, acc.process_index))
         self._info(f"{path.name} was written by {written} process(es), resumed on {here}: model, optimizer and "
                    "scheduler state loaded exactly; random states seeded per rank from (seed, step, rank)")
+
+    def _load_universal(self, path: Path, written: int, engines: list[Any]) -> None:
+        """Collective: rank 0 converts `path` to a universal checkpoint (once), then every rank loads it."""
+        acc = self.accelerator
+        failure = ""
+        if acc.is_main_process:
+            try:
+                started = time.perf_counter()
+                source, converted = universal_checkpoint(path)
+                if converted:
+                    self._info(f"converted {path.name} (ZeRO, written by {written} processes) to a DeepSpeed "
+                               f"universal checkpoint in {time.perf_counter() - started:.1f} s: {source}")
+            except Exception as exc:  # noqa: BLE001 — reported on every rank below
+                failure = f"{type(exc).__name__}: {_first_line(exc)}"
+        failures = [text for text in _from_all_ranks(failure) if text]
+        if failures:
+            raise CheckpointWorldSizeError(_reshard_refusal(path, written, acc.num_processes, failures[0]))
+        try:
+            # What the DeepSpeed config key `checkpoint: {load_universal: true}` sets, for this one load only: the
+            # engine reads the flag when it loads, and a same-size checkpoint must load the ordinary way.
+            for engine in engines:
+                engine._config.load_universal_checkpoint = True
+            acc.load_state(str(path / UNIVERSAL_DIR))
+            failure = ""
+        except Exception as exc:  # noqa: BLE001 — reported on every rank below
+            failure = f"{type(exc).__name__}: {_first_line(exc)}"
+        finally:
+            for engine in engines:
+                engine._config.load_universal_checkpoint = False
+        failures = [text for text in _from_all_ranks(failure) if text]
+        if failures:
+            raise CheckpointWorldSizeError(_reshard_refusal(path, written, acc.num_processes, failures[0]))
 
     def _write_failed(self, final: Path, tmp: Path, outcomes: list) -> CheckpointWriteError:
         """Clean up after a failed write (rank 0) and the one-line error every rank raises."""
@@ -312,16 +318,20 @@ def universal_checkpoint(checkpoint: Path) -> tuple[Path, bool]:
     tmp = checkpoint / f".tmp-{UNIVERSAL_DIR}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for item in checkpoint.iterdir():
-        if item.is_file():
-            shutil.copy2(item, tmp / item.name)
-    for tag in tags:
-        # One worker each: the converter's parallel mode forks this process, which holds the process group.
-        # inject_missing_state: a plain nn.Module carries no Megatron-style universal-checkpoint info.
-        args = Namespace(input_folder=str(tag), output_folder=str(tmp / tag.name), num_extract_workers=1,
-                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            ds_to_universal(args)
+    try:
+        for item in checkpoint.iterdir():
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        for tag in tags:
+            # One worker each: the converter's parallel mode forks this process, which holds the process group.
+            # inject_missing_state: a plain nn.Module carries no Megatron-style universal-checkpoint info.
+            args = Namespace(input_folder=str(tag), output_folder=str(tmp / tag.name), num_extract_workers=1,
+                             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                ds_to_universal(args)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.rename(tmp, target)
     return target, True
 
