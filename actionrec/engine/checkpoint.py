@@ -3,7 +3,9 @@
 Layout of a run dir's `checkpoints/`:
     step_0000500/     accelerator.save_state (model, optimizer, scheduler, RNG of every rank, DeepSpeed
                       shards under ZeRO) + custom_checkpoint_0.pkl (TrainProgress: step, data position,
-                      skipped count) + config.yaml + classes.json
+                      skipped count, world size) + config.yaml + classes.json; under ZeRO, once it has been
+                      resumed on another number of processes, also universal/ (DeepSpeed's universal
+                      checkpoint of it, see `CheckpointManager._load_resharded`)
     latest            one line, the name of the newest complete step dir (updated last, atomically)
 
 Atomicity: every rank writes into `.tmp-step_XXXXXXX`, all ranks meet at a barrier, then rank 0 renames the
