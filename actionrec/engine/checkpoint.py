@@ -3,7 +3,9 @@
 Layout of a run dir's `checkpoints/`:
     step_0000500/     accelerator.save_state (model, optimizer, scheduler, RNG of every rank, DeepSpeed
                       shards under ZeRO) + custom_checkpoint_0.pkl (TrainProgress: step, data position,
-                      skipped count) + config.yaml + classes.json
+                      skipped count, world size) + config.yaml + classes.json; under ZeRO, once it has been
+                      resumed on another number of processes, also universal/ (DeepSpeed's universal
+                      checkpoint of it, see `CheckpointManager._load_resharded`)
     latest            one line, the name of the newest complete step dir (updated last, atomically)
 
 Atomicity: every rank writes into `.tmp-step_XXXXXXX`, all ranks meet at a barrier, then rank 0 renames the
@@ -19,11 +21,13 @@ loaded instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,10 @@ LATEST = "latest"
 
 @dataclass
 class TrainProgress:
-    """Loop state saved with every checkpoint (registered with accelerator.register_for_checkpointing)."""
+    """Loop state saved with every checkpoint (registered with accelerator.register_for_checkpointing).
+
+    Nothing saved depends on the number of processes: the optimizer step is the position of the run, and the
+    data side's position (`data`) is global too, so a checkpoint resumes on any world size."""
 
     step: int = 0  # optimizer steps done (skipped non-finite steps included)
     skipped: int = 0  # corrupt samples skipped so far, summed over ranks
@@ -46,15 +53,18 @@ class TrainProgress:
     # The data side's position (actionrec.data.RunData.state_dict): global batches consumed and what fixes the
     # order; the same on every rank and valid on any world size. Empty in checkpoints of earlier versions.
     data: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1  # processes of this run; saved, so a checkpoint says how many processes wrote it
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"step": self.step, "skipped": self.skipped, "nonfinite_steps": self.nonfinite_steps,
+                "data": self.data, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Earlier versions also saved `micro_batches` and `stream_positions` (per rank, of their resampled
+        # order) and no `world_size` or `data`: not used.
         self.step = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        # Earlier versions saved per-rank stream positions of their resampled order instead: not used.
         self.data = dict(state.get("data", {}))
 
 
@@ -65,11 +75,13 @@ def step_dir_name(step: int) -> str:
 class CheckpointManager:
     """The checkpoints of one run dir. Without an accelerator it only reads (`latest`, `step_dirs`)."""
 
-    def __init__(self, run_dir: Path, accelerator: Any = None, keep_last: int = 1, logger: Any = None) -> None:
+    def __init__(self, run_dir: Path, accelerator: Any = None, keep_last: int = 1, logger: Any = None,
+                 seed: int = 0) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.accelerator = accelerator
         self.keep_last = keep_last
         self.logger = logger
+        self.seed = seed  # the run's seed: the random states of a resume on another world size derive from it
         self.current: Path | None = None  # the checkpoint of the state in memory (loaded or saved by this run)
 
     def step_dirs(self) -> list[Path]:
@@ -107,6 +119,8 @@ class CheckpointManager:
                 self.load(candidate)
                 _check_rng_state(candidate, acc.process_index)
                 failure = ""
+            except CheckpointWorldSizeError:  # raised on every rank together; the checkpoint is not damaged
+                raise
             except Exception as exc:  # noqa: BLE001 — any failure to load means this checkpoint cannot be used
                 failure = f"{type(exc).__name__}: {_first_line(exc)}"
             failures = [(rank, text) for rank, text in enumerate(_from_all_ranks(failure)) if text]
@@ -169,9 +183,72 @@ class CheckpointManager:
         return final
 
     def load(self, path: Path) -> None:
-        """Collective: restore model, optimizer, scheduler, RNG and registered custom state."""
-        self.accelerator.load_state(str(path))
-        self.current = Path(path)
+        """Collective: restore model, optimizer, scheduler, RNG and registered custom state. A checkpoint written
+        by another number of processes is loaded as described in `_load_resharded`."""
+        path = Path(path)
+        written = written_world_size(path)
+        if written and written != self.accelerator.num_processes:
+            self._load_resharded(path, written)
+        else:
+            self.accelerator.load_state(str(path))
+        self.current = path
+
+    def _load_resharded(self, path: Path, written: int) -> None:
+        """Load a checkpoint that `written` processes wrote into this run's (different) number of processes.
+
+        Model, optimizer and scheduler state come back exactly: under DDP they are saved whole (rank 0's copy);
+        under DeepSpeed ZeRO, whose optimizer state (and ZeRO-3 parameters) are partitioned per rank, the
+        checkpoint is first converted once to DeepSpeed's universal checkpoint (`universal/` inside it, reused
+        by later resumes) and loaded with `checkpoint.load_universal`. Random states are per rank and a rank
+        of this run has no counterpart in the old one, so every rank seeds its generators from (seed, step,
+        rank) instead: the resumed run is reproducible, and no two ranks share a dropout mask.
+        Under DeepSpeed, anything that fails fails on every rank with `CheckpointWorldSizeError`: the
+        checkpoint is not marked damaged (with its own number of processes it may well load)."""
+        acc = self.accelerator
+        here = acc.num_processes
+        engines = _deepspeed_engines(acc)
+        if not engines:  # DDP: every file but the random states is rank-independent; failures are as for any load
+            acc.load_state(str(path))
+        else:
+            self._load_universal(path, written, engines)
+        from accelerate.utils import set_seed
+
+        step = int(STEP_DIR.match(path.name).group(1)) if STEP_DIR.match(path.name) else 0
+        set_seed(_rank_seed(self.seed, step, acc.process_index))
+        self._info(f"{path.name} was written by {written} process(es), resumed on {here}: model, optimizer and "
+                   "scheduler state loaded exactly; random states seeded per rank from (seed, step, rank)")
+
+    def _load_universal(self, path: Path, written: int, engines: list[Any]) -> None:
+        """Collective: rank 0 converts `path` to a universal checkpoint (once), then every rank loads it."""
+        acc = self.accelerator
+        failure = ""
+        if acc.is_main_process:
+            try:
+                started = time.perf_counter()
+                source, converted = universal_checkpoint(path)
+                if converted:
+                    self._info(f"converted {path.name} (ZeRO, written by {written} processes) to a DeepSpeed "
+                               f"universal checkpoint in {time.perf_counter() - started:.1f} s: {source}")
+            except Exception as exc:  # noqa: BLE001 — reported on every rank below
+                failure = f"{type(exc).__name__}: {_first_line(exc)}"
+        failures = [text for text in _from_all_ranks(failure) if text]
+        if failures:
+            raise CheckpointWorldSizeError(_reshard_refusal(path, written, acc.num_processes, failures[0]))
+        try:
+            # What the DeepSpeed config key `checkpoint: {load_universal: true}` sets, for this one load only: the
+            # engine reads the flag when it loads, and a same-size checkpoint must load the ordinary way.
+            for engine in engines:
+                engine._config.load_universal_checkpoint = True
+            acc.load_state(str(path / UNIVERSAL_DIR))
+            failure = ""
+        except Exception as exc:  # noqa: BLE001 — reported on every rank below
+            failure = f"{type(exc).__name__}: {_first_line(exc)}"
+        finally:
+            for engine in engines:
+                engine._config.load_universal_checkpoint = False
+        failures = [text for text in _from_all_ranks(failure) if text]
+        if failures:
+            raise CheckpointWorldSizeError(_reshard_refusal(path, written, acc.num_processes, failures[0]))
 
     def _write_failed(self, final: Path, tmp: Path, outcomes: list) -> CheckpointWriteError:
         """Clean up after a failed write (rank 0) and the one-line error every rank raises."""
@@ -200,6 +277,82 @@ class CheckpointManager:
     def _warn(self, message: str) -> None:
         if self.logger is not None and self.accelerator.is_main_process:
             self.logger.warning(message)
+
+    def _info(self, message: str) -> None:
+        if self.logger is not None and self.accelerator.is_main_process:
+            self.logger.info(message)
+
+
+# --- resuming on another number of processes ----------------------------------------------------------------
+
+UNIVERSAL_DIR = "universal"  # inside a ZeRO step dir: the same checkpoint as a DeepSpeed universal checkpoint
+DEEPSPEED_TAG = re.compile(r"^pytorch_model(_\d+)?$")  # the DeepSpeed tags Accelerate's save_state writes
+
+
+def written_world_size(checkpoint: Path) -> int:
+    """How many processes wrote `checkpoint` (0 if it does not say). Accelerate's save_state writes one
+    `random_states_<rank>.pkl` per process in every backend (DDP, DeepSpeed), older checkpoints included;
+    TrainProgress records the number as well."""
+    return len(list(Path(checkpoint).glob("random_states_*.pkl")))
+
+
+def universal_checkpoint(checkpoint: Path) -> tuple[Path, bool]:
+    """`checkpoint/universal`: the ZeRO step dir `checkpoint` with every DeepSpeed tag in it converted by
+    DeepSpeed's `ds_to_universal` (any ZeRO stage, any number of ranks to any other), next to copies of the
+    step dir's own small files (scheduler, progress, random states). Made once (written aside, then renamed
+    into place, so a kill leaves no half copy that looks whole); returns (path, whether it was made now)."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    checkpoint = Path(checkpoint)
+    target = checkpoint / UNIVERSAL_DIR
+    if target.is_dir():
+        return target, False
+    tags = [p for p in checkpoint.iterdir() if p.is_dir() and DEEPSPEED_TAG.match(p.name)]
+    if not tags:
+        raise CheckpointNotFound(f"{checkpoint} holds no DeepSpeed checkpoint (pytorch_model/): it was not written "
+                                 "under DeepSpeed")
+    tmp = checkpoint / f".tmp-{UNIVERSAL_DIR}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for item in checkpoint.iterdir():
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        for tag in tags:
+            # One worker each: the converter's parallel mode forks this process, which holds the process group.
+            # inject_missing_state: a plain nn.Module carries no Megatron-style universal-checkpoint info.
+            args = Namespace(input_folder=str(tag), output_folder=str(tmp / tag.name), num_extract_workers=1,
+                             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                ds_to_universal(args)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, target)
+    return target, True
+
+
+def _deepspeed_engines(accelerator: Any) -> list[Any]:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return []
+    return list(accelerator._models)  # what load_state calls load_checkpoint on: the DeepSpeed engines
+
+
+def _rank_seed(seed: int, step: int, rank: int) -> int:
+    """A seed per (run seed, step, rank): independent streams for the ranks, the same ones on every re-run."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def _reshard_refusal(path: Path, written: int, here: int, reason: str) -> str:
+    return (f"checkpoint {path} was written by {written} process(es) and cannot be loaded by {here} ({reason}); "
+            f"resume it with {written} process(es) (e.g. accelerate launch --num_processes {written}), or move "
+            f"{path.parent.parent} away to start over")
 
 
 def _without_tracebacks(exc: BaseException) -> BaseException:
@@ -252,6 +405,11 @@ def _from_all_ranks(value: Any) -> list[Any]:
 
 class CheckpointNotFound(FileNotFoundError):
     pass
+
+
+class CheckpointWorldSizeError(CheckpointNotFound):
+    """A complete checkpoint that cannot be resumed on this number of processes (caught where a missing
+    checkpoint is: one line, no traceback). It is not damaged: resume() stops instead of trying older ones."""
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -132,9 +132,9 @@ class Trainer:
         optimizer = build_optimizer(cfg, model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        self.progress = TrainProgress()
+        self.progress = TrainProgress(world_size=self.world_size)
         accelerator.register_for_checkpointing(self.progress)
-        self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last, logger)
+        self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last, logger, cfg.train.seed)
         self.sample_log = SampleLog(cfg.run_dir, self.rank, enabled=cfg.data.sample_log)
 
     def to_inputs(self, video_uint8: torch.Tensor) -> torch.Tensor:
