@@ -158,6 +158,10 @@ class Trainer:
     def restore_data_position(self) -> None:
         """After a resume: the data continues at the checkpoint's global batch (on any world size), and the
         sample log loses the lines of steps the checkpoint did not keep."""
+        # Accelerate restores its micro-batch counter (which decides when gradients sync and the optimizer
+        # steps) from the rank's own random-state file: counted in the old run's accumulation, and absent for a
+        # rank the old run did not have. Set from the optimizer step, it is right on any world size.
+        self.acc.step = self.progress.step * self.acc.gradient_accumulation_steps
         if self.progress.data:
             self.data.load_state_dict(self.progress.data)
         else:  # a checkpoint of an earlier version: one global batch per step, in the order of this version
