@@ -26,7 +26,6 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, gather_object, set_seed
-from tqdm.auto import tqdm
 
 from actionrec.atomic import atomic_path, write_atomic
 from actionrec.config import (
@@ -42,11 +41,12 @@ from actionrec.engine.checkpoint import (
     fp32_cpu_state_dict,
     load_fp32_state_dict,
     resolve_checkpoint,
+    weights_step,
 )
 from actionrec.engine.evaluation import EvalResult, evaluate
 from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, StopSignals, TrainingInterrupted
 from actionrec.engine.pretraining import masked_reconstruction_loss, step_mask_generator
-from actionrec.logging import RunMonitor, get_logger
+from actionrec.logging import RunMonitor, get_logger, progress_bar
 
 # DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the warning repeats on every rank and step.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -314,7 +314,7 @@ class Trainer:
             to_inputs=self.to_inputs,
             autocast=self.acc.autocast,
             dummy_input=dummy,
-            progress=(lambda it: tqdm(it, desc=f"eval {split}", leave=False, dynamic_ncols=True)) if show else None,
+            progress=(lambda it: progress_bar(it, desc=f"eval {split}", leave=False)) if show else None,
             frames_shuffled=frames_shuffled,
         )
 
@@ -452,7 +452,10 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
     trainer = Trainer(cfg, accelerator, data, model, flops_per_clip, logger)
 
     if eval_only:
-        results = run_evaluations(trainer, None, [cfg.data.val_split, cfg.data.test_split], step=0,
+        step = weights_step(weights_from)
+        if step is None:
+            logger.info("%s does not record the step it was trained to: results are labelled step 0", weights_from)
+        results = run_evaluations(trainer, None, [cfg.data.val_split, cfg.data.test_split], step=step or 0,
                                   frames_shuffled=frames_shuffled)
         accelerator.end_training()
         return results
@@ -491,7 +494,8 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         raise
     results.update(run_evaluations(trainer, monitor, [cfg.data.val_split, cfg.data.test_split], trainer.progress.step))
     export_model(trainer, final_dir)
-    monitor.finish(results, num_workers=cfg.data.num_workers)
+    monitor.finish(results, num_workers=cfg.data.num_workers,
+                   can_decode_on_device=accelerator.device.type == "cuda" and cfg.data.decode_on == "worker")
     accelerator.end_training()
     return results
 
@@ -501,13 +505,8 @@ def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dic
     trainer.restore_stream_position()
     batches = train_batches(cfg, trainer.data, progress.micro_batches, trainer.rank, trainer.world_size,
                             trainer.stream_position, trainer.device)
-    bar = tqdm(
-        total=cfg.train.max_steps,
-        initial=progress.step,
-        desc="train",
-        dynamic_ncols=True,
-        disable=not (acc.is_main_process and cfg.log.progress_bar),
-    )
+    bar = progress_bar(total=cfg.train.max_steps, initial=progress.step, desc="train",
+                       enabled=acc.is_main_process and cfg.log.progress_bar)
     trainer.model.train()
     window_loss = torch.zeros((), device=trainer.device)
     window_steps, window_applied, window_wait, window_skipped = 0, 0, 0.0, 0
@@ -616,7 +615,7 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
         if monitor is not None:
             monitor.log_eval(result, split, step, trainer.data.classes)
         elif trainer.acc.is_main_process:
-            write_eval_report(trainer, result, name)
+            write_eval_report(trainer, result, name, step)
     return results
 
 
@@ -629,7 +628,7 @@ def evaluate_pretraining(trainer: Trainer, monitor: RunMonitor | None, split: st
     batches = eval_batches(cfg, trainer.data, split, trainer.rank, trainer.world_size, trainer.device)
     result = evaluate_reconstruction(
         trainer.acc.unwrap_model(trainer.model),
-        tqdm(batches, desc=f"eval {split}", leave=False, dynamic_ncols=True) if show else batches,
+        progress_bar(batches, desc=f"eval {split}", leave=False) if show else batches,
         trainer.device, trainer.to_inputs, trainer.acc.autocast, cfg.train.seed,
         cfg.pretrain.reconstructions if trainer.acc.is_main_process else 0, trainer.world_size,
     )
@@ -648,20 +647,22 @@ def evaluate_pretraining(trainer: Trainer, monitor: RunMonitor | None, split: st
     return scalars
 
 
-def write_eval_report(trainer: Trainer, result: EvalResult, split: str) -> None:
-    """--eval-only: metrics JSON and the two plots (those of a training run's evaluations) into {run_dir}/eval/."""
+def write_eval_report(trainer: Trainer, result: EvalResult, split: str, step: int) -> None:
+    """--eval-only: metrics JSON (with the `step` of the weights evaluated) and the two plots (those of a
+    training run's evaluations) into {run_dir}/eval/."""
     from actionrec.logging import per_class_records, plot_eval
 
     out = trainer.cfg.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     classes = trainer.data.classes
     report = {
+        "step": step,
         **result.scalars(),
         **per_class_records(result, classes),
         "confusion_matrix_video": result.video.confusion_matrix.tolist(),
     }
     write_atomic(out / f"{split}_metrics.json", json.dumps(report, indent=1))
-    plot_eval(result, classes, out, split, f"{split} (video level)")
+    plot_eval(result, classes, out, split, f"{split} (video level), step {step}")
 
 
 def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
@@ -680,7 +681,8 @@ def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
             state = fp32_cpu_state_dict(state)
         run_dir = trainer.cfg.run_dir
         with atomic_path(run_dir / "model.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name})
+            save_file(state, str(tmp), metadata={"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name,
+                                                 "step": str(trainer.progress.step)})
         trainer.logger.info("exported %s (fp32, %d tensors)", run_dir / "model.safetensors", len(state))
     acc.wait_for_everyone()
 

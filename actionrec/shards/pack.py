@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from actionrec.atomic import write_atomic
+from actionrec.logging import progress_bar
 from actionrec.shards.encode import EncodedVideo, EncodeSettings, UnpackableSource, encode_source
 from actionrec.shards.layouts import SPLITS, UNLABELLED_GROUP, LayoutError, Source, list_sources, sample_key
 from actionrec.shards.split import check_split_fractions, resolve_split
@@ -142,7 +143,7 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
     skipped = [Skipped(u.relpath, u.reason) for u in listing.unusable]
     newly_packed = 0
     executor = _start_pool(options.workers) if todo else None
-    bar = tqdm(total=len(todo), unit="video", desc="packing", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), unit="video", desc="packing", enabled=progress)
     try:
         for source, result in _encode_all(todo, options.encode, options.workers, executor):
             if isinstance(result, str):
