@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. the same fine-tune from the pre-trained encoder and from scratch
     results = {}
     for variant in args.variants.split(","):
-        cfg = recipe(args.lr, args.finetune_steps, 30)
+        cfg = recipe(args.lr, args.finetune_steps, min(30, args.finetune_steps // 10))
         torch.manual_seed(args.seed)
         model = build_model(MODEL["name"], num_classes=len(names), **{**model_build_options(cfg), "init": "scratch"})
         if variant == "pretrained":
