@@ -27,7 +27,8 @@ test: $(STAMP)
 # The embedded demo: synthetic videos -> shards -> a model trained from scratch on 2 CPU processes: the divided
 # space-time TimeSformer (configs/demo.yaml), or with MODEL=r3d_18_transformer | r2plus1d_18_transformer |
 # resnet18_temporal the CNN families (configs/demo_$(MODEL).yaml).
-# Each step reuses what is already there (generated videos, packed shards, the run's latest checkpoint).
+# Each step reuses what is already there (generated videos, packed shards, the run's latest checkpoint); shards
+# packed by an earlier version with other settings are re-packed (--repack; the packer says what changed).
 DEMO_VIDEOS := data/videos/synth
 DEMO_SHARDS := data/shards/synth
 DEMO_CONFIG := configs/$(if $(MODEL),demo_$(MODEL),demo).yaml
@@ -35,7 +36,7 @@ DEMO_CONFIG := configs/$(if $(MODEL),demo_$(MODEL),demo).yaml
 demo: $(STAMP)
 	@test -f $(DEMO_CONFIG) || { echo "error: no $(DEMO_CONFIG): MODEL is one of r3d_18_transformer, r2plus1d_18_transformer, resnet18_temporal (or unset for the TimeSformer)"; exit 2; }
 	@test -f $(DEMO_VIDEOS)/.complete || { $(PY) shards/synthetic.py --out $(DEMO_VIDEOS) && touch $(DEMO_VIDEOS)/.complete; }
-	$(PY) shards/pack.py $(DEMO_VIDEOS) --out $(DEMO_SHARDS)
+	$(PY) shards/pack.py $(DEMO_VIDEOS) --out $(DEMO_SHARDS) --repack
 	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml train.py --config $(DEMO_CONFIG)
 
 # The GPU check (docs/gpu.md) on a CUDA machine, with that machine's own PyTorch (no venv, no network): installs

@@ -1,4 +1,5 @@
-"""Rank-0 monitoring: one logger, WandB (online / offline / disabled), metrics.jsonl and PNG plots.
+"""Rank-0 monitoring: one logger, WandB (online / offline / disabled), metrics.jsonl and PNG plots, and the
+one progress-bar policy (`progress_bar`) that training, evaluation, packing and generating share.
 
 Only the main process writes or prints; every method is a no-op elsewhere, so callers reduce first and then
 log unconditionally. WandB is optional at run time: any failure to start it warns once and the run goes on
@@ -15,10 +16,12 @@ import secrets
 import string
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm import tqdm
 
 from actionrec.atomic import write_atomic
 
@@ -42,6 +45,32 @@ def get_logger(is_main_process: bool) -> logging.Logger:
         logger.addHandler(logging.NullHandler())
         logger.setLevel(logging.CRITICAL + 1)
     return logger
+
+
+# On a terminal a progress bar redraws in place. Written to anything else (`make demo > demo.log 2>&1`, CI, a
+# SLURM log) every redraw is one more piece of the log: a 1500-step run would write ~1500 of them. There a bar
+# draws at most once per this many seconds, plus its first and last state.
+PROGRESS_FILE_INTERVAL_S = 30.0
+
+
+def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, file: IO[str] | None = None,
+                 **options: Any) -> tqdm:
+    """A tqdm bar under the project's policy: off unless `enabled` (the main process and the user's switch:
+    log.progress_bar, --no-progress); on a terminal tqdm's own redraws, fitted to the window; on any other
+    stream one redraw every PROGRESS_FILE_INTERVAL_S seconds at a fixed width."""
+    stream = file if file is not None else sys.stderr
+    if _is_terminal(stream):
+        options.setdefault("dynamic_ncols", True)
+    else:
+        options.update(mininterval=PROGRESS_FILE_INTERVAL_S, maxinterval=PROGRESS_FILE_INTERVAL_S, dynamic_ncols=False)
+    return tqdm(iterable, file=stream, disable=not enabled, **options)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 class RunMonitor:
@@ -198,10 +227,11 @@ class RunMonitor:
             plot_loss_curve(self.metrics_path, self.plots_dir / "loss.png")
 
     def finish(self, results: dict[str, Any] | None = None, summary: bool = True, num_workers: int | None = None,
-               notes: list[str] = ()) -> None:
+               notes: list[str] = (), can_decode_on_device: bool = False) -> None:
         """Final loss plot, close WandB, and print a summary: headline numbers, the data wait (with advice when
-        the run was data-bound; `num_workers`: loader workers per process) and where everything is (not for
-        a run that stopped early: its own message says what happened)."""
+        the run was data-bound; `num_workers`: loader workers per process; `can_decode_on_device`: the run
+        trained on a CUDA device with decode_on: worker, so decode_on: device is advice worth giving) and
+        where everything is (not for a run that stopped early: its own message says what happened)."""
         if not self.is_main:
             return
         self.plot_loss_curve()
@@ -215,7 +245,8 @@ class RunMonitor:
                 warnings.warn(f"WandB finish failed: {exc!r}")
             self.wandb_run = None
         if summary:
-            self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode, num_workers, notes))
+            self.logger.info("%s", run_summary(self.run_dir, results or {}, wandb_dir, wandb_mode, num_workers,
+                                               can_decode_on_device, notes))
 
 
 # Above this share of step time spent waiting for batches, the summary calls a run data-bound.
@@ -223,7 +254,7 @@ DATA_BOUND_SHARE = 0.10
 
 
 def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, wandb_mode: str | None,
-                num_workers: int | None = None, notes: list[str] = ()) -> str:
+                num_workers: int | None = None, can_decode_on_device: bool = False, notes: list[str] = ()) -> str:
     """`notes`: further lines after the results (the sample log's "train data: ..." line)."""
     lines = [f"summary of {run_dir}:"]
     for split in ("test", "val"):
@@ -238,8 +269,11 @@ def run_summary(run_dir: Path, results: dict[str, Any], wandb_dir: Path | None, 
     if wait is not None:
         line = f"  data wait: {wait:.0%} of step time (train/data_wait_fraction, mean over the run)"
         if wait > DATA_BOUND_SHARE and num_workers is not None:
-            line += (f"; data-bound: {extra_workers_needed(wait, num_workers)} more workers or decode_on: device "
-                     f"(data.num_workers is {num_workers} per process)")
+            # Only a GPU decodes faster than the workers (nvJPEG/NVDEC); on a CPU, decode_on: device runs the
+            # same decoders in the training process, where they compete with the model (docs/loader.md).
+            line += (f"; data-bound: {extra_workers_needed(wait, num_workers)} more workers"
+                     + (" or decode_on: device" if can_decode_on_device else "")
+                     + f" (data.num_workers is {num_workers} per process)")
         lines.append(line)
     lines.append(f"  metrics:  {run_dir / 'metrics.jsonl'}")
     lines.append(f"  plots:    {run_dir / 'plots'} (loss.png, confusion_matrix_*.png, pr_curves_*.png)")
@@ -273,7 +307,7 @@ def extra_workers_needed(wait_share: float, num_workers: int) -> int:
     per-worker rate r, of which the model needs (1 - w) T when w is the wait share. Workers matching the
     model's rate: W' r = 1 / ((1 - w) T), so W' = W / (1 - w). With W = 0 the training process decodes
     between steps (the decode time is w T): w / (1 - w) workers decoding in parallel keep up, and at least
-    one is needed. Rounded up; it assumes a free core per worker (with fewer cores, decode_on: device).
+    one is needed. Rounded up; it assumes a free core per worker (with fewer cores and a GPU, decode_on: device).
     """
     w = min(max(wait_share, 0.0), 0.99)  # a run that only waited would ask for unbounded workers
     if num_workers == 0:

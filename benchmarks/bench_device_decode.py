@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def throughput(shards, decode_on: str, args) -> tuple[float, float]:
     loader = build_train_loader(shards, clip=CLIP, batch_size=BATCH, num_workers=args.workers,
-                                batches_per_epoch=args.batches, seed=0, rank=0, world_size=1,
+                                batches_per_pass=args.batches, seed=0, rank=0, world_size=1,
                                 augment=TrainAugment(), decode_on=decode_on, device=args.device)
 
     def clips(batch: dict) -> int:

@@ -13,7 +13,7 @@ Each content type is packed on its own with the real packer once per encoding, a
 encoding, decoder) the real loader measures (one process, no workers, one thread, CPU clock):
   - the marginal CPU ms per 8 x 224^2 training clip, TSN-uniform and dense (stride 4): tar reading, demux,
     decode, RGB conversion, crop/resize and collate, the whole per-clip cost of a loader worker in steady
-    state (a first batch fills the shuffle buffer and is not counted);
+    state (a first batch opens the shards and is not counted);
   - bytes per video (the shard tar bytes / videos);
   - PSNR of every --psnr-step-th decoded frame of the first --psnr-seconds against the source frame shown at the same
     time (RGB, at the source's size; a smaller short side is scaled back up, so its lost detail counts).
@@ -187,14 +187,14 @@ def decoder_for(name: str) -> str | Decoder:
 
 
 def cpu_ms_per_clip(shardset: ShardSet, decoder: str, sampling: str, clips: int, seed: int) -> float:
-    """Marginal CPU per clip of a loader pass in this process: the first batch (opening the shards, filling the
-    one-batch shuffle buffer, the decoder's first use) is not counted, so every counted clip reads one sample,
+    """Marginal CPU per clip of a loader pass in this process: the first batch (opening the shards and their
+    sample indexes, the decoder's first use) is not counted, so every counted clip reads one sample,
     as a worker in steady state does. The loader holds one batch of lookahead; with one batch more in the
     epoch than are timed, the timed stretch makes exactly the timed number of batches, with or without it."""
     timed = clips // BATCH
     loader = build_train_loader(shardset, clip=CLIPS[sampling], batch_size=BATCH, num_workers=0,
-                                batches_per_epoch=timed + 2, seed=seed, rank=0, world_size=1,
-                                shuffle_buffer=BATCH, decoder=decoder_for(decoder))
+                                batches_per_pass=timed + 2, seed=seed, rank=0, world_size=1,
+                                decoder=decoder_for(decoder))
     batches = iter(loader)
     next(batches)
     start = time.process_time()

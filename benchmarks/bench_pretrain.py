@@ -33,30 +33,21 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actionrec.config import build_config  # noqa: E402
-from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices  # noqa: E402
-from actionrec.data.transforms import TrainAugment, eval_views, normalize_on_device, train_transform  # noqa: E402
+from actionrec.data.sampling import ClipSpec  # noqa: E402
+from actionrec.data.transforms import TrainAugment  # noqa: E402
 from actionrec.engine.optim import build_optimizer, cosine_with_warmup  # noqa: E402
 from actionrec.engine.run_model import model_build_options  # noqa: E402
 from actionrec.models import build_model  # noqa: E402
 from actionrec.models.masked import MaskedVideoModel  # noqa: E402
-from benchmarks.bench_scratch import render_set  # noqa: E402
+from benchmarks.in_memory import (DATA_SETS, eval_clips, held_out_split, optimise, predictions_correct,  # noqa: E402
+                                  render_set, train_clips)
 
 MODEL = {"name": "timesformer_tiny", "attention_type": "divided_space_time", "embed_dim": 96, "depth": 4, "num_heads": 4}
 
 
-def optimise(model: torch.nn.Module, loss: torch.Tensor, optimizer, schedule) -> float:
-    """One step of the trainer's recipe (grad clip 1.0, schedule per step) -> the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    schedule.step()
-    return loss.item()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=["synth", "motion4"], default="synth")
+    parser.add_argument("--data", choices=DATA_SETS, default="synth")
     parser.add_argument("--per-class", type=int, default=100, help="videos per class, labelled and unlabelled sets each")
     parser.add_argument("--labelled", type=int, default=8, help="labelled training videos per class")
     parser.add_argument("--pretrain-steps", type=int, default=1500)
@@ -85,24 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     unlabelled, _, _ = render_set(args.data, 10, args.per_class, seed=321)
     videos, labels, names = render_set(args.data, 10, args.per_class, seed=123)
     rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(labels))
-    cut = int(0.8 * len(order))
-    test_idx = order[cut:]
-    train_idx = np.concatenate([order[:cut][labels[order[:cut]] == c][: args.labelled] for c in range(len(names))])
+    pool_idx, test_idx = held_out_split(len(labels), rng)
+    train_idx = np.concatenate([pool_idx[labels[pool_idx] == c][: args.labelled] for c in range(len(names))])
     spec = ClipSpec(num_frames=8, sampling="dense", frame_stride=2, size=64)
     augment = TrainAugment()
-
-    def clips_of(source: torch.Tensor, indices, generator) -> torch.Tensor:
-        out = []
-        for i in indices:
-            frames = source[i][train_frame_indices(spec, source.shape[1], generator)]
-            out.append(train_transform(frames, spec, augment, generator).permute(1, 0, 2, 3))
-        return normalize_on_device(torch.stack(out))
-
-    test_clips = normalize_on_device(torch.stack([
-        eval_views(videos[i][eval_frame_indices(spec, videos.shape[1], 0, 1)], spec, 1)[0].permute(1, 0, 2, 3)
-        for i in test_idx
-    ]))
+    test_clips = eval_clips(videos, test_idx, spec)
 
     def recipe(lr: float, steps: int, warmup: int, betas=(0.9, 0.999)):
         return build_config({"data": {"num_frames": 8, "size": 64}, "model": dict(MODEL),
@@ -122,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(pre_cfg))
         pre_rng = np.random.default_rng([args.seed, 1])
         for step in tqdm(range(args.pretrain_steps), desc="pre-training", leave=False):
-            video = clips_of(unlabelled, pre_rng.choice(len(unlabelled), args.pretrain_batch), pre_rng)
+            video = train_clips(unlabelled, pre_rng.choice(len(unlabelled), args.pretrain_batch), spec, augment, pre_rng)
             mask = masked.random_mask(len(video), torch.Generator().manual_seed(args.seed * 1_000_003 + step))
             loss = F.mse_loss(masked(video, mask), masked.targets(video, mask))
-            pre_losses.append(optimise(masked, loss, optimizer, schedule))
+            pre_losses.append(optimise(masked, loss, optimizer, schedule, pre_cfg.optim.grad_clip))
             if (step + 1) % args.eval_every == 0:
                 print(json.dumps({"phase": "pretrain", "step": step + 1, "loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4),
                                   "seconds": round(time.perf_counter() - start, 1)}), flush=True)
@@ -150,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. the same fine-tune from the pre-trained encoder and from scratch
     results = {}
     for variant in args.variants.split(","):
-        cfg = recipe(args.lr, args.finetune_steps, 30)
+        cfg = recipe(args.lr, args.finetune_steps, min(30, args.finetune_steps // 10))
         torch.manual_seed(args.seed)
         model = build_model(MODEL["name"], num_classes=len(names), **{**model_build_options(cfg), "init": "scratch"})
         if variant == "pretrained":
@@ -163,14 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         for step in tqdm(range(args.finetune_steps), desc=f"fine-tuning ({variant})", leave=False):
             indices = ft_rng.choice(train_idx, args.batch)
-            loss = F.cross_entropy(model(clips_of(videos, indices, ft_rng)), labels[indices], label_smoothing=0.1)
-            losses.append(optimise(model, loss, optimizer, schedule))
+            loss = F.cross_entropy(model(train_clips(videos, indices, spec, augment, ft_rng)), labels[indices],
+                                   label_smoothing=0.1)
+            losses.append(optimise(model, loss, optimizer, schedule, cfg.optim.grad_clip))
             if (step + 1) % args.eval_every == 0 or step + 1 == args.finetune_steps:
-                model.eval()
-                with torch.no_grad():
-                    logits = torch.cat([model(test_clips[i:i + 64]) for i in range(0, len(test_clips), 64)])
-                model.train()
-                top1 = (logits.argmax(1) == labels[test_idx]).float().mean().item()
+                top1 = predictions_correct(model, test_clips, labels[test_idx]).float().mean().item()
                 row = {"phase": variant, "step": step + 1, "train_loss": round(float(np.mean(losses[-args.eval_every:])), 3),
                        "test_top1": round(top1, 3), "seconds": round(time.perf_counter() - start, 1)}
                 history.append(row)

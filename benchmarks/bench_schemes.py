@@ -72,18 +72,18 @@ def mean_train_throughput(path: Path) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def run_one(label: str, model: dict, base: dict, steps: int) -> dict:
+def run_one(label: str, model: dict, base: dict, steps: int, out: Path) -> dict:
     cfg = json.loads(json.dumps(base))
     cfg["name"] = f"scheme-{label}-{steps}steps"  # the budget in the name: a rerun never reuses another budget's run
-    cfg["output_dir"] = str(OUT / "runs")
+    cfg["output_dir"] = str(out / "runs")
     cfg["model"] = model
     cfg["train"].update(max_steps=steps, eval_every=0, checkpoint_every=steps)
     cfg["optim"]["warmup_steps"] = min(cfg["optim"].get("warmup_steps", 0), steps // 10)
     cfg["log"].update(wandb_mode="disabled", progress_bar=False)
-    config_path = OUT / "configs" / f"{label}.yaml"
+    config_path = out / "configs" / f"{label}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    run_dir = OUT / "runs" / cfg["name"]
+    run_dir = out / "runs" / cfg["name"]
     print(f"== {label}: training {steps} steps", flush=True)
     subprocess.run([sys.executable, "train.py", "--config", str(config_path)], cwd=REPO, check=True)
 
@@ -124,24 +124,25 @@ def write_table(rows: list[dict], steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="base config (data, optimiser, batch)")
     parser.add_argument("--steps", type=int, default=0, help="training steps per model (default: the config's)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=OUT, help="table, configs and runs (default: %(default)s)")
+    args = parser.parse_args(argv)
     base = yaml.safe_load((REPO / args.config).read_text())
     shards = REPO / base["data"]["shards"]
     if not (shards / "dataset.json").is_file():
         print(f"error: {shards} has no dataset.json: run `make demo` (or shards/synthetic.py + shards/pack.py) first",
               file=sys.stderr)
         return 2
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     args.steps = args.steps or base["train"]["max_steps"]
-    rows = [run_one(label, MODELS[label], base, args.steps) for label in args.models]
+    rows = [run_one(label, MODELS[label], base, args.steps, args.out) for label in args.models]
     table = write_table(rows, args.steps)
-    (OUT / "table.md").write_text(table)
-    (OUT / "table.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "table.md").write_text(table)
+    (args.out / "table.json").write_text(json.dumps(rows, indent=1))
     print(table)
     return 0
 

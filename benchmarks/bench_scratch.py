@@ -30,47 +30,18 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actionrec.config import build_config  # noqa: E402
-from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices  # noqa: E402
-from actionrec.data.transforms import TrainAugment, eval_views, normalize_on_device, train_transform  # noqa: E402
+from actionrec.data.sampling import ClipSpec  # noqa: E402
+from actionrec.data.transforms import TrainAugment  # noqa: E402
 from actionrec.engine.optim import build_optimizer, cosine_with_warmup  # noqa: E402
 from actionrec.engine.run_model import model_build_options  # noqa: E402
 from actionrec.models import build_model  # noqa: E402
-from actionrec.shards.synthetic import ALL_CLASSES, render_video  # noqa: E402
-from benchmarks.motion_heldout import DIRECTIONS, render_motion_video  # noqa: E402
-
-
-CACHE = Path(__file__).resolve().parent / "out" / "scratch_sets"
-
-
-def render_set(data: str, classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(N, T, C, H, W) uint8 videos and (N,) labels, rendered once and kept in benchmarks/out/scratch_sets
-    (a sweep of many runs would otherwise spend a minute per run rendering the same videos)."""
-    cached = CACHE / f"{data}-{classes}x{per_class}-seed{seed}.pt"
-    if cached.is_file():
-        return tuple(torch.load(cached, weights_only=False))
-    result = _render_set(data, classes, per_class, seed)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{id(result)}")
-    torch.save(list(result), tmp)
-    tmp.replace(cached)
-    return result
-
-
-def _render_set(data: str, classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    names = list(DIRECTIONS) if data == "motion4" else list(ALL_CLASSES[:classes])
-    videos, labels = [], []
-    for label, name in enumerate(tqdm(names, desc=f"rendering {data}", leave=False)):
-        for i in range(per_class):
-            rng = np.random.default_rng([seed, label, i])
-            video = render_motion_video(name, rng) if data == "motion4" else render_video(name, rng, 16, 64)
-            videos.append(torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2))
-            labels.append(label)
-    return torch.stack(videos), torch.tensor(labels), names
+from benchmarks.in_memory import (DATA_SETS, eval_clips, held_out_split, optimise, predictions_correct,  # noqa: E402
+                                  render_set, train_clips)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=["synth", "motion4"], default="motion4")
+    parser.add_argument("--data", choices=DATA_SETS, default="motion4")
     parser.add_argument("--classes", type=int, default=10, help="synth: how many of its classes")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--model", default="timesformer_tiny")
@@ -92,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     videos, labels, names = render_set(args.data, args.classes, args.per_class, seed=123)
     rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(labels))
-    cut = int(0.8 * len(order))
-    train_idx, val_idx = order[:cut], order[cut:]
+    train_idx, val_idx = held_out_split(len(labels), rng)
     spec = ClipSpec(num_frames=args.frames, sampling=args.sampling, frame_stride=args.stride, size=64)
     augment = TrainAugment()
 
@@ -111,24 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = build_optimizer(recipe, model)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(recipe))
 
-    def batch_of(indices) -> torch.Tensor:
-        clips = []
-        for i in indices:
-            frames = videos[i][train_frame_indices(spec, videos.shape[1], rng)]
-            clips.append(train_transform(frames, spec, augment, rng).permute(1, 0, 2, 3))
-        return normalize_on_device(torch.stack(clips))
-
-    val_clips = normalize_on_device(torch.stack([
-        eval_views(videos[i][eval_frame_indices(spec, videos.shape[1], 0, 1)], spec, 1)[0].permute(1, 0, 2, 3)
-        for i in val_idx
-    ]))
+    val_clips = eval_clips(videos, val_idx, spec)
 
     def evaluate() -> float:
-        model.eval()
-        with torch.no_grad():
-            logits = torch.cat([model(val_clips[i : i + 64]) for i in range(0, len(val_clips), 64)])
-        model.train()
-        correct = logits.argmax(1) == labels[val_idx]
+        correct = predictions_correct(model, val_clips, labels[val_idx])
         per_class.update({name: round(correct[labels[val_idx] == c].float().mean().item(), 2)
                           for c, name in enumerate(names)})
         return correct.float().mean().item()
@@ -138,13 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     for step in tqdm(range(args.steps), desc="training", leave=False):
         indices = rng.choice(train_idx, args.batch)
-        loss = F.cross_entropy(model(batch_of(indices)), labels[indices], label_smoothing=recipe.optim.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        loss = F.cross_entropy(model(train_clips(videos, indices, spec, augment, rng)), labels[indices],
+                               label_smoothing=recipe.optim.label_smoothing)
+        losses.append(optimise(model, loss, optimizer, schedule, recipe.optim.grad_clip))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row = dict(step=step + 1, train_loss=round(float(np.mean(losses[-args.eval_every:])), 3),
                        val_top1=round(evaluate(), 3), seconds=round(time.perf_counter() - start, 1))

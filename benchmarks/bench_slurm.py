@@ -9,6 +9,7 @@
 
     sudo slurm/local_cluster.sh start
     python benchmarks/bench_slurm.py --repeats 3     # writes benchmarks/out/bench_slurm.{json,md}
+    python benchmarks/bench_slurm.py --repeats 1 --steps 2 --no-preemption --out /tmp/s   # launch overhead only
 """
 
 from __future__ import annotations
@@ -82,17 +83,19 @@ def preemption_cost(shards: Path, out: Path, env: dict) -> dict[str, float]:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each launch method (default 3)")
     parser.add_argument("--steps", type=int, default=20, help="training steps per run (default 20)")
-    args = parser.parse_args()
+    parser.add_argument("--no-preemption", action="store_true", help="measure the launch overhead only")
+    parser.add_argument("--out", type=Path, default=OUT, help="results folder (default: %(default)s)")
+    args = parser.parse_args(argv)
     if args.repeats < 1 or args.steps < 1:
         parser.error("--repeats and --steps must be >= 1")
     if not CONF.exists():
         parser.error(f"no local cluster config at {CONF}: start it first with `sudo slurm/local_cluster.sh start`")
     env = {**os.environ, "SLURM_CONF": str(CONF), "PYTHONPATH": str(REPO)}
-    work = OUT / "bench_slurm"
+    work = args.out / "bench_slurm"
     shards = work / "shards"
     if not (shards / "dataset.json").exists():
         shards = build_tiny_shards(work)  # the tests' tiny shard set
@@ -106,7 +109,7 @@ def main() -> int:
                             "--time", "30", *tiny_overrides(shards, work / "runs", f"slurm-{repeat}-{time.time_ns()}",
                                                             args.steps), "--wait"], env))
         print(f"repeat {repeat + 1}: torchrun {direct[-1]:.1f} s, launch/slurm.py {slurm[-1]:.1f} s", flush=True)
-    preemption = preemption_cost(shards, work / "runs" / f"preempt-{time.time_ns()}", env)
+    preemption = {} if args.no_preemption else preemption_cost(shards, work / "runs" / f"preempt-{time.time_ns()}", env)
 
     result = {
         "steps": args.steps,
@@ -116,18 +119,20 @@ def main() -> int:
         "slurm_over_torchrun": statistics.median(slurm) / statistics.median(direct),
         **preemption,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "bench_slurm.json").write_text(json.dumps(result, indent=2))
-    table = "\n".join([
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_slurm.json").write_text(json.dumps(result, indent=2))
+    rows = [
         "| measurement | value |",
         "|---|---|",
         f"| torchrun, 1 machine x 2 processes, {args.steps} steps (median of {args.repeats}) | {statistics.median(direct):.1f} s |",
         f"| launch/slurm.py --wait, 2 nodes x 1 process, same run (median of {args.repeats}) | {statistics.median(slurm):.1f} s |",
         f"| ratio SLURM / torchrun | {result['slurm_over_torchrun']:.2f} |",
-        f"| preemption signal -> requeued job running again | {preemption['signal_to_restart_s']:.1f} s |",
-        f"| preemption signal -> training resumed from checkpoint | {preemption['signal_to_training_resumed_s']:.1f} s |",
-    ])
-    (OUT / "bench_slurm.md").write_text(table + "\n")
+    ]
+    if preemption:
+        rows += [f"| preemption signal -> requeued job running again | {preemption['signal_to_restart_s']:.1f} s |",
+                 f"| preemption signal -> training resumed from checkpoint | {preemption['signal_to_training_resumed_s']:.1f} s |"]
+    table = "\n".join(rows)
+    (args.out / "bench_slurm.md").write_text(table + "\n")
     print(table)
     return 0
 

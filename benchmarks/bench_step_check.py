@@ -34,15 +34,21 @@ class Encoder(torch.nn.Module):
         return self.head(self.blocks(tokens).mean(dim=1))
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def ms_per_step(model, optimizer, tokens, labels, steps: int, mode: str) -> float:
-    torch.cuda.synchronize()
+    device = tokens.device
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast(device.type, torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(tokens).float(), labels)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        flags = torch.zeros(2, device="cuda")
+        flags = torch.zeros(2, device=device)
         flags[0] = (~torch.isfinite(loss) | ~torch.isfinite(norm)).float()
         if mode == "sync":
             nonfinite, _ = flags.tolist()
@@ -50,36 +56,44 @@ def ms_per_step(model, optimizer, tokens, labels, steps: int, mode: str) -> floa
                 optimizer.step()
         elif mode == "fused":
             on_host = flags.to("cpu", non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
+            ready = torch.cuda.Event() if device.type == "cuda" else None
+            if ready is not None:
+                ready.record()
             optimizer.found_inf = flags[0]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            ready.synchronize()
+            if ready is not None:
+                ready.synchronize()
             on_host.tolist()
             continue
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) / steps * 1000
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 16], help="sequences per step")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=10, help="steps per round")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: bench_step_check.py measures a GPU: no CUDA device here")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="a 2-block, 64-wide encoder on the CPU: checks the benchmark itself (`make test` runs it)")
+    args = parser.parse_args(argv)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        raise SystemExit("error: bench_step_check.py measures a GPU: no CUDA device here (--cpu-smoke checks it on a CPU)")
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    size = dict(dim=64, heads=2, depth=2) if args.cpu_smoke else {}
+    dim = size.get("dim", 768)
+    name = "CPU (smoke size)" if args.cpu_smoke else torch.cuda.get_device_name()
     modes = ["none", "sync", "fused"]
     for batch in args.batch:
         torch.manual_seed(0)
-        model = Encoder().cuda()
+        model = Encoder(**size).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        tokens = torch.randn(batch, 197, 768, device="cuda")
-        labels = torch.randint(0, 400, (batch,), device="cuda")
+        tokens = torch.randn(batch, 197, dim, device=device)
+        labels = torch.randint(0, 400, (batch,), device=device)
         times: dict[str, list[float]] = {mode: [] for mode in modes}
         for mode in modes:
             ms_per_step(model, optimizer, tokens, labels, args.steps, mode)  # warm-up
@@ -87,7 +101,7 @@ def main() -> int:
             for mode in modes if round_index % 2 else modes[::-1]:
                 times[mode].append(ms_per_step(model, optimizer, tokens, labels, args.steps, mode))
         base = statistics.median(times["none"])
-        print(f"{torch.cuda.get_device_name()}, batch {batch} x 197 tokens: " + " | ".join(
+        print(f"{name}, batch {batch} x 197 tokens: " + " | ".join(
             f"{mode} {statistics.median(v):.2f} ms/step ({100 * (statistics.median(v) / base - 1):+.1f} %), "
             f"min {min(v):.2f}" for mode, v in times.items()))
     return 0

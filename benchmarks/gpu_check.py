@@ -12,8 +12,10 @@ is skipped (and recorded as skipped) when the time budget (--budget-s) has less 
   3. model speed: TimeSformer-B/16 divided, 8 x 224^2, forward + backward under bf16 autocast: clips/s, peak
      memory and MFU, ours against transformers' TimesformerForVideoClassification (same weights), with and
      without activation checkpointing; all five attention schemes; the largest batch that fits.
-  4. data speed: the loader's clips/s at 224^2 with 1, 4, 8 and 14 workers against the model's rate, and a real
-     100-step train.py run at 224^2 on packed synthetic shards with its data-wait fraction.
+  4. data speed: the loader's clips/s at 224^2 with 1, 4, 8 and 14 workers against the model's rate; decode_on=device
+     (nvJPEG, NVDEC) against the worker path: the same batches (keys, frame indices, pixels within a stated
+     tolerance), then clips/s; and a real 100-step train.py run at 224^2 on packed synthetic shards with its
+     data-wait fraction.
   5. torch.compile (per block, ours and transformers alike), last because its compile time is the least certain.
 The synthetic shards for (4) are generated and packed in a background process while (2) runs.
 
@@ -636,7 +638,7 @@ def loader_speed(shards: Path, sizes: Sizes) -> dict[str, Any]:
     rows = {}
     for count in tqdm(workers, desc="loader", leave=False):
         batches = max(4, count * sizes.loader_batches_per_worker)
-        loader = build_train_loader(shards, clip=clip, batch_size=8, num_workers=count, batches_per_epoch=batches + 1,
+        loader = build_train_loader(shards, clip=clip, batch_size=8, num_workers=count, batches_per_pass=batches + 1,
                                     seed=0, rank=0, world_size=1)
         iterator = iter(loader)
         next(iterator)  # worker start-up and shuffle-buffer fill are not throughput
@@ -666,7 +668,7 @@ def device_decode_speed(shards: Path, sizes: Sizes) -> dict[str, Any]:
         for where in ("worker", "device"):
             batches = max(4, workers * sizes.loader_batches_per_worker)
             loader = build_train_loader(folder, clip=clip, batch_size=8, num_workers=workers,
-                                        batches_per_epoch=batches + 1, seed=0, rank=0, world_size=1,
+                                        batches_per_pass=batches + 1, seed=0, rank=0, world_size=1,
                                         decode_on=where, device=device)
             iterator = iter(loader)
             next(iterator)  # worker start-up and shuffle-buffer fill are not throughput
@@ -682,6 +684,57 @@ def device_decode_speed(shards: Path, sizes: Sizes) -> dict[str, Any]:
             "mp4_decoder": "NVDEC (PyNvVideoCodec)" if device == "cuda" and nvdec is None else
                            f"PyAV in the training process ({nvdec or 'no CUDA'})",
             "jpg_decoder": "nvJPEG" if device == "cuda" else "Pillow in the training process"}
+
+
+# decode_on=device must give the worker path's batches: the same samples and frame indices (the workers draw
+# them either way) and the same pixels up to the decoders' arithmetic. nvJPEG's IDCT and chroma upsampling are
+# not libjpeg-turbo's, and NVDEC's frames go through another YUV -> RGB conversion than FFmpeg's, so a few levels
+# of 255 apart are expected; a wrong frame, crop or colour matrix is tens of levels on most pixels.
+AGREEMENT_MEAN_ABS = 2.0  # mean |device - worker| over every pixel, uint8 levels
+AGREEMENT_FAR_SHARE = 0.01  # share of pixels more than AGREEMENT_FAR levels apart
+AGREEMENT_FAR = 16
+
+
+def device_decode_agreement(shards: Path, sizes: Sizes) -> dict[str, Any]:
+    """The same training batches with decode_on=worker and decode_on=device (nvJPEG for jpg shards, NVDEC for
+    mp4 where PyNvVideoCodec imports): keys and frame indices equal, pixels within the tolerance above."""
+    import torch
+
+    from actionrec.data import ClipSpec, build_train_loader
+    from actionrec.data.device_decode import pynvvideocodec_load_error
+
+    clip = ClipSpec(num_frames=8, sampling="uniform", size=min(sizes.size, 224))
+    device = "cuda" if sizes.device == "cuda" else "cpu"
+    nvdec = pynvvideocodec_load_error()
+    decoders = {"mp4": "NVDEC" if device == "cuda" and nvdec is None else f"PyAV ({nvdec or 'no CUDA'})",
+                "jpg": "nvJPEG" if device == "cuda" else "Pillow (no CUDA)"}
+    workers = min(2, os.cpu_count() or 1)
+    rows, problems = {}, []
+    for fmt, folder in (("mp4", shards), ("jpg", shards.parent / "shards_jpg")):
+        batches = {}
+        for where in ("worker", "device"):
+            loader = build_train_loader(folder, clip=clip, batch_size=8, num_workers=workers, batches_per_pass=3,
+                                        seed=0, rank=0, world_size=1, decode_on=where, device=device)
+            batches[where] = [{**batch, "video": batch["video"].cpu()} for batch in loader]
+        pairs = list(zip(batches["worker"], batches["device"]))
+        same_keys = len(batches["worker"]) == len(batches["device"]) > 0 and all(a["key"] == b["key"] for a, b in pairs)
+        same_indices = same_keys and all(torch.equal(a["frame_index"], b["frame_index"]) for a, b in pairs)
+        same_shape = all(a["video"].shape == b["video"].shape for a, b in pairs)
+        row: dict[str, Any] = {"decoder": decoders[fmt], "batches": len(pairs), "same_keys": same_keys,
+                               "same_frame_indices": same_indices, "same_shape": same_shape}
+        if same_shape and pairs:
+            diff = torch.cat([(a["video"].int() - b["video"].int()).abs().flatten() for a, b in pairs]).float()
+            row.update(mean_abs=round(diff.mean().item(), 3), max_abs=int(diff.max().item()),
+                       far_share=round((diff > AGREEMENT_FAR).float().mean().item(), 5))
+        rows[fmt] = row
+        if not (same_indices and same_shape and row.get("mean_abs", 1e9) <= AGREEMENT_MEAN_ABS
+                and row.get("far_share", 1.0) <= AGREEMENT_FAR_SHARE):
+            problems.append(f"{fmt}: {row}")
+    details = {"rows": rows, "tolerance": f"mean |diff| <= {AGREEMENT_MEAN_ABS} levels, <= {AGREEMENT_FAR_SHARE:.0%} "
+                                          f"of pixels more than {AGREEMENT_FAR} apart", "device": device}
+    if problems:
+        raise CheckFailed("decode_on=device differs from decode_on=worker: " + "; ".join(problems), details)
+    return details
 
 
 def train_run(shards: Path, sizes: Sizes, work: Path, out: Path, peak: float | None, timeout_s: float) -> dict[str, Any]:
@@ -817,6 +870,16 @@ def render_table(results: dict[str, Any]) -> str:
                   f"jpg: {decoding['jpg_decoder']}):", "", "| shards, decode_on | clips/s |", "|---|---|"]
         lines += [f"| {label} | {row['clips_per_s']} |" for label, row in decoding["rows"].items()]
 
+    agreement = sections.get("device decoding agreement", {})
+    if agreement.get("rows"):
+        lines += ["", f"**decode_on=device against decode_on=worker** (same training batches on {agreement['device']}; "
+                  f"tolerance: {agreement['tolerance']}):", "",
+                  "| shards | device decoder | batches | same keys | same frame indices | mean abs diff | max abs diff "
+                  f"| share > {AGREEMENT_FAR} |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {fmt} | {row['decoder']} | {row['batches']} | {row['same_keys']} | {row['same_frame_indices']} | "
+                  f"{row.get('mean_abs', '')} | {row.get('max_abs', '')} | {row.get('far_share', '')} |"
+                  for fmt, row in agreement["rows"].items()]
+
     run = sections.get("train.py run", {})
     if run.get("status") == "ok":
         lines += ["", f"**train.py, {run['steps']} steps** ({run['workers']} workers; steady windows after the first): "
@@ -891,9 +954,11 @@ def main(argv: list[str] | None = None) -> int:
 
     run_section(report, budget, "loader", 20, loader)
     if "path" in shards:
+        run_section(report, budget, "device decoding agreement", 15, lambda: device_decode_agreement(shards["path"], sizes))
         run_section(report, budget, "device decoding", 25, lambda: device_decode_speed(shards["path"], sizes))
     else:
-        report.record("device decoding", {"status": "skipped", "reason": "no shard set (see the loader section)"})
+        for name in ("device decoding agreement", "device decoding"):
+            report.record(name, {"status": "skipped", "reason": "no shard set (see the loader section)"})
     if "path" in shards:
         run_section(report, budget, "train.py run", 45,
                     lambda: train_run(shards["path"], sizes, work, args.out, peak, budget.left() - 5))

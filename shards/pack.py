@@ -3,6 +3,7 @@
     python shards/pack.py SRC --out OUT [--layout L] [--workers N] [--format mp4|jpg] ...
     python shards/pack.py VIDEOS --out OUT --layout unlabelled --test 0   # no classes: for masked pre-training
     python shards/pack.py SRC --out OUT --train-per-class 8               # a few-label training set
+    python shards/pack.py SRC --out OUT --repack          # OUT packed with other settings: replace, don't stop
 
 Re-running the same command resumes an interrupted pack (and packs videos added since) without
 changing the split. Exit status: 0 when anything was packed, 1 when nothing could be, 2 on bad arguments.
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "few-label set for fine-tuning (default 0: all)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="encoding processes (default: min(4, CPU count))")
+    parser.add_argument("--repack", action="store_true",
+                        help="if OUT holds a pack made with other encoding settings or classes, remove its shards "
+                             "and pack again (one line says what changed; split.csv is kept) instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     return parser
 
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
                                   jpeg_quality=args.jpeg_quality)
         options = PackOptions(encode=settings, layout=args.layout, fold=args.fold, val=args.val, test=args.test,
                               seed=args.seed, split_csv=args.split_csv, shard_bytes=args.shard_size,
-                              workers=args.workers, train_per_class=args.train_per_class)
+                              workers=args.workers, train_per_class=args.train_per_class, repack=args.repack)
         result = pack_videos(args.src, args.out, options, progress=not args.no_progress)
     except (PackError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

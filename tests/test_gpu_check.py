@@ -31,7 +31,8 @@ def test_cpu_smoke_runs_every_section(smoke):
     _, _, sections = smoke
     assert {name: value["status"] for name, value in sections.items()} == {
         "environment": "ok", "correctness": "ok", "model speed": "ok", "schemes": "ok", "largest batch": "skipped",
-        "loader": "ok", "device decoding": "ok", "train.py run": "ok", "torch.compile": "ok",
+        "loader": "ok", "device decoding agreement": "ok", "device decoding": "ok", "train.py run": "ok",
+        "torch.compile": "ok",
     }
     tests = sections["correctness"]["tests"]
     assert len(tests) > 10 and all(t["outcome"] == "skipped" and "CUDA" in t["message"] for t in tests)
@@ -42,6 +43,9 @@ def test_cpu_smoke_runs_every_section(smoke):
     assert sorted(sections["schemes"]["schemes"]) == sorted(ATTENTION_TYPES)
     assert all(row["clips_per_s"] > 0 for row in sections["schemes"]["schemes"].values())
     assert all(row["clips_per_s"] > 0 for row in sections["loader"]["workers"].values())
+    agreement = sections["device decoding agreement"]["rows"]  # on the CPU the same readers decode: equal
+    assert {fmt: (row["same_keys"], row["same_frame_indices"], row["max_abs"]) for fmt, row in agreement.items()} == {
+        "mp4": (True, True, 0), "jpg": (True, True, 0)}
     decoding = sections["device decoding"]["rows"]
     assert sorted(decoding) == sorted(f"{f}, decode_on={w}" for f in ("mp4", "jpg") for w in ("worker", "device"))
     assert all(row["clips_per_s"] > 0 for row in decoding.values())
@@ -53,7 +57,8 @@ def test_cpu_smoke_writes_and_prints_the_table(smoke):
     out, stdout, _ = smoke
     table = (out / "table.md").read_text()
     for heading in ("**Correctness**", "**Model speed**", "**Attention schemes**", "**Loader**",
-                    "**Decoding on the device**", "**train.py, 3 steps**"):
+                    "**Decoding on the device**", "**decode_on=device against decode_on=worker**",
+                    "**train.py, 3 steps**"):
         assert heading in table and heading in stdout
     assert "ours / transformers" in table
     assert (out / "gpu_tests.log").stat().st_size > 0 and (out / "train_run.log").stat().st_size > 0

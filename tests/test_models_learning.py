@@ -67,14 +67,17 @@ def test_the_official_set_up_does_not_learn_it_from_scratch():
 
 
 # The CNN families at a quarter of the demo's width, on the same task. Each budget is one at which the
-# from-scratch set-up was at >= 95% on seeds 0-2; the named norm (the one the bisect replaced) stayed below
-# 90% there on seed 0 (docs/models.md, the CNN bisect). R3D-18 with BatchNorm is only ~20 steps behind on this
-# task (0.78-0.95 at 60 steps, depending on the thread count): its gap shows on the demo set, not here.
+# from-scratch set-up was at >= 0.99 on seeds 0, 1 and 2 (docs/models.md, measured 2026-12-06 with 2 threads:
+# r3d 80 steps 1.0 / 0.996 / 1.0, r2plus1d 250 steps 0.996 / 1.0 / 0.996, resnet18_temporal 200 steps
+# 0.996 / 1.0 / 0.996), so the 0.95 bar has a margin of 0.04 over seeds. The norm the bisect replaced is no
+# control here where its result varies over seeds by more than that margin (R(2+1)D with BatchNorm: 0.86, 0.73,
+# 0.99 at 250 steps; R3D-18 with BatchNorm is only ~20 steps behind); only the frame trunk's instance norm is,
+# which leaves nothing of a feature on the last 1x1 map on every seed.
 CNN = dict(width=8, hidden_dim=32, num_layers=1, num_heads=2)
 CNN_CASES = {
-    # family: (extra options, steps, the norm that does not learn the task in those steps)
-    "r3d_18_transformer": (dict(token_size=2), 60, None),
-    "r2plus1d_18_transformer": (dict(token_size=2), 250, "batch"),
+    # family: (extra options, steps, the norm that does not learn the task in those steps on any seed)
+    "r3d_18_transformer": (dict(token_size=2), 80, None),
+    "r2plus1d_18_transformer": (dict(token_size=2), 250, None),
     # A frame trunk normalises B x T single frames; instance norm over its last 1x1 map leaves nothing.
     "resnet18_temporal": (dict(num_frames=FRAMES), 200, "instance"),
 }

@@ -206,3 +206,47 @@ def test_a_pretrained_encoder_of_another_scheme_is_refused_with_the_names(tmp_pa
     classifier = build_model("timesformer_tiny", num_classes=5, attention_type="divided_space_time", **TINY)
     with pytest.raises(ValueError, match="missing from the checkpoint: .*temporal"):
         load_pretrained(classifier, tmp_path / "pre")
+
+
+def ramp_clips(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, 3, 4, 64, 64) clips that tile one pattern over every 16-px patch and frame: a horizontal ramp in
+    half the clips, a vertical one in the other half, under a random brightness and contrast per channel and
+    sensor noise. A hidden cube's normalised pixels follow from any visible cube of its clip, and from
+    nothing else."""
+    ramp = torch.linspace(-1, 1, 16).repeat(4)[None, :].expand(64, 64)
+    horizontal = torch.randint(0, 2, (batch,), generator=generator).bool()
+    pattern = torch.where(horizontal[:, None, None], ramp, ramp.T)  # (B, 64, 64)
+    contrast = 0.5 + torch.rand(batch, 3, 1, 1, 1, generator=generator)
+    brightness = torch.randn(batch, 3, 1, 1, 1, generator=generator)
+    video = (brightness + contrast * pattern[:, None, None]).expand(batch, 3, 4, 64, 64)
+    return video + 0.05 * torch.randn(batch, 3, 4, 64, 64, generator=generator)
+
+
+def test_pretraining_learns_to_predict_hidden_cubes_from_the_visible_ones():
+    """The trainer's masked loss on a learnable set falls far below predicting zero (the normalised targets'
+    mean square, ~1) and below the best prediction that ignores the visible cubes (the mean target, ~0.5 here:
+    the two ramps are uncorrelated), on fresh clips and masks."""
+    from contextlib import nullcontext
+
+    from actionrec.engine.pretraining import masked_reconstruction_loss
+
+    model = masked_model("divided_space_time", decoder_depth=1).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        video = ramp_clips(4, generator)
+        loss = masked_reconstruction_loss(model, model, video, model.random_mask(4, generator), nullcontext)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    held_out = torch.Generator().manual_seed(1000)
+    video = ramp_clips(64, held_out)
+    mask = model.random_mask(64, held_out)
+    with torch.no_grad():
+        loss = masked_reconstruction_loss(model.eval(), model, video, mask, nullcontext).item()
+        targets = model.targets(video, mask)
+    predict_zero = targets.pow(2).mean().item()
+    predict_mean = (targets - targets.mean(dim=0)).pow(2).mean().item()
+    assert predict_zero > 0.95 and predict_mean > 0.45  # the set is what the docstring says
+    # Measured (2026-12-06, 2-core machine, data seeds 0 / 1 / 2): 0.072 / 0.055 / 0.089 against 1.0 and 0.5.
+    assert loss < 0.5 * predict_mean, (loss, predict_zero, predict_mean)

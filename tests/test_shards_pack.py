@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,15 +269,69 @@ def test_slower_source_keeps_its_frame_rate_unless_exact_retiming_is_asked(tmp_p
         assert sum(a == b for a, b in zip(shown, shown[1:])) == 36
 
 
-def test_a_v1_pack_in_progress_resumes_with_v1_settings_only(synth, tmp_path):
-    out = tmp_path / "out"
-    v1 = EncodeSettings(gop=16, tune="none", bframes=None, fps_mode="exact")
-    pack_videos(synth, out, PackOptions(encode=v1, workers=0, val=0.0, test=0.0), progress=False, log=quiet)
+# Every encoding setting of format v1 (before shard format v2, 2026-12-02): v1 had no tune and no B-frame
+# setting (x264's defaults: no tune, the preset's B-frames) and re-timed every video to exactly --fps.
+V1_SETTINGS = EncodeSettings(format="mp4", short_side=256, fps=30.0, fps_mode="exact", gop=16, crf=23,
+                             preset="veryfast", tune="none", bframes=None)
+V1_UNRECORDED = ("fps_mode", "tune", "bframes")  # v1's pack record had no such keys
+
+
+def v1_pack(src: Path, out: Path) -> None:
+    """A pack as format v1 left it: v1's encoding, and its state file and manifest without the keys v1 did not
+    record, manifest format_version 1."""
+    pack_videos(src, out, PackOptions(encode=V1_SETTINGS, workers=0, val=0.0, test=0.0), progress=False, log=quiet)
     state = json.loads((out / ".pack-state.json").read_text())
-    for key in ("fps_mode", "tune", "bframes"):  # what format v1 did not record
-        del state["settings"][key]
+    manifest = json.loads((out / "dataset.json").read_text())
+    for key in V1_UNRECORDED:
+        del state["settings"][key], manifest["pack"][key]
+    manifest["format_version"] = 1
     (out / ".pack-state.json").write_text(json.dumps(state))
-    with pytest.raises(Exception, match="other settings.*gop: 16 -> 4.*tune: none -> fastdecode"):
+    (out / "dataset.json").write_text(json.dumps(manifest))
+
+
+def docs_v1_flags() -> list[str]:
+    """The flags docs/shards.md tells a user to resume a v1 pack with."""
+    hint = re.search(r"resumes when re-run with v1's encoding flags: `([^`]+)`", (REPO / "docs" / "shards.md").read_text())
+    assert hint, "docs/shards.md lost its v1 resume hint"
+    return hint.group(1).split()
+
+
+def test_a_v1_pack_in_progress_resumes_with_the_flags_the_docs_give_and_only_with_them(synth, tmp_path, capsys):
+    out = tmp_path / "out"
+    v1_pack(synth, out)
+    with pytest.raises(Exception, match="other settings.*gop: 16 -> 4.*crf: 23 -> 24.*tune: none -> fastdecode"):
         pack_videos(synth, out, PackOptions(workers=0, val=0.0, test=0.0), progress=False, log=quiet)
-    result = pack_videos(synth, out, PackOptions(encode=v1, workers=0, val=0.0, test=0.0), progress=False, log=quiet)
-    assert result.resumed == 24 and result.newly_packed == 0
+    code, stdout, stderr = run_script(capsys, "pack.py", str(synth), "--out", str(out), "--workers", "0", "--val", "0",
+                                      "--test", "0", "--no-progress", *docs_v1_flags())
+    assert code == 0, stderr
+    assert "24 were already packed by an earlier run" in stdout
+
+
+def test_repack_replaces_a_pack_made_with_other_settings_and_says_why_in_one_line(synth, tmp_path):
+    out = tmp_path / "out"
+    v1_pack(synth, out)
+    split_before = (out / "split.csv").read_bytes()
+    lines = []
+    result = pack_videos(synth, out, PackOptions(workers=0, val=0.0, test=0.0, repack=True), progress=False,
+                         log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("re-packing:") and "gop: 16 -> 4" in lines[0], lines
+    assert result.resumed == 0 and result.newly_packed == 24
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["pack"]["gop"] == 4 and manifest["pack"]["crf"] == 24
+    assert len(read_all(out, manifest)) == 24  # the old shards are gone, not mixed in
+    assert (out / "split.csv").read_bytes() == split_before
+    again = pack_videos(synth, out, PackOptions(workers=0, val=0.0, test=0.0, repack=True), progress=False, log=quiet)
+    assert again.resumed == 24 and again.newly_packed == 0  # same settings: --repack resumes like a plain re-run
+
+
+def test_make_demo_packs_over_shards_an_earlier_version_packed(synth, tmp_path):
+    """The pack step of `make demo`, as the Makefile spells it, on a folder holding a v1 pack."""
+    out = tmp_path / "shards"
+    v1_pack(synth, out)
+    printed = subprocess.run(["make", "-n", "demo", f"DEMO_VIDEOS={synth}", f"DEMO_SHARDS={out}", f"PY={sys.executable}"],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+    [command] = [line for line in printed.splitlines() if "shards/pack.py" in line]
+    result = subprocess.run(command + " --workers 0 --no-progress", shell=True, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "re-packing:" in result.stdout and "packed 24 videos" in result.stdout
+    assert json.loads((out / "dataset.json").read_text())["format_version"] == 2

@@ -320,3 +320,27 @@ def test_a_checkpoint_write_on_a_full_disk_stops_with_one_line_and_keeps_the_pre
         assert (folder / "latest").read_text() == "step_0000001\n"
         manager.load(first)  # still loads
         assert progress.step == 1
+
+
+def test_evaluated_weights_report_the_step_they_were_trained_to(tmp_path):
+    """`train.py --eval-only --checkpoint X` labels its results with the step of X's weights, not step 0."""
+    from safetensors.torch import save_file
+
+    from actionrec.engine.checkpoint import weights_step
+
+    weights = {"w": torch.zeros(2)}
+    run = tmp_path / "run"
+    for step in (4, 8):
+        (run / "checkpoints" / f"step_{step:07d}").mkdir(parents=True)
+        os.utime(run / "checkpoints" / f"step_{step:07d}", (1000 + step, 1000 + step))
+    assert weights_step(run / "checkpoints" / "step_0000004") == 4
+    save_file(weights, str(run / "model.safetensors"), metadata={"step": "1500"})
+    assert weights_step(run / "model.safetensors") == 1500
+    # An export from before the step was recorded: the checkpoint saved just before it (a later one, from a
+    # resumed run not yet exported, does not count).
+    save_file(weights, str(run / "model.safetensors"))
+    os.utime(run / "model.safetensors", (1010, 1010))
+    (run / "checkpoints" / "step_0000012").mkdir()
+    assert weights_step(run / "model.safetensors") == 8
+    save_file(weights, str(tmp_path / "elsewhere.safetensors"))
+    assert weights_step(tmp_path / "elsewhere.safetensors") is None

@@ -183,8 +183,9 @@ def test_eval_only_with_shuffled_frames_reports_the_same_on_one_and_two_processe
         name = f"shuffled_ws{nproc}"
         stdout = ok(launch("train.py", ["--eval-only", "--shuffle-frames", "--checkpoint", str(run_dir),
                                         f"name={name}", f"output_dir={runs}"], nproc=nproc))
-        assert "val (frames shuffled): video top-1" in stdout
+        assert "step 8 val (frames shuffled): video top-1" in stdout  # the exported weights' step, not 0
         reports[nproc] = json.loads((runs / name / "eval" / "val_frames_shuffled_metrics.json").read_text())
+        assert reports[nproc]["step"] == 8
     for key in ("video/top1", "clip/top1", "video/count", "clip/count", "loss"):
         assert reports[1][key] == pytest.approx(reports[2][key], rel=1e-5), key
     assert reports[1]["loss"] != pytest.approx(final_record(run_dir, "val/loss")["val/loss"], rel=1e-6)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import termios
+import time
 
 import pytest
 import torch
 import wandb
 
 from actionrec.engine.evaluation import build_metric_collection
-from actionrec.logging import RunMonitor, get_logger, plot_confusion_matrix, plot_pr_curves
+from actionrec.logging import (RunMonitor, get_logger, plot_confusion_matrix, plot_pr_curves, progress_bar,
+                               run_summary)
 
 
 def test_wandb_that_cannot_start_online_warns_and_continues_offline(tmp_path, monkeypatch):
@@ -114,9 +118,13 @@ def test_the_summary_gives_the_runs_data_wait_and_says_when_it_is_data_bound(tmp
         bound.log_scalars({"train/loss": 1.0, "train/data_wait_fraction": wait}, step)
     bound.finish({}, num_workers=2)
     summary = capsys.readouterr().out
-    # 2 workers keep the model waiting 40 % of the time: 2 / (1 - 0.4) = 3.3 -> 4 workers, 2 more
+    # 2 workers keep the model waiting 40 % of the time: 2 / (1 - 0.4) = 3.3 -> 4 workers, 2 more. On a CPU the
+    # device path decodes in the training process: no advice to use it.
     assert "data wait: 40% of step time" in summary
-    assert "data-bound: 2 more workers or decode_on: device (data.num_workers is 2 per process)" in summary
+    assert "data-bound: 2 more workers (data.num_workers is 2 per process)" in summary
+    assert "decode_on" not in summary
+    on_gpu = run_summary(tmp_path / "bound", {}, None, None, num_workers=2, can_decode_on_device=True)
+    assert "data-bound: 2 more workers or decode_on: device (data.num_workers is 2 per process)" in on_gpu
 
     fed = RunMonitor(tmp_path / "fed", is_main_process=True, config={}, wandb_mode="disabled", project="t")
     for step in (1, 2):
@@ -134,3 +142,33 @@ def test_extra_workers_follow_from_the_wait_share_and_the_worker_count():
     assert extra_workers_needed(0.5, 0) == 1  # decoding in the training process as long as the model computes
     assert extra_workers_needed(0.75, 0) == 3
     assert extra_workers_needed(1.0, 1) == 99  # bounded: a run that only waited
+
+
+def test_a_progress_bar_written_to_a_log_file_draws_its_start_and_end_not_every_step(tmp_path):
+    """`make demo > demo.log 2>&1`: 200 steps in about 1 s would be ~10 redraws at tqdm's own 0.1 s, ~1500 in a
+    real run; to a file the bar draws at most every PROGRESS_FILE_INTERVAL_S (30 s)."""
+    with open(tmp_path / "demo.log", "w") as log:
+        for _ in progress_bar(range(200), desc="train", file=log):
+            time.sleep(0.005)
+    drawn = (tmp_path / "demo.log").read_text()
+    assert drawn.count("\r") <= 3 and "200/200" in drawn, drawn
+
+
+def test_a_progress_bar_on_a_terminal_redraws_as_tqdm_does(tmp_path):
+    leader, follower = os.openpty()
+    termios.tcsetwinsize(follower, (24, 100))  # a new pty is 0 columns wide: tqdm would draw nothing
+    with os.fdopen(follower, "w") as terminal:
+        for _ in progress_bar(range(200), desc="train", file=terminal):
+            time.sleep(0.005)
+    os.set_blocking(leader, False)
+    chunks = []
+    while True:
+        try:
+            chunks.append(os.read(leader, 1 << 16))
+        except (BlockingIOError, OSError):  # nothing left (OSError: EIO once the other end is closed)
+            break
+        if not chunks[-1]:
+            break
+    os.close(leader)
+    drawn = b"".join(chunks).decode()
+    assert drawn.count("\r") > 3 and "200/200" in drawn

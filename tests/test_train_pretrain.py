@@ -4,6 +4,7 @@ classifier fine-tunes from the run dir."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -27,7 +28,9 @@ def pretrain_run(shards, runs):
 
 def test_pretraining_logs_loss_reconstructions_and_exports_encoder_and_decoder(pretrain_run):
     losses = train_losses(pretrain_run)
-    assert sorted(losses) == list(range(1, 9)) and all(0 < v < 10 for v in losses.values())
+    # Eight steps show no learning; that the loss falls below predicting zero on a learnable set is
+    # test_models_masked.py's test_pretraining_learns_to_predict_hidden_cubes_from_the_visible_ones.
+    assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(v) and v > 0 for v in losses.values())
     val = {r["step"]: r["val/loss"] for r in metrics(pretrain_run) if "val/loss" in r}
     assert sorted(val) == [4, 8] and all(v > 0 for v in val.values())
     plots = pretrain_run / "plots"

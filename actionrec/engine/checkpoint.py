@@ -493,3 +493,22 @@ def checkpoint_metadata(checkpoint: Path) -> tuple[dict[str, Any], list[str]]:
         if "config" in metadata and "classes" in metadata:
             return yaml.safe_load(metadata["config"]), json.loads(metadata["classes"])
     raise CheckpointNotFound(f"{folder} lacks config.yaml/classes.json: not a checkpoint written by train.py")
+
+
+def weights_step(checkpoint: Path) -> int | None:
+    """The training step of the weights in a resolved checkpoint: a step dir's own step, or the step an
+    export records (train.py writes it into model.safetensors' metadata). An export from before that record
+    takes the step of the newest checkpoint its run saved before it (the final checkpoint precedes the
+    export). None where nothing says (a weights file from elsewhere)."""
+    from safetensors import safe_open
+
+    checkpoint = Path(checkpoint)
+    if STEP_DIR.match(checkpoint.name):
+        return int(STEP_DIR.match(checkpoint.name).group(1))
+    with safe_open(str(checkpoint), framework="pt") as weights:
+        recorded = (weights.metadata() or {}).get("step")
+    if recorded is not None:
+        return int(recorded)
+    exported = checkpoint.stat().st_mtime
+    before = [p for p in CheckpointManager(checkpoint.parent).step_dirs() if p.stat().st_mtime <= exported]
+    return int(STEP_DIR.match(before[-1].name).group(1)) if before else None

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
-from tqdm.auto import tqdm
 
 from actionrec.atomic import atomic_path, write_atomic
 from actionrec.config import (
@@ -41,6 +40,7 @@ from actionrec.engine.checkpoint import (
     fp32_cpu_state_dict,
     load_fp32_state_dict,
     resolve_checkpoint,
+    weights_step,
 )
 from actionrec.engine.evaluation import EvalResult, evaluate
 from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, StopSignals, TrainingInterrupted
@@ -49,7 +49,7 @@ from actionrec.data.sample_log import SampleLog, audit, truncate_after
 from actionrec.engine.optim import build_mixing, build_optimizer, cosine_with_warmup
 from actionrec.engine.pretraining import clip_masks, masked_reconstruction_loss
 from actionrec.engine.run_model import build_model_for, resolve_run_model
-from actionrec.logging import RunMonitor, get_logger
+from actionrec.logging import RunMonitor, get_logger, progress_bar
 
 # DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the warning repeats on every rank and step.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -193,7 +193,7 @@ class Trainer:
             to_inputs=self.to_inputs,
             autocast=self.acc.autocast,
             dummy_input=dummy,
-            progress=(lambda it: tqdm(it, desc=f"eval {split}", leave=False, dynamic_ncols=True)) if show else None,
+            progress=(lambda it: progress_bar(it, desc=f"eval {split}", leave=False)) if show else None,
             frames_shuffled=frames_shuffled,
         )
 
@@ -338,7 +338,10 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
     trainer = Trainer(cfg, accelerator, data, model, flops_per_clip, logger)
 
     if eval_only:
-        results = run_evaluations(trainer, None, [cfg.data.val_split, cfg.data.test_split], step=0,
+        step = weights_step(weights_from)
+        if step is None:
+            logger.info("%s does not record the step it was trained to: results are labelled step 0", weights_from)
+        results = run_evaluations(trainer, None, [cfg.data.val_split, cfg.data.test_split], step=step or 0,
                                   frames_shuffled=frames_shuffled)
         accelerator.end_training()
         return results
@@ -388,7 +391,8 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
     if cfg.data.sample_log and accelerator.is_main_process:
         # What the surviving history trained on, read back from the sample log (shards/show.py --audit: per epoch).
         notes.append(audit(run_dir, trainer.data.train_videos, cfg.data.clips_per_video).summary())
-    monitor.finish(results, num_workers=cfg.data.num_workers, notes=notes)
+    monitor.finish(results, num_workers=cfg.data.num_workers, notes=notes,
+                   can_decode_on_device=accelerator.device.type == "cuda" and cfg.data.decode_on == "worker")
     accelerator.end_training()
     return results
 
@@ -396,13 +400,8 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
 def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dict[str, Any]:
     cfg, acc, progress = trainer.cfg, trainer.acc, trainer.progress
     batches = trainer.data.train_batches()
-    bar = tqdm(
-        total=cfg.train.max_steps,
-        initial=progress.step,
-        desc="train",
-        dynamic_ncols=True,
-        disable=not (acc.is_main_process and cfg.log.progress_bar),
-    )
+    bar = progress_bar(total=cfg.train.max_steps, initial=progress.step, desc="train",
+                       enabled=acc.is_main_process and cfg.log.progress_bar)
     trainer.model.train()
     window_loss = torch.zeros((), device=trainer.device)
     window_steps, window_applied, window_wait, window_skipped = 0, 0, 0.0, 0
@@ -511,7 +510,7 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
         if monitor is not None:
             monitor.log_eval(result, split, step, trainer.data.classes)
         elif trainer.acc.is_main_process:
-            write_eval_report(trainer, result, name)
+            write_eval_report(trainer, result, name, step)
     return results
 
 
@@ -524,7 +523,7 @@ def evaluate_pretraining(trainer: Trainer, monitor: RunMonitor | None, split: st
     batches = trainer.data.eval_loader(split)
     result = evaluate_reconstruction(
         trainer.acc.unwrap_model(trainer.model),
-        tqdm(batches, desc=f"eval {split}", leave=False, dynamic_ncols=True) if show else batches,
+        progress_bar(batches, desc=f"eval {split}", leave=False) if show else batches,
         trainer.device, trainer.to_inputs, trainer.acc.autocast, cfg.train.seed,
         cfg.pretrain.reconstructions if trainer.acc.is_main_process else 0, trainer.world_size,
     )
@@ -543,20 +542,22 @@ def evaluate_pretraining(trainer: Trainer, monitor: RunMonitor | None, split: st
     return scalars
 
 
-def write_eval_report(trainer: Trainer, result: EvalResult, split: str) -> None:
-    """--eval-only: metrics JSON and the two plots (those of a training run's evaluations) into {run_dir}/eval/."""
+def write_eval_report(trainer: Trainer, result: EvalResult, split: str, step: int) -> None:
+    """--eval-only: metrics JSON (with the `step` of the weights evaluated) and the two plots (those of a
+    training run's evaluations) into {run_dir}/eval/."""
     from actionrec.logging import per_class_records, plot_eval
 
     out = trainer.cfg.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     classes = trainer.data.classes
     report = {
+        "step": step,
         **result.scalars(),
         **per_class_records(result, classes),
         "confusion_matrix_video": result.video.confusion_matrix.tolist(),
     }
     write_atomic(out / f"{split}_metrics.json", json.dumps(report, indent=1))
-    plot_eval(result, classes, out, split, f"{split} (video level)")
+    plot_eval(result, classes, out, split, f"{split} (video level), step {step}")
 
 
 def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
@@ -578,7 +579,8 @@ def export_model(trainer: Trainer, final_checkpoint: Path) -> None:
             # The run's config and classes travel inside the file too: a model.safetensors copied on its own
             # still loads as the model it is (checkpoint_metadata reads them when no config.yaml is beside it).
             metadata = {"classes": json.dumps(trainer.data.classes), "model": trainer.cfg.model.name,
-                        "config": yaml.safe_dump(config_to_dict(trainer.cfg), sort_keys=False)}
+                        "config": yaml.safe_dump(config_to_dict(trainer.cfg), sort_keys=False),
+                        "step": str(trainer.progress.step)}
             save_file(state, str(tmp), metadata=metadata)
         trainer.logger.info("exported %s (fp32, %d tensors)", run_dir / "model.safetensors", len(state))
     acc.wait_for_everyone()

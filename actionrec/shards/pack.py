@@ -25,11 +25,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from actionrec.atomic import write_atomic
+from actionrec.logging import progress_bar
 from actionrec.shards.encode import EncodedVideo, EncodeSettings, UnpackableSource, encode_source
 from actionrec.shards.layouts import SPLITS, UNLABELLED_GROUP, LayoutError, Source, list_sources, sample_key
 from actionrec.shards.split import check_split_fractions, resolve_split
 from actionrec.shards.stats import frames_per_category, per_class_counts, plot_frames_per_category
-from actionrec.shards.writer import (PackedSample, SplitShardWriter, read_published_shards,
+from actionrec.shards.writer import (SHARD_NAME, PackedSample, SplitShardWriter, read_published_shards,
                                      remove_partial_shards)
 
 # No tqdm monitor thread: the pack forks worker processes (at start and after a worker crash), and forking a
@@ -43,6 +44,7 @@ FORMAT_VERSION = 2
 # when run with the same explicit settings.
 V1_ENCODING = {"fps_mode": "exact", "tune": "none", "bframes": None}
 STATE_FILE = ".pack-state.json"  # settings + classes of the pack in progress in OUT, checked on resume
+MANIFEST, PLOT = "dataset.json", "frames_per_category.png"
 
 
 class PackError(RuntimeError):
@@ -61,6 +63,10 @@ class PackOptions:
     shard_bytes: int = 256 * 1024 * 1024
     workers: int = 1  # worker processes; 0 encodes in this process (debugging)
     train_per_class: int = 0  # pack only this many train videos per class (seeded choice); 0 = all
+    # A pack in OUT made with other encoding settings or classes: False stops with one line (the safe
+    # default for a user's data); True removes its shards and packs again, saying why in one line (for a
+    # folder a script owns, such as `make demo`'s, whose settings change with the packer's defaults).
+    repack: bool = False
 
     def __post_init__(self):
         check_split_fractions(self.val, self.test)  # before any work, not when the split is first needed
@@ -137,7 +143,7 @@ def pack_videos(src: str | os.PathLike, out: str | os.PathLike, options: PackOpt
     skipped = [Skipped(u.relpath, u.reason) for u in listing.unusable]
     newly_packed = 0
     executor = _start_pool(options.workers) if todo else None
-    bar = tqdm(total=len(todo), unit="video", desc="packing", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), unit="video", desc="packing", enabled=progress)
     try:
         for source, result in _encode_all(todo, options.encode, options.workers, executor):
             if isinstance(result, str):
@@ -205,29 +211,47 @@ def _settings_record(src: Path, layout: str, options: PackOptions) -> dict:
 
 def _check_state(out: Path, src: Path, layout: str, classes: list[str], options: PackOptions, log) -> list[str]:
     """First run: record settings and classes. Later runs (resume, or more videos): the encoding and the
-    class indices must match what the published shards already hold."""
+    class indices must match what the published shards already hold; where they do not, the pack stops, or
+    with options.repack starts over."""
     record = _settings_record(src, layout, options)
     state_path = out / STATE_FILE
-    if not state_path.exists():
-        if any(out.glob("*-*.tar")) or (out / "dataset.json").exists():
-            raise PackError(f"{out} holds shards of a pack without its {STATE_FILE}; use an empty --out")
-        _write_json(state_path, {"settings": record, "classes": classes})
-        return classes
-    state = json.loads(state_path.read_text())
-    before = {**V1_ENCODING, **state["settings"]}
-    content_keys = [*asdict(options.encode), "layout", "fold", "train_per_class"]
-    before.setdefault("train_per_class", 0)  # packs written before the option existed packed every video
-    changed = [f"{k}: {before.get(k)} -> {record[k]}" for k in content_keys if before.get(k) != record[k]]
-    if changed:
-        raise PackError(f"{out} was packed with other settings ({'; '.join(changed)}); "
-                        "re-run with the same settings to resume, or use a new --out")
-    new_classes = [name for name in classes if name not in state["classes"]]
-    if new_classes:
-        raise PackError(f"SRC has classes the shards in {out} do not know ({', '.join(new_classes[:5])}); "
-                        "class indices would change: pack into a new --out")
-    if any(before.get(k) != record[k] for k in ("seed", "val", "test")):
-        log("note: split.csv already exists and is kept; --seed/--val/--test only apply to new videos")
-    return state["classes"]
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        before = {**V1_ENCODING, **state["settings"]}
+        before.setdefault("train_per_class", 0)  # packs written before the option existed packed every video
+        content_keys = [*asdict(options.encode), "layout", "fold", "train_per_class"]
+        changed = [f"{k}: {before.get(k)} -> {record[k]}" for k in content_keys if before.get(k) != record[k]]
+        new_classes = [name for name in classes if name not in state["classes"]]
+        if changed:
+            problem = f"{out} was packed with other settings ({'; '.join(changed)})"
+            advice = "re-run with the same settings to resume, or use a new --out (or --repack to replace it)"
+        elif new_classes:
+            problem = f"SRC has classes the shards in {out} do not know ({', '.join(new_classes[:5])})"
+            advice = "class indices would change: pack into a new --out (or --repack to replace it)"
+        else:
+            if any(before.get(k) != record[k] for k in ("seed", "val", "test")):
+                log("note: split.csv already exists and is kept; --seed/--val/--test only apply to new videos")
+            return state["classes"]
+        if not options.repack:
+            raise PackError(f"{problem}; {advice}")
+        removed = _remove_pack(out)
+        log(f"re-packing: {problem}; --repack removed its {removed} shard(s) (split.csv is kept)")
+    elif any(out.glob("*-*.tar")) or (out / MANIFEST).exists():
+        raise PackError(f"{out} holds shards of a pack without its {STATE_FILE}; use an empty --out")
+    _write_json(state_path, {"settings": record, "classes": classes})
+    return classes
+
+
+def _remove_pack(out: Path) -> int:
+    """Removes what the packer wrote to OUT except split.csv (a video keeps its split across re-packs);
+    returns the number of published shards removed. Only names the packer writes are touched."""
+    shards = [path for path in out.iterdir() if SHARD_NAME.match(path.name)]
+    for path in shards:
+        path.unlink()
+    remove_partial_shards(out)
+    for name in (MANIFEST, PLOT, STATE_FILE):
+        (out / name).unlink(missing_ok=True)
+    return len(shards)
 
 
 def _encode_or_reason(source: Source, settings: EncodeSettings) -> EncodedVideo | str:
@@ -297,7 +321,7 @@ def _write_manifest(out: Path, src: Path, layout: str, classes: list[str], sampl
     groups = classes if labelled else [UNLABELLED_GROUP]
     counts = per_class_counts(samples, groups)
     frame_stats = frames_per_category(samples, groups)
-    plot_frames_per_category(frame_stats, counts, out / "frames_per_category.png")
+    plot_frames_per_category(frame_stats, counts, out / PLOT)
     splits = {split: {"shards": shards[split],
                       "num_samples": sum(1 for s in samples if s.split == split),
                       "num_frames": sum(s.meta["num_frames"] for s in samples if s.split == split)}
@@ -316,7 +340,7 @@ def _write_manifest(out: Path, src: Path, layout: str, classes: list[str], sampl
         "skipped": [asdict(s) for s in sorted(skipped, key=lambda s: s.source)],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_json(out / "dataset.json", manifest)
+    _write_json(out / MANIFEST, manifest)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import av
 import numpy as np
-from tqdm import tqdm
+
+from actionrec.logging import progress_bar
 
 # (forward, reversed): the reversed class is the forward motion played backwards.
 # The default 10 classes are the first five pairs: translations in four directions and scale, motions a
@@ -232,9 +233,9 @@ def generate_synthetic(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), p
     for name in spec.class_names:
         (out / name).mkdir(parents=True, exist_ok=True)
     jobs = [(out, spec, c, i) for c in range(spec.classes) for i in range(spec.videos_per_class)]
-    bar = dict(total=len(jobs), desc="generating", unit="video", disable=not progress)
+    bar = dict(total=len(jobs), desc="generating", unit="video", enabled=progress)
     if workers <= 1:
-        return [_write_one(job) for job in tqdm(jobs, **bar)]
+        return [_write_one(job) for job in progress_bar(jobs, **bar)]
     # fork: no re-import of the caller's __main__; each job is independent, so memory stays one video per worker
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return list(tqdm(pool.imap(_write_one, jobs, chunksize=4), **bar))
+        return list(progress_bar(pool.imap(_write_one, jobs, chunksize=4), **bar))

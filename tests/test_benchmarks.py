@@ -1,0 +1,158 @@
+"""Every benchmark in benchmarks/ runs at a smoke size and produces its table, so an interface change breaks a
+test instead of the next person who measures something. Sizes are the smallest each script accepts; nothing
+here checks a measured number (benchmarks/gpu_check.py and gpu_wheels.py: tests/test_gpu_check.py;
+bench_train.py and bench_loader.py: their own tests)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from tests.repo import REPO
+from tests.test_slurm_cluster import slurm_cluster  # noqa: F401 (the fixture, for bench_slurm.py)
+from tests.train_fixtures import run_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The benchmarks set torch's thread count for their measurement; the tests after them keep theirs."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def table_rows(text: str) -> list[str]:
+    """The data rows of the Markdown tables in `text` (not the header or the |---| line)."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    headers = {lines[i - 1] for i, line in enumerate(lines) if line.startswith("|---") and i > 0}
+    return [line for line in lines if not line.startswith("|---") and line not in headers]
+
+
+def test_bench_pack(tmp_path, capsys):
+    from benchmarks import bench_pack
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("bench_pack.py compares against the ffmpeg CLI, which is not installed")
+    assert bench_pack.main(["--videos", "4", "--size", "32", "--frames", "8", "--short-side", "32", "--repeats", "1",
+                            "--out", str(tmp_path)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 5 and any("shards/pack.py mp4, --workers 1" in row for row in rows), rows
+    assert json.loads((tmp_path / "bench_pack.json").read_text())["videos"] == 4
+
+
+def test_bench_encoding(tmp_path):
+    from benchmarks import bench_encoding
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("bench_encoding.py makes its mandelbrot sources with the ffmpeg CLI, which is not installed")
+    assert bench_encoding.main(["--videos", "1", "--seconds", "0.5", "--clips", "8", "--repeats", "1",
+                                "--psnr-seconds", "0.2", "--psnr-step", "5", "--only", "v2 default",
+                                "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
+    rows = table_rows((tmp_path / "out" / "table.md").read_text())
+    assert any(row.startswith("| v1 default") for row in rows) and any(row.startswith("| v2 default") for row in rows)
+
+
+def test_bench_device_decode(tmp_path):
+    from benchmarks import bench_device_decode
+
+    assert bench_device_decode.main(["--videos", "2", "--seconds", "0.5", "--batches", "1", "--repeats", "1",
+                                     "--workers", "0", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = table_rows((tmp_path / "table.md").read_text())
+    assert [row.split("|")[1:3] for row in rows] == [[" mp4 ", " worker "], [" mp4 ", " device "],
+                                                       [" jpg ", " worker "], [" jpg ", " device "]]
+
+
+def test_bench_models(tmp_path, capsys):
+    from benchmarks import bench_models
+
+    assert bench_models.main(["--schemes", "divided_space_time", "space_only", "--rounds", "1", "--batch-size", "1",
+                              "--frames", "2", "--size", "32", "--embed-dim", "32", "--depth", "1", "--heads", "2",
+                              "--skip-flops", "--threads", str(torch.get_num_threads()), "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "bench_models_float32.md").read_text()
+    assert "divided_space_time" in table and "space_only" in table and len(table_rows(table)) >= 2
+
+
+def test_bench_step_check():
+    result = subprocess.run([sys.executable, "benchmarks/bench_step_check.py", "--cpu-smoke", "--batch", "2",
+                             "--rounds", "1", "--steps", "1"], cwd=REPO, env=run_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch 2 x 197 tokens: none" in result.stdout and "| fused" in result.stdout
+
+
+@pytest.fixture
+def in_memory_cache(tmp_path, monkeypatch):
+    """The in-memory sweeps cache their rendered sets; here in the test's folder, not benchmarks/out."""
+    from benchmarks import in_memory
+
+    monkeypatch.setattr(in_memory, "CACHE", tmp_path / "sets")
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def test_bench_scratch(in_memory_cache, capsys):
+    from benchmarks import bench_scratch
+
+    assert bench_scratch.main(["--data", "motion4", "--per-class", "3", "--steps", "2", "--warmup", "0",
+                               "--eval-every", "1", "--batch", "2", "--threads", str(torch.get_num_threads()),
+                               "embed_dim=32", "depth=1", "num_heads=2"]) == 0
+    summary = last_json_line(capsys.readouterr().out)
+    assert summary["steps"] == 2 and 0 <= summary["final_val_top1"] <= 1 and set(summary["final_per_class"]) == {
+        "left", "right", "up", "down"}
+
+
+def test_bench_pretrain(in_memory_cache, capsys):
+    from benchmarks import bench_pretrain
+
+    assert bench_pretrain.main(["--per-class", "2", "--labelled", "1", "--pretrain-steps", "2", "--pretrain-batch", "2",
+                                "--finetune-steps", "2", "--batch", "2", "--eval-every", "1", "--decoder-depth", "1",
+                                "--decoder-dim", "16", "--threads", str(torch.get_num_threads()),
+                                "embed_dim=32", "depth=1", "num_heads=2"]) == 0
+    summary = last_json_line(capsys.readouterr().out)
+    assert {"test_top1_pretrained", "test_top1_scratch", "final_pretrain_loss"} <= set(summary), summary
+
+
+def test_motion_heldout(tmp_path):
+    from benchmarks import motion_heldout
+
+    assert motion_heldout.main(["--out", str(tmp_path), "--videos-per-class", "1", "--frames", "4",
+                                "--size", "32"]) == 0
+    assert sorted(p.parent.name for p in tmp_path.glob("*/*.mp4")) == ["down", "left", "right", "up"]
+
+
+def test_bench_schemes(shards, tmp_path):
+    """Trains and evaluates one model through train.py itself (twice: --eval-only --shuffle-frames) on the tests'
+    tiny shards, with the demo config's recipe at the tests' clip size."""
+    base = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    base["data"].update(shards=str(shards), num_frames=4, size=32, num_workers=0)
+    base["train"].update(global_batch_size=4, per_device_batch_size=2)
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump(base))
+    result = subprocess.run([sys.executable, "benchmarks/bench_schemes.py", "--config", str(config), "--steps", "2",
+                             "--models", "timesformer_divided", "--out", str(tmp_path / "out")],
+                            cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table_rows((tmp_path / "out" / "table.md").read_text())
+    assert len(rows) == 1 and rows[0].startswith("| timesformer_divided |")
+
+
+@pytest.mark.slurm
+def test_bench_slurm(slurm_cluster, tmp_path):  # noqa: F811 (the fixture imported above)
+    """Launch overhead only (the preemption part adds a preempted 200-step job: minutes)."""
+    result = subprocess.run([sys.executable, "benchmarks/bench_slurm.py", "--repeats", "1", "--steps", "2",
+                             "--no-preemption", "--out", str(tmp_path)], cwd=REPO,
+                            env=run_env(ACTIONREC_SLURM_DIR=str(slurm_cluster.parents[1])), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table_rows((tmp_path / "bench_slurm.md").read_text())
+    assert len(rows) == 3 and rows[-1].startswith("| ratio SLURM / torchrun |")
