@@ -53,11 +53,12 @@ def test_bench_encoding(tmp_path):
 
     if shutil.which("ffmpeg") is None:
         pytest.skip("bench_encoding.py makes its mandelbrot sources with the ffmpeg CLI, which is not installed")
-    assert bench_encoding.main(["--videos", "1", "--seconds", "0.5", "--clips", "8", "--repeats", "1",
-                                "--psnr-seconds", "0.2", "--psnr-step", "5", "--only", "v2 default",
+    assert bench_encoding.main(["--content", "camera", "--videos", "1", "--seconds", "0.5", "--clips", "8",
+                                "--repeats", "1", "--psnr-seconds", "0.2", "--psnr-step", "5", "--only", "v2 default",
                                 "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
     rows = table_rows((tmp_path / "out" / "table.md").read_text())
-    assert any(row.startswith("| v1 default") for row in rows) and any(row.startswith("| v2 default") for row in rows)
+    assert any(row.startswith("| camera | v1 default") for row in rows)
+    assert any(row.startswith("| camera |") and "(v2 default)" in row for row in rows)
 
 
 def test_bench_device_decode(tmp_path):
