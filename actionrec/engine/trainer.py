@@ -453,7 +453,9 @@ def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dic
                 achieved = trainer.flops_per_clip * clips_per_device
                 last["train/mfu"] = achieved / (cfg.log.peak_tflops_per_device * 1e12)
             monitor.log_scalars(last, step)
-            bar.set_postfix(loss=f"{last.get('train/loss', float('nan')):.4f}", lr=f"{last['train/lr']:.2e}")
+            # refresh=False: the bar's own redraw policy (sparse when the output is a file) shows it
+            bar.set_postfix(loss=f"{last.get('train/loss', float('nan')):.4f}", lr=f"{last['train/lr']:.2e}",
+                            refresh=False)
             window_loss.zero_()
             window_steps, window_applied, window_wait, window_skipped = 0, 0, 0.0, 0
             window_start = time.perf_counter()
