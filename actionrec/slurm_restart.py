@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -61,23 +62,26 @@ def failure_reason(log_folder: Path, job_id: str, status: int) -> tuple[str, boo
     """(one line naming the failing rank and what happened, whether a retry can help)."""
     from submitit.core.utils import pickle_load
 
+    errors: dict[str, str] = {}  # rank -> the last line of its Python error (submitit's result file)
     for result in sorted(Path(log_folder).glob(f"{job_id}_*_result.pkl")):
         outcome, value = pickle_load(result)
         if outcome == "error":
-            rank = result.name.split("_")[1]
             lines = [line.strip() for line in str(value).strip().splitlines() if line.strip()]
-            last = lines[-1] if lines else "an error"
-            return f"rank {rank}: {last}", not last.startswith(NOT_RETRYABLE)
-    # No Python error: a rank was killed or exited by itself. srun names it in the batch output (rank 0's log):
-    # "srun: error: node2: task 1: Killed"; the first such line of this attempt is the cause, later ones are
-    # the ranks srun ended because of it.
+            errors[result.name.split("_")[1]] = lines[-1] if lines else "an error"
+    # srun names the first rank that ended badly in the batch output (rank 0's log), e.g. "srun: error: node2:
+    # task 1: Killed"; later such lines are ranks that failed because of it (a peer's broken connection), or
+    # that srun ended.
     log = Path(log_folder) / f"{job_id}_0_log.out"
     text = log.read_text(errors="replace") if log.exists() else ""
     attempt = text.rsplit("actionrec.slurm: job ", 1)[-1]
-    match = re.search(r"srun: error: (\S+): tasks? ([\d,-]+): (.+)", attempt)
+    match = re.search(r"srun: error: (\S+): tasks? (\d+)[\d,-]*: (.+)", attempt)
     if match:
-        node, task, what = match.groups()
-        return f"rank {task} on {node}: {what.strip()}", True
+        node, rank, what = match.groups()
+        if rank in errors:
+            return f"rank {rank}: {errors[rank]}", not errors[rank].startswith(NOT_RETRYABLE)
+        return f"rank {rank} on {node}: {what.strip()}", True
+    for rank, error in errors.items():
+        return f"rank {rank}: {error}", not error.startswith(NOT_RETRYABLE)
     return f"the job step exited with status {status}", True
 
 
@@ -100,7 +104,7 @@ def set_next_node_count(job_id: str, max_nodes: int, min_nodes: int, tasks_per_n
     nodes = max(min_nodes, min(max_nodes, usable_nodes(partition)))
     deadline = time.monotonic() + wait_s
     while job_state(job_id) != "PENDING" and time.monotonic() < deadline:  # a COMPLETING job ignores the update
-        time.sleep(0.5)
+        time.sleep(0.2)
     # NumTasks too: with --ntasks-per-node the task count pins the node count
     subprocess.run(["scontrol", "update", f"JobId={job_id}", f"NumNodes={nodes}",
                     f"NumTasks={nodes * tasks_per_node}"], check=True, timeout=60)
@@ -137,7 +141,7 @@ def after_failed_step(run_dir: Path, log_folder: Path, job_id: str, attempt: int
     print(f"{prefix}; requeueing (failure {len(earlier) + 1} of at most {max_failures})", flush=True)
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
     if min_nodes < max_nodes:
-        nodes = set_next_node_count(job_id, max_nodes, min_nodes, tasks_per_node, partition)
+        nodes = set_next_node_count(job_id, max_nodes, min_nodes, tasks_per_node, partition, wait_s=10.0)
         print(f"actionrec.slurm: the next attempt asks for {nodes} of {max_nodes} nodes", flush=True)
     return True
 
@@ -170,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks-per-node", type=int, required=True)
     parser.add_argument("--partition", default=None)
     args = parser.parse_args(argv)
+    # The requeue ends the batch script (SIGTERM, SIGKILL KillWait seconds later): the node count of the
+    # requeued job is set after it, so outlive the SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     job_id = os.environ["SLURM_JOB_ID"]
     attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
     after_failed_step(args.run_dir, args.log_folder, job_id, attempt, args.status, args.max_failures, args.nodes,
