@@ -175,10 +175,10 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
         job_id = os.environ.get("SLURM_JOB_ID", "")
         failures = [f for f in read_failures(Path(self.cfg.run_dir)) if f.job_id == job_id]
         line = (f"attempt {restarts + 1} (requeued {self.requeues} of at most {self.max_requeues} times, "
-                f"{len(failures)} failure(s) of at most {self.max_failures})")
+                f"{len(failures)} failure(s) of at most {self.max_failures}")
         if failures and failures[-1].attempt == restarts:  # the previous attempt is the one that failed
-            line += f", after a failure at step {failures[-1].step}: {failures[-1].reason}"
-        return line
+            line += f"; after a failure at step {failures[-1].step}: {failures[-1].reason}"
+        return line + ")"
 
     def _size_next_attempt(self) -> None:
         # rank 0, the job just requeued (preemption, time limit): a job on fewer nodes than it asks for gets

@@ -128,7 +128,7 @@ def test_killed_rank_on_a_lost_node_requeues_and_finishes_on_one_node_with_the_u
     assert f"actionrec.slurm: attempt 1 failed at step {failure['step']}: rank 1 on node2: Killed; requeueing " \
            "(failure 1 of at most 3)" in stdout
     assert "the next attempt asks for 1 of 2 nodes" in stdout
-    assert re.search(rf"job {job_id} attempt 2 \(.*after a failure at step {failure['step']}: rank 1 on node2", stdout)
+    assert re.search(rf"job {job_id} attempt 2 \(.*; after a failure at step {failure['step']}: rank 1 on node2", stdout)
     assert "continuing on 1 of 2 nodes" in stdout
     assert re.search(r"run \S+: 1 process\(es\) \(cpu\)", stdout)
     assert re.search(r"resumed from \S+/step_(\d+)", stdout)
