@@ -85,6 +85,14 @@ def failure_reason(log_folder: Path, job_id: str, status: int) -> tuple[str, boo
     return f"the job step exited with status {status}", True
 
 
+def same_fault(a: Failure, b: Failure) -> bool:
+    # which rank srun reports first varies when every rank meets the same error: compare what happened
+    def what(reason: str) -> str:
+        return re.sub(r"^rank \d+( on \S+)?: ", "", reason)
+
+    return a.step == b.step and what(a.reason) == what(b.reason)
+
+
 def usable_nodes(partition: str | None) -> int:
     command = ["sinfo", "-h", "-N", "-o", "%N %T"] + (["-p", partition] if partition else [])
     out = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
@@ -127,7 +135,7 @@ def after_failed_step(run_dir: Path, log_folder: Path, job_id: str, attempt: int
     if not retryable:
         print(f"{prefix}; not requeueing: a configuration error fails again on every attempt", flush=True)
         return False
-    if earlier and (earlier[-1].step, earlier[-1].reason) == (failure.step, failure.reason):
+    if earlier and same_fault(earlier[-1], failure):
         print(f"{prefix}; the same fault at the same step as attempt {earlier[-1].attempt}: this is a bug, not bad "
               f"luck; not requeueing (see {Path(run_dir) / FAILURES_FILE}; fix it, then {resume})", flush=True)
         return False
