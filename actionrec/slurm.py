@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -85,6 +85,11 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
         max_requeues: int = 10,
         cpu: bool = False,
         frames_shuffled: bool = False,
+        nodes: int = 1,
+        min_nodes: int | None = None,
+        tasks_per_node: int = 1,
+        partition: str | None = None,
+        max_failures: int = 0,
     ) -> None:
         self.cfg = cfg
         self.eval_only = eval_only
@@ -93,6 +98,11 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
         self.cpu = cpu
         self.requeues = 0  # how many times this job was handed back to SLURM; pickled with the job
+        self.nodes = nodes  # what the job asks for; an attempt after a lost node may get down to min_nodes
+        self.min_nodes = nodes if min_nodes is None else min_nodes
+        self.tasks_per_node = tasks_per_node
+        self.partition = partition
+        self.max_failures = max_failures  # requeues after a crash or hang (actionrec.slurm_restart)
 
     def __call__(self) -> dict[str, Any]:
         dist_env = submitit.helpers.TorchDistributedEnvironment()
@@ -105,17 +115,20 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
 
         checkpoint = self.checkpoint_path
         latest = Path(self.cfg.run_dir) / "checkpoints" / "latest"
-        if self.requeues and latest.exists():
+        # SLURM counts every requeue (ours after a crash too, which leaves the pickled job as it was)
+        restarts = max(self.requeues, int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+        if restarts and latest.exists():
             checkpoint = None  # a requeued job continues from its own latest checkpoint (auto-resume)
         if dist_env.rank == 0:
-            attempt = f"attempt {self.requeues + 1} (requeued {self.requeues} of at most {self.max_requeues} times)"
-            resume = f"resuming from {latest}" if latest.exists() else "no checkpoint yet: starting fresh"
-            print(
-                f"actionrec.slurm: job {os.environ.get('SLURM_JOB_ID')} {attempt}: world size {dist_env.world_size} "
-                f"on {os.environ.get('SLURM_JOB_NODELIST')}, master {dist_env.master_addr}:{dist_env.master_port}; "
-                f"{resume}",
-                flush=True,
-            )
+            print(f"actionrec.slurm: job {os.environ.get('SLURM_JOB_ID')} {self._attempt_line(restarts)}: "
+                  f"world size {dist_env.world_size} on {os.environ.get('SLURM_JOB_NODELIST')}, "
+                  f"master {dist_env.master_addr}:{dist_env.master_port}; "
+                  f"{'resuming from ' + str(latest) if latest.exists() else 'no checkpoint yet: starting fresh'}",
+                  flush=True)
+            nodes_now = int(os.environ.get("SLURM_JOB_NUM_NODES") or self.nodes)
+            if nodes_now < self.nodes:
+                print(f"actionrec.slurm: continuing on {nodes_now} of {self.nodes} nodes (same global batch, same "
+                      f"data order; more nodes on the next requeue if the partition has them)", flush=True)
 
         from actionrec.engine.faults import TrainingInterrupted
         from actionrec.engine.trainer import train  # heavy import, only inside the job
@@ -132,6 +145,7 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
                 try:
                     requeue(stop.signum, None)  # SystemExit after `scontrol requeue`; an error where it may not
                 except SystemExit:
+                    self._size_next_attempt()
                     _exit_now()  # requeued: SLURM is ending the job's processes, leave without teardown
             _wait_for_slurm_to_end_this_task()
         # submitit writes the result file after this returns, then the interpreter exits; that exit can
@@ -154,6 +168,33 @@ class SlurmTrainingJob(submitit.helpers.Checkpointable):
             f"actionrec.slurm: signalled on {socket.gethostname()}: requeueing (requeue {self.requeues})"
         )
         return super().checkpoint(*args, **kwargs)
+
+    def _attempt_line(self, restarts: int) -> str:
+        from actionrec.slurm_restart import read_failures
+
+        job_id = os.environ.get("SLURM_JOB_ID", "")
+        failures = [f for f in read_failures(Path(self.cfg.run_dir)) if f.job_id == job_id]
+        line = (f"attempt {restarts + 1} (requeued {self.requeues} of at most {self.max_requeues} times, "
+                f"{len(failures)} failure(s) of at most {self.max_failures}")
+        if failures and failures[-1].attempt == restarts:  # the previous attempt is the one that failed
+            line += f"; after a failure at step {failures[-1].step}: {failures[-1].reason}"
+        return line + ")"
+
+    def _size_next_attempt(self) -> None:
+        # rank 0, the job just requeued (preemption, time limit): a job on fewer nodes than it asks for gets
+        # them back if the partition has them again, a job on all of them keeps them
+        if self.min_nodes >= self.nodes:
+            return
+        from actionrec.slurm_restart import set_next_node_count
+
+        try:
+            nodes = set_next_node_count(os.environ["SLURM_JOB_ID"], self.nodes, self.min_nodes, self.tasks_per_node,
+                                        self.partition, wait_s=20.0)
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"actionrec.slurm: could not set the next attempt's node count ({exc}); it keeps this one's",
+                  flush=True)
+            return
+        print(f"actionrec.slurm: the next attempt asks for {nodes} of {self.nodes} nodes", flush=True)
 
     @staticmethod
     def _limit_threads_to_allocation() -> None:
@@ -184,6 +225,10 @@ class SlurmResources:
     exclude: str | None = None
     job_name: str = "actionrec"
     max_requeues: int = 10
+    # with min_nodes < nodes, srun starts as many tasks as the attempt got nodes (see setup below)
+    min_nodes: int | None = None
+    # sbatch lines after srun (actionrec.slurm_restart: requeue after a crash or hang)
+    teardown: list[str] = field(default_factory=list)
     # USR2 this long before the time limit: enough for the ranks to finish a step and write a checkpoint
     signal_delay_s: int = 90
 
@@ -203,6 +248,13 @@ class SlurmResources:
             "srun_args": ["--kill-on-bad-exit=1"],
             "setup": [f"export PYTHONPATH={shlex.quote(str(CODE_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
         }
+        if self.min_nodes is not None and self.min_nodes < self.nodes:
+            # an attempt that got fewer nodes (scontrol update of the pending job) still carries the submitted
+            # task count in SLURM_NTASKS, and srun would start that many tasks on the nodes it has
+            tasks = f"$((SLURM_JOB_NUM_NODES * {self.tasks_per_node}))"
+            params["setup"].append(f"export SLURM_NTASKS={tasks} SLURM_NPROCS={tasks}")
+        if self.teardown:
+            params["teardown"] = list(self.teardown)
         if self.gpus_per_node:
             params["gpus_per_node"] = self.gpus_per_node
         optional = {
@@ -332,7 +384,8 @@ def follow(job: submitit.Job, log_path: Path, out: IO[str] = sys.stdout, poll_s:
             out.flush()
         last_state = state or last_state
         pump()
-        if job.done():
+        # result files alone are not the end: a failed attempt's are there while it is being requeued
+        if job.done() and state not in UNFINISHED_STATES:
             break
         time.sleep(poll_s)
     # a finished job's last lines may land just after the result file

@@ -32,6 +32,7 @@ from actionrec.slurm import (  # noqa: E402
     sbatch_script,
     submit,
 )
+from actionrec.slurm_restart import teardown_lines  # noqa: E402
 
 WANDB_ID_FILE = "wandb_run_id"  # the trainer reuses the id it finds there (and writes one if none)
 
@@ -51,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " Training arguments are those of train.py.",
         epilog="Logs: <run dir>/slurm/<job id>_<rank>_log.out; checkpoints: <run dir>/checkpoints/latest. "
         "A job signalled for its time limit or for preemption finishes its step, writes a checkpoint there, "
-        "requeues itself and resumes from it.",
+        "requeues itself and resumes from it. A job whose rank crashed or hung is requeued too (--max-failures) "
+        "and resumes from the newest complete checkpoint; <run dir>/failures.jsonl lists the failures.",
     )
     slurm = parser.add_argument_group("SLURM")
     add = slurm.add_argument
     add("--nodes", type=int, default=1, help="nodes to allocate (default 1)")
+    add("--min-nodes", type=int, default=None,
+        help="after a failure, requeue on as few as this many nodes when fewer than --nodes are usable (same global "
+        "batch, same data order); the next requeue asks for --nodes again if they are back (default: --nodes)")
     add("--gpus-per-node", type=int, default=None, help="GPUs per node, one task (training process) each (default 8)")
     add("--cpu", action="store_true", help="CPU-only cluster: no GPUs, --procs-per-node tasks per node")
     add("--procs-per-node", type=int, default=None, help="with --cpu: training processes per node (default 1)")
@@ -76,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"folder for submitit's job files and per-rank logs (default: <run dir>/{DEFAULT_LOG_SUBDIR})")
     add("--max-requeues", type=int, default=10,
         help="how often the job may requeue itself on timeout or preemption (default 10)")
+    add("--max-failures", type=int, default=3,
+        help="how often a job whose rank crashed or hung (non-zero exit) is requeued; the same fault at the same "
+        "step twice stops it at once as a bug; 0 = never (default 3)")
     add("--dry-run", action="store_true", help="validate and print the sbatch script; submit nothing")
     add("--wait", action="store_true", help="follow the job to its end, streaming rank 0's log; exit 1 if it fails")
     return parser
@@ -97,6 +105,11 @@ def resources_from_args(args: argparse.Namespace, parser: argparse.ArgumentParse
             parser.error(f"{flag} must be at least 1, got {value}")
     if args.max_requeues < 0:
         parser.error(f"--max-requeues must be 0 or more, got {args.max_requeues}")
+    if args.max_failures < 0:
+        parser.error(f"--max-failures must be 0 or more, got {args.max_failures}")
+    min_nodes = args.nodes if args.min_nodes is None else args.min_nodes
+    if not 1 <= min_nodes <= args.nodes:
+        parser.error(f"--min-nodes must be between 1 and --nodes ({args.nodes}), got {min_nodes}")
     if args.mem is not None and not re.fullmatch(r"\d+[KMGT]?", args.mem):
         parser.error(f"--mem {args.mem!r} is not SLURM memory syntax (e.g. 64G, 500M, 0 for all of the node's memory)")
     try:
@@ -109,6 +122,7 @@ def resources_from_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         parser.error("--dry-run submits nothing, so there is nothing to --wait for: drop one of them")
     return SlurmResources(
         nodes=args.nodes,
+        min_nodes=min_nodes,
         tasks_per_node=tasks_per_node,
         gpus_per_node=0 if args.cpu else tasks_per_node,
         cpus_per_task=args.cpus_per_task or cfg.data.num_workers + 1,
@@ -169,11 +183,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
     resources = resources_from_args(args, parser, cfg)
     world_size = resources.nodes * resources.tasks_per_node
-    try:
-        derive_accumulation(cfg, world_size)  # the global batch must split over the world size
-    except ConfigError as exc:
-        shape = f"{resources.nodes} nodes x {resources.tasks_per_node} tasks per node"
-        parser.error(f"{exc} (world size {world_size} = {shape})")
+    # the global batch must split over the world size of every node count an attempt may get
+    for nodes in range(resources.nodes, resources.min_nodes - 1, -1):
+        try:
+            derive_accumulation(cfg, nodes * resources.tasks_per_node)
+        except ConfigError as exc:
+            shape = f"{nodes} nodes x {resources.tasks_per_node} tasks per node"
+            hint = f"; raise --min-nodes above {nodes}" if nodes < resources.nodes else ""
+            parser.error(f"{exc} (world size {nodes * resources.tasks_per_node} = {shape}{hint})")
     if not args.dry_run and shutil.which("sbatch") is None:
         parser.error("sbatch not found: run this on a SLURM login node "
                      "(or start a local cluster: slurm/local_cluster.sh start)")
@@ -184,9 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.output_dir).resolve() if args.output_dir else run_dir / DEFAULT_LOG_SUBDIR
     kind = "CPU processes" if args.cpu else "GPUs"
     shape = f"{resources.nodes} node(s) x {resources.tasks_per_node} {kind} = world size {world_size}"
+    if args.max_failures:
+        resources.teardown = teardown_lines(sys.executable, run_dir, folder, args.max_failures, resources.nodes,
+                                            resources.min_nodes, resources.tasks_per_node, resources.partition)
     job = SlurmTrainingJob(
         cfg, eval_only=args.eval_only, checkpoint=args.checkpoint, max_requeues=args.max_requeues, cpu=args.cpu,
-        frames_shuffled=args.shuffle_frames,
+        frames_shuffled=args.shuffle_frames, nodes=resources.nodes, min_nodes=resources.min_nodes,
+        tasks_per_node=resources.tasks_per_node, partition=resources.partition, max_failures=args.max_failures,
     )
 
     if args.dry_run:
@@ -201,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     wandb_line = wandb_run_line(cfg, run_dir, dry_run=False)
     submitted = submit(build_executor(folder, resources), job)
     rank0_log = submitted.task(0).paths.stdout
-    print(f"submitted job {submitted.job_id}: {shape}, "
-          f"time limit {resources.time_min} min, up to {args.max_requeues} requeues")
+    fewer = f" (down to {resources.min_nodes} node(s) after a failure)" if resources.min_nodes < resources.nodes else ""
+    print(f"submitted job {submitted.job_id}: {shape}{fewer}, time limit {resources.time_min} min, "
+          f"up to {args.max_requeues} requeues, {args.max_failures} after failures")
     print(f"run dir:      {run_dir}  (checkpoints/latest, metrics.jsonl, plots/)")
     print(f"rank-0 log:   {rank0_log}")
     print(f"all logs:     {folder}/{submitted.job_id}_<rank>_log.out")

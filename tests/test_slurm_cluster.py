@@ -210,7 +210,7 @@ def test_training_that_raises_is_reported_failed_without_hanging(slurm_cluster, 
     broken.write_bytes(b"not a weights file")
     run = subprocess.run(
         launcher_command(*tiny_run(shards, tmp_path, "broken", "train.max_steps=4", f"model.pretrained={broken}", *NO_EVAL),
-                         "--wait"),
+                         "--wait", "--max-failures", "0"),  # requeue after a failure: test_slurm_restarts.py
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]

@@ -116,7 +116,8 @@ def test_help_lists_the_trainer_and_slurm_options():
     assert out.returncode == 0
     for flag in ("--config", "--eval-only", "--checkpoint", "KEY=VALUE", "--nodes", "--gpus-per-node", "--cpu",
                  "--procs-per-node", "--cpus-per-task", "--mem", "--partition", "--account", "--qos", "--time",
-                 "--constraint", "--exclude", "--job-name", "--output-dir", "--max-requeues", "--dry-run", "--wait"):
+                 "--constraint", "--exclude", "--job-name", "--output-dir", "--max-requeues", "--max-failures", "--min-nodes", "--dry-run",
+                 "--wait"):
         assert flag in out.stdout, flag
 
 
@@ -144,6 +145,25 @@ def test_global_batch_must_split_over_the_allocation(run_launcher, tmp_path, sha
     assert "world size 4 = 2 nodes x 2 tasks per node" in out.stderr
 
 
+def test_every_node_count_down_to_min_nodes_must_split_the_global_batch(run_launcher, tmp_path, shard_dir):
+    out = run_launcher("--nodes", "4", "--min-nodes", "2", "--cpu", f"data.shards={shard_dir}",
+                       "train.global_batch_size=8", "train.per_device_batch_size=1", "--dry-run")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "world size 3 = 3 nodes x 1 tasks per node; raise --min-nodes above 3" in out.stderr
+
+
+def test_dry_run_script_requeues_after_a_failed_step_and_sizes_tasks_by_the_nodes_it_got(run_launcher, tmp_path,
+                                                                                         shard_dir):
+    out = run_launcher("--nodes", "2", "--min-nodes", "1", "--cpu", f"data.shards={shard_dir}",
+                       f"output_dir={tmp_path}/runs", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    assert "export SLURM_NTASKS=$((SLURM_JOB_NUM_NODES * 1))" in script
+    after_srun = script[script.index("srun "):]
+    assert "status=$?" in after_srun and "-m actionrec.slurm_restart" in after_srun
+    assert "--max-failures 3 --nodes 2 --min-nodes 1" in after_srun
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -152,6 +172,8 @@ def test_global_batch_must_split_over_the_allocation(run_launcher, tmp_path, sha
         (["--nodes", "0"], "--nodes must be at least 1"),
         (["--cpu", "--procs-per-node", "0"], "--procs-per-node must be at least 1"),
         (["--max-requeues", "-1"], "--max-requeues must be 0 or more"),
+        (["--max-failures", "-1"], "--max-failures must be 0 or more"),
+        (["--nodes", "2", "--min-nodes", "3"], "--min-nodes must be between 1 and --nodes (2), got 3"),
         (["--mem", "lots"], "--mem 'lots' is not SLURM memory syntax"),
         (["--time", "tomorrow"], "--time 'tomorrow' is not SLURM time syntax"),
         (["--dry-run", "--wait"], "nothing to --wait for"),
