@@ -76,6 +76,15 @@ def main() -> int:
     from actionrec.engine.inference import load_predictor
     from actionrec.engine.many_videos import device_for, init_distributed
 
+    videos = None
+    if not single:
+        from actionrec.engine.many_videos import video_list
+
+        try:
+            videos = video_list(source, args.split)
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            print(f"error: {str(exc).strip(chr(34))}", file=sys.stderr)
+            return 2
     rank, world_size, local_rank = (0, 1, 0) if single else init_distributed()
     try:
         predictor = load_predictor(args.checkpoint, device_for(local_rank, args.device))
@@ -89,7 +98,7 @@ def main() -> int:
         return predict_long(args, predictor, temporal, spatial)
     if single:
         return predict_one(args, predictor, temporal, spatial)
-    return predict_folder(args, predictor, temporal, spatial, rank, world_size)
+    return predict_folder(args, videos, predictor, temporal, spatial, rank, world_size)
 
 
 def predict_one(args: argparse.Namespace, predictor, temporal: int, spatial: int) -> int:
@@ -136,17 +145,11 @@ def predict_long(args: argparse.Namespace, predictor, temporal: int, spatial: in
     return 0
 
 
-def predict_folder(args: argparse.Namespace, predictor, temporal: int, spatial: int, rank: int,
+def predict_folder(args: argparse.Namespace, videos, predictor, temporal: int, spatial: int, rank: int,
                    world_size: int) -> int:
-    from actionrec.engine.many_videos import predict_many, video_list
+    from actionrec.engine.many_videos import predict_many
     from actionrec.logging import progress_bar
 
-    try:
-        videos = video_list(Path(args.video), args.split)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        if rank == 0:
-            print(f"error: {str(exc).strip(chr(34))}", file=sys.stderr)
-        return 2
     out = Path(args.out)
     if rank == 0:
         print(f"scoring {videos.what} on {world_size} process(es) into {out}")

@@ -51,8 +51,10 @@ def write_moving_video(path: Path, frames: int, fps: int = 25, width: int = 64, 
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        backgrounds = rng.integers(70, 110, (16, height, width, 3), dtype=np.uint8)
         for i in range(frames):
-            image = rng.integers(70, 110, (height, width, 3), dtype=np.uint8)
+            image = backgrounds[i % 16].copy()
             phase, t = divmod(i, 40)
             x = [t, 39 - t, 20][(phase % 3)] * (width - 10) // 39
             image[height // 3 : height // 3 + 10, x : x + 10] = (230, 30, 30)
