@@ -157,3 +157,11 @@ def test_bench_slurm(slurm_cluster, tmp_path):  # noqa: F811 (the fixture import
     assert result.returncode == 0, result.stderr[-3000:]
     rows = table_rows((tmp_path / "bench_slurm.md").read_text())
     assert len(rows) == 3 and rows[-1].startswith("| ratio SLURM / torchrun |")
+
+
+def test_bench_long_video(tmp_path):
+    from benchmarks import bench_long_video
+
+    assert bench_long_video.main(["--smoke", "--threads", str(torch.get_num_threads()), "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "bench_long_video.md").read_text()
+    assert len(table_rows(table)) == 4 and "resnet18_temporal" in table
