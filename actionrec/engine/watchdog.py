@@ -252,6 +252,7 @@ def describe(statuses: dict[int, dict[str, Any]], world_size: int) -> str:
     """'rank 1 not running (stopped or its host lost) since step 5, forward/backward; ranks 0, 2-3 in step 5,
     all-reduce for 20 s': ranks grouped by what they were doing."""
     groups: dict[str, list[int]] = {}
+    longest: dict[str, int] = {}
     for rank in range(world_size):
         s = statuses.get(rank)
         if s is None or s.get("phase") is None:
@@ -259,11 +260,14 @@ def describe(statuses: dict[int, dict[str, Any]], world_size: int) -> str:
         elif not s.get("running", True):
             what = f"not running (stopped, or its host is lost): last seen in step {s['step']}, {s['phase']}"
         else:
-            what = f"in step {s['step']}, {s['phase']} for {s['for_s']} s"
+            what = f"in step {s['step']}, {s['phase']}"
+            longest[what] = max(longest.get(what, 0), s["for_s"])
         groups.setdefault(what, []).append(rank)
-    # The odd ones out first: in a stall caused by one rank, the others all wait in the same collective.
-    parts = sorted(groups.items(), key=lambda item: (len(item[1]), item[1]))
-    return "; ".join(f"{_ranks(ranks)} {what}" for what, ranks in parts)
+    # Ranks not running first, then the odd ones out: in a stall caused by one rank, the others all wait in the
+    # same collective.
+    parts = sorted(groups.items(), key=lambda item: ("not running" not in item[0], len(item[1]), item[1]))
+    return "; ".join(f"{_ranks(ranks)} {what}" + (f" for {longest[what]} s" if what in longest else "")
+                     for what, ranks in parts)
 
 
 def _ranks(ranks: list[int]) -> str:
