@@ -15,6 +15,7 @@ import sys
 from actionrec.config import ConfigError, build_arg_parser, config_from_args
 from actionrec.engine.checkpoint import CheckpointNotFound
 from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
+from actionrec.engine.watchdog import LoaderWorkerError
 
 
 def main(data=None) -> int:
@@ -34,6 +35,9 @@ def main(data=None) -> int:
         return 128 + stop.signum
     except (NonFiniteLossError, CheckpointWriteError) as exc:
         say_once(f"error: {exc}", sys.stderr)
+        return 1
+    except LoaderWorkerError as exc:  # this rank's own loader: the other ranks are waiting for it
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
 

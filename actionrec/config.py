@@ -89,6 +89,13 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps
     eval_every: int = 0  # steps; 0 = only at the end
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end
+    # minutes of training since the last checkpoint; a checkpoint is written when either this or
+    # checkpoint_every is due (0 = steps only). Its cost: docs/training.md "Checkpoint by time".
+    checkpoint_every_min: float = 30.0
+    # seconds without progress (a step's data, forward/backward, an all-reduce, an evaluation batch, a
+    # checkpoint) after which the run writes every rank's Python stacks to {run_dir}/hang/ and stops; also sets
+    # the collective timeout (+60 s) and the loader worker timeout (half). Why 600: docs/training.md "Hangs".
+    hang_timeout_s: float = 600.0
     keep_last: int = 3  # checkpoints kept
     max_nonfinite_steps: int = 5  # consecutive steps skipped for a non-finite loss or grad norm before the run stops
     seed: int = 0
@@ -443,6 +450,7 @@ def _validate(cfg: Config, check_paths: bool) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_last": cfg.train.keep_last,
         "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
+        "train.hang_timeout_s": cfg.train.hang_timeout_s,
         "log.log_every": cfg.log.log_every,
         "data.num_frames": cfg.data.num_frames,
         "data.size": cfg.data.size,
@@ -457,6 +465,7 @@ def _validate(cfg: Config, check_paths: bool) -> None:
             raise ConfigError(f"config key '{key}' must be > 0, got {value}")
     non_negative = {
         "train.eval_every": cfg.train.eval_every,
+        "train.checkpoint_every_min": cfg.train.checkpoint_every_min,
         "data.num_workers": cfg.data.num_workers,
         "data.eval_batch_size": cfg.data.eval_batch_size,
         "optim.min_lr": cfg.optim.min_lr,

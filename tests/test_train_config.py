@@ -147,8 +147,8 @@ def test_train_py_rejects_a_bad_key_before_starting_anything(tmp_path, shards):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown config key 'train.max_stepz' (did you mean 'train.max_steps'?); known keys here: "
-        "checkpoint_every, compile, eval_every, global_batch_size, keep_last, max_nonfinite_steps, max_steps, "
-        "per_device_batch_size, precision, seed"
+        "checkpoint_every, checkpoint_every_min, compile, eval_every, global_batch_size, hang_timeout_s, keep_last, "
+        "max_nonfinite_steps, max_steps, per_device_batch_size, precision, seed"
     ]
     assert not (tmp_path / "runs").exists()  # nothing written, no process group joined (MASTER_PORT=1 would hang)
 

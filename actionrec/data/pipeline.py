@@ -70,6 +70,7 @@ class LoaderOptions:
     spatial_crops: int = 1
     pin_memory: bool | None = None  # None: pin where CUDA is present
     prefetch_factor: int = 2
+    worker_timeout_s: float = 0.0  # a worker silent this long raises "DataLoader timed out" (0 = wait forever)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.accumulation < 1 or self.clips_per_video < 1:
@@ -421,6 +422,10 @@ class ClipLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=self.options.prefetch_factor if self.num_workers > 0 else None,
+            # A stuck worker (a stalled file system, a pipe: URL that never answers) ends the pass with an error
+            # instead of a silent hang; a dead one PyTorch reports by itself. Workers only: without them the
+            # reading happens here, under the hang watchdog.
+            timeout=self.options.worker_timeout_s if self.num_workers > 0 else 0,
         )
 
     def _train_pass(self) -> Iterator[dict]:

@@ -134,5 +134,6 @@ def options_from_config(cfg: Any) -> tuple[LoaderOptions, LoaderOptions]:
         clip=clip, batch_size=cfg.train.per_device_batch_size, num_workers=data.num_workers, seed=cfg.train.seed,
         augment=TrainAugment(), decoder=data.decoder, decode_on=data.decode_on, clips_per_video=data.clips_per_video,
         labels=cfg.task == "classify", temporal_clips=data.eval_temporal_clips, spatial_crops=data.eval_spatial_crops,
+        worker_timeout_s=cfg.train.hang_timeout_s / 2,  # before the hang watchdog: reported as the loader's fault
     )
     return options, options.replace(batch_size=data.eval_batch_size or cfg.train.per_device_batch_size)

@@ -16,7 +16,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from actionrec.data.sample_log import SampleLog, audit, truncate_after
 from actionrec.engine.optim import build_mixing, build_optimizer, cosine_with_warmup
 from actionrec.engine.pretraining import clip_masks, masked_reconstruction_loss
 from actionrec.engine.run_model import build_model_for, resolve_run_model
+from actionrec.engine.watchdog import Watchdog, collective_timeout
 from actionrec.logging import RunMonitor, get_logger, progress_bar
 
 # DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the warning repeats on every rank and step.
@@ -65,12 +65,14 @@ def build_accelerator(cfg: Config, accumulation: int) -> Accelerator:
         ds_plugin = DeepSpeedPlugin(hf_ds_config=json.loads(Path(cfg.deepspeed_config).read_text()))
     use_deepspeed = ds_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     precision = {"auto": "bf16" if on_gpu else "no", "bf16": "bf16", "fp32": "no"}[cfg.train.precision]
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=30))]
+    # A collective waiting for a stopped peer fails in bounded time, after the hang watchdog has said which.
+    timeout = collective_timeout(cfg.train.hang_timeout_s)
+    handlers = [InitProcessGroupKwargs(timeout=timeout)]
     kwargs: dict[str, Any] = {}
     if not on_gpu:
         if use_deepspeed:
             # DeepSpeed on CPU: gloo explicitly, and never cpu=True (Accelerate would silently drop DeepSpeed).
-            handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))]
+            handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
         else:
             kwargs["cpu"] = True  # makes Accelerate join the env's process group with gloo
     accelerator = Accelerator(
@@ -136,6 +138,8 @@ class Trainer:
         accelerator.register_for_checkpointing(self.progress)
         self.checkpoints = CheckpointManager(cfg.run_dir, accelerator, cfg.train.keep_last, logger, cfg.train.seed)
         self.sample_log = SampleLog(cfg.run_dir, self.rank, enabled=cfg.data.sample_log)
+        self.watchdog = Watchdog.for_process_group(cfg.train.hang_timeout_s, cfg.run_dir, self.rank, self.world_size)
+        self.last_checkpoint_time = time.monotonic()  # for train.checkpoint_every_min
 
     def to_inputs(self, video_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, T, H, W) on the host -> normalised float (B, C, T, H, W) on the device."""
@@ -151,9 +155,14 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        self.watchdog.progress("checkpointing")
         self.progress.data = self.data.state_dict()
         self.sample_log.flush()  # the log's lines up to this step are on disk before the checkpoint says so
-        return self.checkpoints.save(self.progress.step, self.checkpoint_files())
+        path = self.checkpoints.save(self.progress.step, self.checkpoint_files())
+        self.watchdog.progress("checkpointing")
+        self.watchdog.checkpoint = path
+        self.last_checkpoint_time = time.monotonic()
+        return path
 
     def restore_data_position(self) -> None:
         """After a resume: the data continues at the checkpoint's global batch (on any world size), and the
@@ -187,7 +196,7 @@ class Trainer:
         model = self.model if zero3 else self.acc.unwrap_model(self.model)
         return evaluate(
             model,
-            self.data.eval_loader(split),
+            self.watchdog.watched(self.data.eval_loader(split), "evaluating"),
             num_classes=self.num_classes,
             device=self.device,
             to_inputs=self.to_inputs,
@@ -205,10 +214,12 @@ class Trainer:
         waited = 0.0
         skipped = 0
         keys: list[str] = []
+        self.watchdog.progress("loading data", step=self.progress.step + 1)
         for micro in range(accumulation):
             start = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - start
+            self.watchdog.progress("forward/backward")
             self.sample_log.write(self.progress.step + 1, micro, batch)
             skipped += int(batch["skipped"]) if "skipped" in batch else 0
             keys.extend(key for key in batch["key"] if key)
@@ -238,20 +249,26 @@ class Trainer:
         # The last micro batch synchronised the gradients: clip, then decide together whether to apply them.
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
         norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=self.device, dtype=torch.float32)
-        # One all-reduce (max) of two numbers per step: [non-finite here, stop signal received here]. Every rank
-        # then skips the same steps and stops after the same step, whichever rank saw the NaN or the signal.
-        flags = torch.zeros(2, device=self.device)
+        # One all-reduce (max) of three numbers per step: [non-finite here, stop signal received here, a
+        # checkpoint due by this rank's clock]. Every rank then skips the same steps, stops after the same step
+        # and checkpoints at the same step, whichever rank saw the NaN, the signal or the time.
+        every_min = self.cfg.train.checkpoint_every_min
+        flags = torch.zeros(3, device=self.device)
         flags[0] = (~torch.isfinite(loss_sum) | ~torch.isfinite(norm)).float()
         flags[1] = float(stop_signal)
+        flags[2] = float(every_min > 0 and time.monotonic() - self.last_checkpoint_time >= every_min * 60)
+        self.watchdog.progress("all-reduce")
         if self.world_size > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        nonfinite, stop = flags.tolist()
+        self.watchdog.progress("optimizer step")
+        nonfinite, stop, checkpoint_due = flags.tolist()
         if not nonfinite:
             self.optimizer.step()
         self.scheduler.step()  # the learning rate follows the step count, skipped steps included
         self.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go too
         self.progress.step += 1
-        return StepResult(loss_sum / accumulation, norm, waited, skipped, keys, not nonfinite, int(stop))
+        return StepResult(loss_sum / accumulation, norm, waited, skipped, keys, not nonfinite, int(stop),
+                          bool(checkpoint_due))
 
     def describe_nonfinite_step(self, result: StepResult) -> str:
         """Collective (every rank skips the same steps): one line naming each rank's loss and samples."""
@@ -275,6 +292,7 @@ class StepResult:
     keys: list[str]  # the samples this rank trained on
     applied: bool  # False: a loss or grad norm was not finite on some rank, nothing was updated
     stop_signal: int  # a stop signal one of the ranks received (0 = none): stop after this step
+    checkpoint_due: bool  # train.checkpoint_every_min has passed on some rank's clock: checkpoint after this step
 
 
 def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
@@ -372,18 +390,26 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
     if trainer.progress.step == 0:
         monitor.log_image("data/frames_per_category", frames_plot, step=0)
 
+    trainer.watchdog.checkpoint = resumed
+    trainer.watchdog.start()  # from here on a hang ends the run with one line and the stacks (engine/watchdog.py)
     try:
         with StopSignals(stop_signals, announce=accelerator.is_main_process) as signals:
             results = run_loop(trainer, monitor, signals)
         # Saved before the final evaluation, so that a stop during it loses no training.
         final_dir = trainer.save_checkpoint()
         trainer.sample_log.close()
-    except (TrainingInterrupted, NonFiniteLossError, CheckpointWriteError):
-        trainer.sample_log.close()
-        monitor.finish(summary=False)
-        # Every rank is here (each of these is decided together); leave together, so that no launcher ends
-        # rank 0 for a rank that left first, before rank 0 has said what happened.
-        accelerator.wait_for_everyone()
+    except Exception as exc:
+        # This rank alone: a loader worker died or is stuck (the others wait for it). PyTorch raises a worker's
+        # death from its SIGCHLD handler, wherever the loop was (a checkpoint write included).
+        if (fault := trainer.watchdog.loader_fault(exc)) is not None:
+            raise fault from exc
+        if isinstance(exc, (TrainingInterrupted, NonFiniteLossError, CheckpointWriteError)):
+            trainer.watchdog.stop()
+            trainer.sample_log.close()
+            monitor.finish(summary=False)
+            # Every rank is here (each of these is decided together); leave together, so that no launcher ends
+            # rank 0 for a rank that left first, before rank 0 has said what happened.
+            accelerator.wait_for_everyone()
         raise
     results.update(run_evaluations(trainer, monitor, [cfg.data.val_split, cfg.data.test_split], trainer.progress.step))
     export_model(trainer, final_dir)
@@ -393,13 +419,14 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         notes.append(audit(run_dir, trainer.data.train_videos, cfg.data.clips_per_video).summary())
     monitor.finish(results, num_workers=cfg.data.num_workers, notes=notes,
                    can_decode_on_device=accelerator.device.type == "cuda" and cfg.data.decode_on == "worker")
+    trainer.watchdog.stop()
     accelerator.end_training()
     return results
 
 
 def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dict[str, Any]:
     cfg, acc, progress = trainer.cfg, trainer.acc, trainer.progress
-    batches = trainer.data.train_batches()
+    batches = trainer.watchdog.watched(trainer.data.train_batches(), "loading data")
     bar = progress_bar(total=cfg.train.max_steps, initial=progress.step, desc="train",
                        enabled=acc.is_main_process and cfg.log.progress_bar)
     trainer.model.train()
@@ -432,6 +459,7 @@ def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dic
                 torch.tensor(window_wait, device=trainer.device),
                 torch.tensor(float(window_skipped), device=trainer.device),
             ]).float()
+            trainer.watchdog.progress("all-reduce")
             packed = acc.reduce(packed, reduction="sum")
             elapsed = time.perf_counter() - window_start
             clips_per_device = window_steps * cfg.train.global_batch_size / trainer.world_size / elapsed
@@ -465,7 +493,7 @@ def run_loop(trainer: Trainer, monitor: RunMonitor, signals: StopSignals) -> dic
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             run_evaluations(trainer, monitor, [cfg.data.val_split], step)
             window_start = time.perf_counter()  # eval time is not training throughput
-        if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
+        if (step % cfg.train.checkpoint_every == 0 or result.checkpoint_due) and step < cfg.train.max_steps:
             trainer.save_checkpoint()
             window_start = time.perf_counter()
     bar.close()
