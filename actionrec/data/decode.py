@@ -212,7 +212,7 @@ class PyAVFrameReader(FrameReader):
     def _keep(frame: av.VideoFrame, wanted: dict[int, int], frames: dict[int, np.ndarray]) -> None:
         index = wanted.get(frame.pts)
         if index is not None:
-            frames[index] = _to_rgb(frame)
+            frames[index] = frame_to_rgb(frame)
 
     @staticmethod
     def _stack(indices: Sequence[int], frames: dict[int, np.ndarray]) -> torch.Tensor:
@@ -226,7 +226,7 @@ class PyAVFrameReader(FrameReader):
 _THREAD_STATE = threading.local()
 
 
-def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
     """(H, W, 3) uint8 RGB of a decoded frame, through one swscale context per thread, single-threaded.
 
     `frame.to_ndarray(format="rgb24")` builds a new swscale context for every new frame, with a thread pool

@@ -34,7 +34,7 @@ import av
 import numpy as np
 import torch
 
-from actionrec.data.decode import CorruptSample, FrameReader, _to_rgb
+from actionrec.data.decode import CorruptSample, FrameReader, frame_to_rgb
 from actionrec.data.sampling import ClipSpec, eval_frame_indices
 from actionrec.data.transforms import read_eval_views
 from actionrec.engine.inference import ScoreClips
@@ -136,7 +136,7 @@ def window_views(path: str | Path, window: Span, stride: Span, spec: ClipSpec, t
             for count, frame in enumerate(container.decode(stream), start=1):
                 index = count - 1
                 if index < length or needed_from(index, pending):
-                    frames[index] = _to_rgb(frame)  # the evaluation reader's conversion: the same pixels
+                    frames[index] = frame_to_rgb(frame)  # the evaluation reader's conversion: the same pixels
                 if index == pending * step + length - 1:  # window `pending` has all its frames
                     start = pending * step
                     yield Window(pending, start, length, fps), _views(frames, start, length, spec, temporal_clips,
