@@ -2,6 +2,7 @@
 
     python predict.py clip.mp4 --checkpoint runs/demo                      # the exported model
     python predict.py clip.mp4 --checkpoint runs/demo/checkpoints/latest   # or any checkpoint
+    python predict.py clip.mp4 --onnx model.onnx                           # a model written by export.py
 """
 
 import argparse
@@ -13,8 +14,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Classify a video (any format PyAV reads) with a trained model: "
                                      "top-k classes with probabilities, averaged over several views.")
     parser.add_argument("video", help="video file")
-    parser.add_argument("--checkpoint", required=True,
-                        help="run dir, checkpoints/latest, a step_XXXXXXX dir or a model.safetensors")
+    model_source = parser.add_mutually_exclusive_group(required=True)
+    model_source.add_argument("--checkpoint", help="run dir, checkpoints/latest, a step_XXXXXXX dir or a model.safetensors")
+    model_source.add_argument("--onnx", help="a .onnx written by export.py: ONNX Runtime on the CPU, the "
+                              "preprocessing its file records (same views and lines as --checkpoint)")
     parser.add_argument("--temporal-clips", type=int, default=None, help="temporal views (default: the run's eval setting)")
     parser.add_argument("--spatial-crops", type=int, default=None, choices=(1, 3),
                         help="spatial views (default: the run's eval setting)")
@@ -34,7 +37,12 @@ def main() -> int:
     from actionrec.engine.inference import load_classifier, predict_video
 
     try:
-        classifier = load_classifier(args.checkpoint, args.device)
+        if args.onnx:
+            from actionrec.engine.export import onnx_classifier
+
+            classifier = onnx_classifier(args.onnx)
+        else:
+            classifier = load_classifier(args.checkpoint, args.device)
     except (CheckpointNotFound, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
