@@ -91,9 +91,10 @@ def _adaptive_avg_pool3d_by_means(x: torch.Tensor, output_size: list[int]) -> to
 
 def onnx_ready(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """The program with the ops the ONNX exporter cannot translate rewritten in ones it can."""
-    table = torch.export.default_decompositions()
-    table[torch.ops.aten._adaptive_avg_pool3d.default] = _adaptive_avg_pool3d_by_means
-    return program.run_decompositions(table)
+    pools = (torch.ops.aten.adaptive_avg_pool3d.default, torch.ops.aten._adaptive_avg_pool3d.default)
+    if not any(node.target in pools for node in program.graph.nodes):
+        return program  # a re-trace costs as much as the ONNX translation itself
+    return program.run_decompositions({pool: _adaptive_avg_pool3d_by_means for pool in pools})
 
 
 def save_onnx(program: torch.export.ExportedProgram, spec: dict[str, Any], out: Path) -> None:
