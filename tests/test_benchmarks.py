@@ -156,3 +156,12 @@ def test_bench_slurm(slurm_cluster, tmp_path):  # noqa: F811 (the fixture import
     assert result.returncode == 0, result.stderr[-3000:]
     rows = table_rows((tmp_path / "bench_slurm.md").read_text())
     assert len(rows) == 3 and rows[-1].startswith("| ratio SLURM / torchrun |")
+
+
+def test_bench_export(tmp_path):
+    from benchmarks import bench_export
+
+    assert bench_export.main(["--smoke", "--threads", str(torch.get_num_threads()), "--out", str(tmp_path)]) == 0
+    rows = table_rows((tmp_path / "bench_export.md").read_text())
+    assert [row.split("|")[1].strip() for row in rows] == ["timesformer divided_space_time", "r3d_18_transformer"]
+    assert all(r["onnx_max_abs_diff"] <= 1e-4 for r in json.loads((tmp_path / "bench_export.json").read_text())["rows"])
