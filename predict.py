@@ -4,6 +4,7 @@
     python predict.py clip.mp4 --checkpoint runs/demo/checkpoints/latest   # or any checkpoint
     python predict.py long.mp4 --checkpoint runs/demo --window 2s --stride 1s --out timeline/   # what happens when
     accelerate launch predict.py videos/ --checkpoint runs/demo --out preds.csv   # a folder, a CSV or a shard set
+    python predict.py clip.mp4 --onnx model.onnx                           # a model written by export.py
 """
 
 import argparse
@@ -17,8 +18,10 @@ def parse_args() -> argparse.Namespace:
                                      "prints its top-k; with --window, a long file is scored window by window; "
                                      "a folder, a CSV (column path) or a shard set gives one CSV.")
     parser.add_argument("video", help="video file, folder of videos, CSV with a `path` column, or shard set dir")
-    parser.add_argument("--checkpoint", required=True,
-                        help="run dir, checkpoints/latest, a step_XXXXXXX dir or a model.safetensors")
+    model_source = parser.add_mutually_exclusive_group(required=True)
+    model_source.add_argument("--checkpoint", help="run dir, checkpoints/latest, a step_XXXXXXX dir or a model.safetensors")
+    model_source.add_argument("--onnx", help="a .onnx written by export.py: ONNX Runtime on the CPU, the "
+                              "preprocessing its file records (same views and lines as --checkpoint)")
     parser.add_argument("--temporal-clips", type=int, default=None, help="temporal views (default: the run's eval setting)")
     parser.add_argument("--spatial-crops", type=int, default=None, choices=(1, 3),
                         help="spatial views (default: the run's eval setting)")
@@ -73,7 +76,7 @@ def main() -> int:
 
     from actionrec.config import ConfigError
     from actionrec.engine.checkpoint import CheckpointNotFound
-    from actionrec.engine.inference import load_predictor
+    from actionrec.engine.inference import load_predictor, predictor_of
     from actionrec.engine.many_videos import device_for, init_distributed
 
     videos = None
@@ -87,7 +90,12 @@ def main() -> int:
             return 2
     rank, world_size, local_rank = (0, 1, 0) if single else init_distributed()
     try:
-        predictor = load_predictor(args.checkpoint, device_for(local_rank, args.device))
+        if args.onnx:
+            from actionrec.engine.export import onnx_classifier
+
+            predictor = predictor_of(onnx_classifier(args.onnx))
+        else:
+            predictor = load_predictor(args.checkpoint, device_for(local_rank, args.device))
     except (CheckpointNotFound, ConfigError) as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)

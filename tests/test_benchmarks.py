@@ -165,3 +165,12 @@ def test_bench_long_video(tmp_path):
     assert bench_long_video.main(["--smoke", "--threads", str(torch.get_num_threads()), "--out", str(tmp_path)]) == 0
     table = (tmp_path / "bench_long_video.md").read_text()
     assert len(table_rows(table)) == 4 and "resnet18_temporal" in table
+
+
+def test_bench_export(tmp_path):
+    from benchmarks import bench_export
+
+    assert bench_export.main(["--smoke", "--threads", str(torch.get_num_threads()), "--out", str(tmp_path)]) == 0
+    rows = table_rows((tmp_path / "bench_export.md").read_text())
+    assert [row.split("|")[1].strip() for row in rows] == ["timesformer divided_space_time", "r3d_18_transformer"]
+    assert all(r["onnx_max_abs_diff"] <= 1e-4 for r in json.loads((tmp_path / "bench_export.json").read_text())["rows"])

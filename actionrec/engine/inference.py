@@ -82,7 +82,11 @@ def clip_scorer(classifier: Classifier, batch_size: int = 8) -> ScoreClips:
 
 def load_predictor(checkpoint: str | Path, device: str = "auto", batch_size: int = 8) -> Predictor:
     """The Predictor of a checkpoint (anything `load_classifier` takes)."""
-    classifier = load_classifier(checkpoint, device)
+    return predictor_of(load_classifier(checkpoint, device), batch_size)
+
+
+def predictor_of(classifier: Classifier, batch_size: int = 8) -> Predictor:
+    """The Predictor of a loaded classifier (a checkpoint's model, or an exported one: export.onnx_classifier)."""
     data = classifier.cfg.data
     return Predictor(clip_spec(classifier.cfg), classifier.classes, clip_scorer(classifier, batch_size),
                      data.eval_temporal_clips, data.eval_spatial_crops)

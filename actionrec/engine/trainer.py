@@ -413,6 +413,10 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         raise
     results.update(run_evaluations(trainer, monitor, [cfg.data.val_split, cfg.data.test_split], trainer.progress.step))
     export_model(trainer, final_dir)
+    if accelerator.is_main_process:
+        from actionrec.engine.model_card import write_model_card
+
+        logger.info("model card: %s", write_model_card(run_dir))
     notes = []
     if cfg.data.sample_log and accelerator.is_main_process:
         # What the surviving history trained on, read back from the sample log (shards/show.py --audit: per epoch).
