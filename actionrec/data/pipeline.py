@@ -127,7 +127,7 @@ class ClipStream(IterableDataset):
         self._worker = (info.id, info.num_workers) if info is not None else (0, 1)
         self._skipped = 0
         self._failures_in_a_row = 0
-        self._heap = _HeapTrimmer()
+        self._heap = HeapTrimmer()
         return self._train_batches() if self.train else self._eval_batches()
 
     # -- training: the slots of the epoch order that fall to this process --------------------------------
@@ -319,7 +319,7 @@ class ClipStream(IterableDataset):
             )
 
 
-class _HeapTrimmer:
+class HeapTrimmer:
     """Every `every` samples, hand the freed parts of the C heap back to the OS (glibc malloc_trim).
 
     Compressed samples (~0.5 MB) live on in the shuffle buffer while decode buffers come and go around

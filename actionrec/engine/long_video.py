@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from actionrec.data.decode import CorruptSample, FrameReader, frame_to_rgb
+from actionrec.data.pipeline import HeapTrimmer
 from actionrec.data.sampling import ClipSpec, eval_frame_indices
 from actionrec.data.transforms import read_eval_views
 from actionrec.engine.inference import ScoreClips
@@ -130,10 +131,12 @@ def window_views(path: str | Path, window: Span, stride: Span, spec: ClipSpec, t
             return any(frame - k * step in sampled for k in range(lowest, frame // step + 1))
 
         frames: dict[int, np.ndarray] = {}
+        heap = HeapTrimmer()  # freed frame buffers back to the OS: glibc's heap otherwise creeps with length
         pending = 0  # the next window to emit; it ends at frame pending * step + length - 1
         count = 0
         try:
             for count, frame in enumerate(container.decode(stream), start=1):
+                heap.tick()
                 index = count - 1
                 if index < length or needed_from(index, pending):
                     frames[index] = frame_to_rgb(frame)  # the evaluation reader's conversion: the same pixels
