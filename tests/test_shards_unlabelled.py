@@ -65,7 +65,7 @@ def test_a_folder_of_videos_without_class_folders_packs_unlabelled(flat, tmp_pat
     assert code == 0 and len(stdout.splitlines()) == 12 and all(line.endswith("\t-") for line in stdout.splitlines())
 
     # The loader reads it for pre-training: labels are not asked for.
-    batches = list(build_eval_loader(ShardSet.open(out), "val", ClipSpec(num_frames=4, size=32), batch_size=4,
+    batches = list(build_eval_loader(ShardSet.open(out), "val", clip=ClipSpec(num_frames=4, size=32), batch_size=4,
                                      num_workers=0, rank=0, world_size=1, labels=False))
     assert sum(len(b["key"]) for b in batches) == 3 and int(sum(b["skipped"] for b in batches)) == 0
     assert ShardSet.open(out).labelled is False

@@ -485,6 +485,13 @@ def _as_shardset(source: ShardSet | str | os.PathLike | list[str]) -> ShardSet:
     return source if isinstance(source, ShardSet) else ShardSet.open(source)
 
 
+def _options(options: LoaderOptions | None, changes: dict) -> LoaderOptions:
+    if options is not None and not isinstance(options, LoaderOptions):
+        raise TypeError(f"the loader's third argument is a LoaderOptions, got {type(options).__name__}: pass "
+                        "clip=ClipSpec(...) and the other settings as keywords")
+    return (options or LoaderOptions()).replace(**changes)
+
+
 def build_train_loader(
     shardset: ShardSet | str | os.PathLike | list[str],
     split: str = "train",
@@ -507,7 +514,7 @@ def build_train_loader(
     compressed samples plus the split's index (about 100 bytes per video).
     device (decode_on="device"): where frames are decoded (default: cuda where present, else cpu).
     """
-    options = (options or LoaderOptions()).replace(**option_changes)
+    options = _options(options, option_changes)
     shardset = _as_shardset(shardset)
     rank, world_size = resolve_rank(rank, world_size)
     urls = shardset.urls(split)
@@ -540,7 +547,7 @@ def build_eval_loader(
     Ranks may get different numbers of batches: gather predictions per video key after the pass, not
     with per-batch collectives.
     """
-    options = (options or LoaderOptions()).replace(**option_changes)
+    options = _options(options, option_changes)
     shardset = _as_shardset(shardset)
     rank, world_size = resolve_rank(rank, world_size)
     stream = ClipStream(shardset.urls(split), options, train=False, rank=rank, world_size=world_size,
