@@ -203,6 +203,9 @@ class Watchdog:
             answer = _bounded(lambda: self._peer_statuses(), timeout_s=3 * self.interval_s + 5)
             if answer is not None:
                 reporter, statuses = answer
+            else:  # the store's host is gone: under SLURM (submitit) rank 0's own process serves the store
+                statuses.update({r: {"rank": r, "phase": None, "store_silent": True}
+                                 for r in range(self.world_size) if r != self.rank})
         if reporter:
             where = stacks.parent if wrote else "stderr"
             line = (f"error: no progress for {idle:.0f} s (train.hang_timeout_s={self.timeout_s:g}): "
@@ -255,7 +258,10 @@ def describe(statuses: dict[int, dict[str, Any]], world_size: int) -> str:
     longest: dict[str, int] = {}
     for rank in range(world_size):
         s = statuses.get(rank)
-        if s is None or s.get("phase") is None:
+        if s is not None and s.get("store_silent"):
+            what = ("unknown: the rendezvous store did not answer (its host, rank 0's process under SLURM, is "
+                    "stopped or lost?)")
+        elif s is None or s.get("phase") is None:
             what = "never reported (stopped before its watchdog started)"
         elif not s.get("running", True):
             what = f"not running (stopped, or its host is lost): last seen in step {s['step']}, {s['phase']}"
