@@ -165,8 +165,19 @@ def inject(fault: Fault, job_id: str, run_dir: Path, out: Path) -> None:
     elif fault.kind == "hang":
         proc.send_signal(signal.SIGSTOP)
     elif fault.kind == "loader_worker":
+        def loader_workers() -> list[psutil.Process]:
+            # forked from the rank, so with its command line; rank 0 has another child, WandB's service
+            found = []
+            for child in proc.children():
+                try:
+                    if child.cmdline() == proc.cmdline():
+                        found.append(child)
+                except psutil.Error:
+                    continue  # a worker ending at an epoch's end
+            return found
+
         deadline = time.monotonic() + 10
-        while not (workers := proc.children()) and time.monotonic() < deadline:
+        while not (workers := loader_workers()) and time.monotonic() < deadline:
             time.sleep(0.01)  # between epochs the worker is being replaced
         if not workers:
             raise RuntimeError(f"rank {fault.rank} has no loader worker")
