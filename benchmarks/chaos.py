@@ -122,16 +122,16 @@ def rank0_log(run_dir: Path) -> str:
     return logs[0].read_text(errors="replace") if logs else ""
 
 
-def watchdog_line(run_dir: Path, step: int) -> str:
-    """The hang watchdog's one-line report of the hang at `step` (the first at or after it), from whichever
-    rank's log holds it (stderr)."""
+def rank_log_line(run_dir: Path, pattern: str, step: int) -> str:
+    """The first line (by step, from `step` to a few steps later: the fault lands while rank 0 logs on) matching `pattern` in any rank's log: the hang watchdog's
+    line or a rank's loader-worker line, which the failure record names only by exit status."""
     found = []
     for log in (run_dir / "slurm").glob("*_log.*"):
-        for line in re.findall(r"error: no progress for [^\n]*", log.read_text(errors="replace")):
+        for line in re.findall(pattern + r"[^\n]*", log.read_text(errors="replace")):
             at = re.search(r"step (\d+)", line)
-            if at and int(at.group(1)) >= step:
+            if at and step <= int(at.group(1)) <= step + 5:
                 found.append((int(at.group(1)), line))
-    return min(found)[1] if found else "no watchdog line in the rank logs"
+    return min(found)[1] if found else f"no line matching {pattern!r} in the rank logs"
 
 
 def rank_process(job_id: str, rank: int) -> psutil.Process | None:
@@ -307,7 +307,9 @@ def run_chaos(faults: list[Fault], shards: Path, work: Path, out: Path) -> dict:
                     fallback = re.findall(r"checkpoint \S+ cannot be loaded[^\n]*", rank0_log(chaos_dir))
                     fault.notes.append(fallback[-1] if fallback else "no fallback line in the rank-0 log")
                 if fault.kind == "hang":
-                    fault.notes.append(watchdog_line(chaos_dir, fault.step))
+                    fault.notes.append(rank_log_line(chaos_dir, r"error: no progress for", fault.step))
+                if fault.kind == "loader_worker":
+                    fault.notes.append(rank_log_line(chaos_dir, r"(?<!\]: )\S*LoaderWorkerError: rank", fault.step))
             launcher.wait(timeout=900)
         finally:
             if launcher.poll() is None:
