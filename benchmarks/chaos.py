@@ -298,7 +298,23 @@ def run_chaos(faults: list[Fault], shards: Path, work: Path, out: Path) -> dict:
                         return True
                     return False
 
-                wait_until(noticed, HANG_TIMEOUT_S + 120, f"the job to notice fault {number}", launcher)
+                def absorbed() -> bool:
+                    # a loader worker killed as it ends with its epoch (workers are started per epoch) is
+                    # harmless: PyTorch no longer waits for it, training goes on; such a fault is injected again
+                    inode, step = progress(chaos_dir)
+                    return fault.kind == "loader_worker" and inode == previous_inode and step >= fault.step + 5
+
+                for _ in range(5):
+                    wait_until(lambda: noticed() or absorbed(), HANG_TIMEOUT_S + 120,
+                               f"the job to notice fault {number}", launcher)
+                    if fault.outcome:
+                        break
+                    fault.notes.append(f"absorbed at step {fault.step} (a worker ending with its epoch): injected again")
+                    previous_inode, fault.step = progress(chaos_dir)
+                    injected = time.monotonic()
+                    inject(fault, job_id, chaos_dir, out)
+                    previous_step = fault.step
+                    print(f"fault {number}/{len(faults)}: absorbed, injected again at step {fault.step}", flush=True)
                 fault.detect_s = round(time.monotonic() - injected, 1)
                 wait_until(lambda: progress(chaos_dir)[0] not in (None, previous_inode), 600,
                            f"the next attempt after fault {number}", launcher)
