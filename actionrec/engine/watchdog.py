@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -113,11 +114,14 @@ class Watchdog:
         """PyTorch's error for a loader worker that died or sent nothing within the timeout, as one line naming
         this rank and step; None for any other error. (A death can surface anywhere in the loop: PyTorch raises
         it from its SIGCHLD handler, in whatever the main thread was doing.)"""
-        while exc is not None and not str(exc).startswith(("DataLoader worker", "DataLoader timed out")):
+        while exc is not None and not (str(exc).startswith(("DataLoader worker", "DataLoader timed out"))
+                                       or _lost_worker_connection(exc)):
             exc = exc.__cause__ or exc.__context__
         if exc is None:
             return None
         text = str(exc)
+        if _lost_worker_connection(exc):
+            text = f"the connection to it broke while this rank fetched a batch: {type(exc).__name__}: {exc}"
         where = f"rank {self.rank}, step {self.step} ({self.phase})"
         if text.startswith("DataLoader timed out"):
             return LoaderWorkerError(
@@ -203,6 +207,9 @@ class Watchdog:
             answer = _bounded(lambda: self._peer_statuses(), timeout_s=3 * self.interval_s + 5)
             if answer is not None:
                 reporter, statuses = answer
+            else:  # the store's host is gone: under SLURM (submitit) rank 0's own process serves the store
+                statuses.update({r: {"rank": r, "phase": None, "store_silent": True}
+                                 for r in range(self.world_size) if r != self.rank})
         if reporter:
             where = stacks.parent if wrote else "stderr"
             line = (f"error: no progress for {idle:.0f} s (train.hang_timeout_s={self.timeout_s:g}): "
@@ -255,7 +262,10 @@ def describe(statuses: dict[int, dict[str, Any]], world_size: int) -> str:
     longest: dict[str, int] = {}
     for rank in range(world_size):
         s = statuses.get(rank)
-        if s is None or s.get("phase") is None:
+        if s is not None and s.get("store_silent"):
+            what = ("unknown: the rendezvous store did not answer (its host, rank 0's process under SLURM, is "
+                    "stopped or lost?)")
+        elif s is None or s.get("phase") is None:
             what = "never reported (stopped before its watchdog started)"
         elif not s.get("running", True):
             what = f"not running (stopped, or its host is lost): last seen in step {s['step']}, {s['phase']}"
@@ -268,6 +278,16 @@ def describe(statuses: dict[int, dict[str, Any]], world_size: int) -> str:
     parts = sorted(groups.items(), key=lambda item: ("not running" not in item[0], len(item[1]), item[1]))
     return "; ".join(f"{_ranks(ranks)} {what}" + (f" for {longest[what]} s" if what in longest else "")
                      for what, ranks in parts)
+
+
+def _lost_worker_connection(exc: BaseException) -> bool:
+    """A worker killed while this process fetches its batch's shared memory (PyTorch passes it as a file
+    descriptor over a connection to the worker) surfaces as a connection error inside the DataLoader, before
+    PyTorch's SIGCHLD handler names the dead worker (seen with SIGKILL of a worker, benchmarks/chaos.py)."""
+    if not isinstance(exc, (ConnectionError, EOFError)):
+        return False
+    return any("torch/utils/data/" in frame.filename.replace(os.sep, "/")
+               for frame in traceback.extract_tb(exc.__traceback__))
 
 
 def _ranks(ranks: list[int]) -> str:
