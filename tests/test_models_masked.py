@@ -235,7 +235,7 @@ def test_pretraining_learns_to_predict_hidden_cubes_from_the_visible_ones():
     generator = torch.Generator().manual_seed(0)
     for _ in range(60):
         video = ramp_clips(4, generator)
-        loss = masked_reconstruction_loss(model, model, video, model.random_mask(4, generator), nullcontext)
+        loss = masked_reconstruction_loss(model, model, video, model.random_mask(4, generator), nullcontext).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -243,7 +243,7 @@ def test_pretraining_learns_to_predict_hidden_cubes_from_the_visible_ones():
     video = ramp_clips(64, held_out)
     mask = model.random_mask(64, held_out)
     with torch.no_grad():
-        loss = masked_reconstruction_loss(model.eval(), model, video, mask, nullcontext).item()
+        loss = masked_reconstruction_loss(model.eval(), model, video, mask, nullcontext).mean().item()
         targets = model.targets(video, mask)
     predict_zero = targets.pow(2).mean().item()
     predict_mean = (targets - targets.mean(dim=0)).pow(2).mean().item()
