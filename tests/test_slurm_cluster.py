@@ -164,7 +164,7 @@ def test_preempted_job_resumes_at_the_signalled_step_with_the_uninterrupted_loss
     step = int(stopped.group(1))
     assert 3 <= step < 150 and stopped.group(2).endswith(f"step_{step:07d}")
     assert "this job is preempted" in stdout and "requeueing (requeue 1)" in stdout
-    assert f"job {job_id} attempt 2 (requeued 1 of at most 10 times)" in stdout
+    assert f"job {job_id} attempt 2 (requeued 1 of at most 10 times, 0 failure(s) of at most 3)" in stdout
     assert f"resumed from {run_dir}/checkpoints/step_{step:07d} (step {step})" in stdout  # not from step 0
     expected, got = train_losses(tmp_path / "reference"), train_losses(run_dir)
     assert sorted(got) == list(range(1, 151))  # each step logged once
@@ -201,7 +201,7 @@ def test_job_at_its_time_limit_requeues_and_resumes_at_the_signalled_step(slurm_
     stopped = re.search(r"stopped by SIGUSR2 after step (\d+): checkpoint \S+ written", text)
     assert stopped, text[-4000:]
     step = int(stopped.group(1))
-    assert f"job {job_id} attempt 2 (requeued 1 of at most 10 times)" in text
+    assert f"job {job_id} attempt 2 (requeued 1 of at most 10 times, 0 failure(s) of at most 3)" in text
     assert re.search(rf"resumed from \S+/step_{step:07d} \(step {step}\)", text), text[-4000:]
 
 
