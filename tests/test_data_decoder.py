@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from actionrec.config import ConfigError, build_config
-from actionrec.data import ClipSpec, LoaderOptions, ShardSet, build_eval_loader, build_train_loader, decode
+from actionrec.data import ClipSpec, LoaderOptions, ShardSet, build_train_loader, decode
 from actionrec.data.decode import Decoder, PyAVFrameReader
 from actionrec.shards import EncodeSettings, PackOptions, Source, encode_source, pack_videos
 from tests.data_shard_fixtures import FPS, Video, index_from_pixels, write_source_video
