@@ -28,6 +28,7 @@ import logging
 import os
 import tarfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,18 +94,21 @@ class IndexBuilder:
         return ShardIndex(self.keys, self.offsets, self.sizes, shard_bytes, shard_mtime_ns)
 
 
+def _keyed_members(tar: tarfile.TarFile) -> Iterator[tuple[str, tarfile.TarInfo]]:
+    """(sample key, member) of every regular file of a tar that names a sample field."""
+    for member in tar:
+        key = sample_key_of(member.name) if member.isfile() else None
+        if key is not None:
+            yield key, member
+
+
 def index_tar(fileobj, shard_bytes: int, shard_mtime_ns: int = -1) -> ShardIndex:
     """Index a tar from its headers (a seekable file: tarfile seeks over the payloads; a stream: read through)."""
     builder = IndexBuilder()
     mode = "r:" if fileobj.seekable() else "r|"
     current, start, end = None, 0, 0
     with tarfile.open(fileobj=fileobj, mode=mode) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key = sample_key_of(member.name)
-            if key is None:
-                continue
+        for key, member in _keyed_members(tar):
             if key != current:
                 if current is not None:
                     builder.add(current, start, end)
@@ -136,8 +140,8 @@ def _is_current(index: ShardIndex, url: str) -> bool:
     return (index.shard_bytes, index.shard_mtime_ns) == _file_stamp(url)
 
 
-def load_index(url: str) -> ShardIndex:
-    """The index of one shard: its sidecar (or cached copy) when current, else built now and written."""
+def stored_index(url: str) -> ShardIndex | None:
+    """The shard's sidecar index (or its cached copy) when it is current, else None."""
     local = is_local(url)
     for candidate in (Path(url + INDEX_SUFFIX), _cache_path(url)) if local else (_cache_path(url),):
         try:
@@ -146,7 +150,12 @@ def load_index(url: str) -> ShardIndex:
             continue
         if not local or _is_current(index, url):
             return index
-    if local:
+    return None
+
+
+def build_index(url: str) -> ShardIndex:
+    """Index a shard from its tar headers now, and write the index beside it (or into the cache)."""
+    if is_local(url):
         with open(url, "rb") as f:
             index = index_tar(f, *_file_stamp(url))
     else:
@@ -156,6 +165,11 @@ def load_index(url: str) -> ShardIndex:
             index = index_tar(stream, -1)
     _write_index(url, index)
     return index
+
+
+def load_index(url: str) -> ShardIndex:
+    """The index of one shard: its sidecar (or cached copy) when current, else built now and written."""
+    return stored_index(url) or build_index(url)
 
 
 def _write_index(url: str, index: ShardIndex) -> None:
@@ -173,19 +187,13 @@ def _write_index(url: str, index: ShardIndex) -> None:
 
 def load_indexes(urls: list[str], announce: bool = True) -> list[ShardIndex]:
     """The indexes of a split's shards, building the missing ones (with one line saying so)."""
-    missing = [u for u in urls if not is_local(u) or not _current_sidecar(u)]
+    stored = [stored_index(url) for url in urls]
+    missing = sum(index is None for index in stored)
     if missing and announce:
         logger.info("building the sample index of %d of %d shard(s) (shards packed before format v2 indexes, or "
                     "rewritten since): tar headers only, written once beside each shard (or under ~/.cache/actionrec "
-                    "where that folder is read-only)", len(missing), len(urls))
-    return [load_index(url) for url in urls]
-
-
-def _current_sidecar(url: str) -> bool:
-    try:
-        return _is_current(ShardIndex.from_json(Path(url + INDEX_SUFFIX).read_text()), url)
-    except (OSError, ValueError, KeyError):
-        return False
+                    "where that folder is read-only)", missing, len(urls))
+    return [index if index is not None else build_index(url) for index, url in zip(stored, urls)]
 
 
 class SampleReader:
@@ -245,12 +253,7 @@ def parse_sample(chunk: bytes) -> dict:
     """The tar members of one sample -> {"__key__": key, field: bytes}, with webdataset's naming rules."""
     sample: dict = {}
     with tarfile.open(fileobj=io.BytesIO(chunk), mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key = sample_key_of(member.name)
-            if key is None:
-                continue
+        for key, member in _keyed_members(tar):
             sample.setdefault("__key__", key)
             if key != sample["__key__"]:
                 raise ValueError(f"sample bytes hold two keys ({sample['__key__']!r}, {key!r})")
