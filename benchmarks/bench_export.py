@@ -3,9 +3,12 @@ for the demo's models (configs/demo*.yaml: the five TimeSformer attention scheme
 three CNN families), freshly initialised (seeded): parity is a property of the graph, not of training.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_export.py              # ~5 min on 2 shared cores
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_export.py --shards data/shards/synth --run runs/demo
     PYTHONPATH=. .venv/bin/python benchmarks/bench_export.py --smoke      # two tiny models, one repetition
 
-Parity: max |logit difference| and top-1 agreement over --clips random normalised clips (batch 4).
+Parity: max |logit difference| and top-1 agreement over --clips clips (batch 4): random normalised clips, or
+with --shards the evaluation views of the shard set's test videos, made as `train.py --eval-only` makes them
+(each model's own sampling and size). --run adds a trained run's model (its own config) as a last row.
 Latency: the fastest of --repeats timed calls after one warm-up (the machine is shared: the fastest call is
 the least disturbed one; medians are in the JSON), at batch 1 and batch 8, every runtime on --threads
 intra-op threads, measured in interleaved halves (eager, ONNX Runtime, eager, ONNX Runtime).
@@ -39,6 +42,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per runtime and batch size")
     parser.add_argument("--clips", type=int, default=32, help="clips for the parity numbers")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of PyTorch and ONNX Runtime")
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="parity on the evaluation views of this shard set's test videos (default: random clips)")
+    parser.add_argument("--run", type=Path, default=None, help="also a trained run's model (e.g. runs/demo)")
     parser.add_argument("--smoke", action="store_true", help="two tiny models, one repetition (the test's size)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args(argv)
@@ -72,11 +78,35 @@ def call_ms(fn, clips: torch.Tensor, repeats: int) -> list[float]:
     return [1000 * t for t in times]
 
 
-def measure(label: str, config: dict, args: argparse.Namespace, work: Path) -> dict:
-    cfg = build_config({k: v for k, v in config.items() if k in ("data", "model")}, check_paths=False)
-    torch.manual_seed(0)
-    model = build_model_for(cfg, num_classes=10).eval()
-    spec = preprocessing_spec(cfg, [f"class{i}" for i in range(10)])
+def eval_clips(shards: Path, cfg, limit: int) -> torch.Tensor:
+    """(N, 3, T, S, S) normalised: the evaluation views of the first test videos of a shard set, as the
+    evaluation loader makes them for this model's sampling and size, up to `limit` clips."""
+    from actionrec.data.transforms import normalize_on_device, read_eval_views
+    from actionrec.engine.inference import clip_spec
+    from actionrec.engine.many_videos import video_list
+
+    spec, views = clip_spec(cfg), []
+    for video in video_list(shards, "test").items():
+        with video.open() as reader:
+            _, clip_views = read_eval_views(reader, spec, cfg.data.eval_temporal_clips, cfg.data.eval_spatial_crops)
+        views += [view for per_clip in clip_views for view in per_clip]
+        if len(views) >= limit:
+            break
+    return normalize_on_device(torch.stack(views[:limit]))
+
+
+def measure(label: str, config: dict, args: argparse.Namespace, work: Path, run: Path | None = None) -> dict:
+    """Parity and latency of one model: freshly built (seeded) from `config`, or a trained `run`'s model."""
+    if run is not None:
+        from actionrec.engine.inference import load_classifier
+
+        classifier = load_classifier(run, "cpu")
+        cfg, model, classes = classifier.cfg, classifier.model, classifier.classes
+    else:
+        cfg = build_config({k: v for k, v in config.items() if k in ("data", "model")}, check_paths=False)
+        torch.manual_seed(0)
+        model, classes = build_model_for(cfg, num_classes=10).eval(), [f"class{i}" for i in range(10)]
+    spec = preprocessing_spec(cfg, classes)
     start = time.perf_counter()
     program = export_program(model, spec)
     path = work / f"{label.replace(' ', '_')}.onnx"
@@ -87,9 +117,11 @@ def measure(label: str, config: dict, args: argparse.Namespace, work: Path) -> d
     generator = torch.Generator().manual_seed(1)
     onnx_diff = export_diff = 0.0
     onnx_agree = export_agree = 0
+    parity_clips = (eval_clips(args.shards, cfg, args.clips) if args.shards is not None
+                    else torch.randn(args.clips, *shape, generator=generator))
     with torch.no_grad():
-        for begin in range(0, args.clips, 4):
-            clips = torch.randn(min(4, args.clips - begin), *shape, generator=generator)
+        for begin in range(0, len(parity_clips), 4):
+            clips = parity_clips[begin : begin + 4]
             eager_logits, onnx_logits, export_logits = model(clips), onnx_model(clips), exported(clips)
             onnx_diff = max(onnx_diff, (onnx_logits - eager_logits).abs().max().item())
             export_diff = max(export_diff, (export_logits - eager_logits).abs().max().item())
@@ -106,8 +138,9 @@ def measure(label: str, config: dict, args: argparse.Namespace, work: Path) -> d
                               "eager_median_ms": statistics.median(eager_ms),
                               "onnxruntime_median_ms": statistics.median(onnx_ms)}
     return {"model": label, "clip": list(shape), "export_s": export_s, "onnx_max_abs_diff": onnx_diff,
-            "export_max_abs_diff": export_diff, "onnx_top1_agree": onnx_agree / args.clips,
-            "export_top1_agree": export_agree / args.clips, "latency": latency}
+            "export_max_abs_diff": export_diff, "onnx_top1_agree": onnx_agree / len(parity_clips),
+            "export_top1_agree": export_agree / len(parity_clips), "parity_clips": len(parity_clips),
+            "latency": latency}
 
 
 def table(rows: list[dict]) -> str:
@@ -131,15 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for label, config in demo_configs(args.smoke):
-            rows.append(measure(label, config, args, Path(work)))
+        models = [(label, config, None) for label, config in demo_configs(args.smoke)]
+        if args.run is not None:
+            models.append((f"{args.run.name} (trained)", {}, args.run))
+        for label, config, run in models:
+            rows.append(measure(label, config, args, Path(work), run))
             print(f"{label}: ONNX RT diff {rows[-1]['onnx_max_abs_diff']:.1e}, "
                   f"b1 eager {rows[-1]['latency'][1]['eager_ms']:.1f} ms / ONNX RT {rows[-1]['latency'][1]['onnxruntime_ms']:.1f} ms",
                   flush=True)
     import onnxruntime
 
     meta = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": args.threads,
-            "repeats": args.repeats, "clips": args.clips, "machine": platform.processor() or platform.machine()}
+            "repeats": args.repeats, "clips": args.clips, "shards": str(args.shards), "machine": platform.processor() or platform.machine()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_export.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = table(rows)

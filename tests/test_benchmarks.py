@@ -167,10 +167,13 @@ def test_bench_long_video(tmp_path):
     assert len(table_rows(table)) == 4 and "resnet18_temporal" in table
 
 
-def test_bench_export(tmp_path):
+def test_bench_export(tmp_path, shards):
+    """The smoke size, with parity on the evaluation views of a shard set's test videos (--shards)."""
     from benchmarks import bench_export
 
-    assert bench_export.main(["--smoke", "--threads", str(torch.get_num_threads()), "--out", str(tmp_path)]) == 0
+    assert bench_export.main(["--smoke", "--threads", str(torch.get_num_threads()), "--shards", str(shards),
+                              "--out", str(tmp_path)]) == 0
     rows = table_rows((tmp_path / "bench_export.md").read_text())
     assert [row.split("|")[1].strip() for row in rows] == ["timesformer divided_space_time", "r3d_18_transformer"]
-    assert all(r["onnx_max_abs_diff"] <= 1e-4 for r in json.loads((tmp_path / "bench_export.json").read_text())["rows"])
+    results = json.loads((tmp_path / "bench_export.json").read_text())["rows"]
+    assert all(r["onnx_max_abs_diff"] <= 1e-4 and r["parity_clips"] == 4 for r in results)

@@ -267,9 +267,11 @@ def predict_long_video(path: str | Path, out: Path, window: Span, stride: Span, 
 
 
 def plot_timeline(windows: Sequence[Window], table: np.ndarray, segments: Sequence[Segment],
-                  classes: Sequence[str], path: Path, title: str, max_lines: int = 10) -> None:
+                  classes: Sequence[str], path: Path, title: str, max_lines: int = 10,
+                  truth: Sequence[Segment] = ()) -> None:
     """Class probabilities over time (at each window's centre) for the classes that are ever top-1 (at most
-    `max_lines`, the highest peaks first), with the segments as a coloured band above them."""
+    `max_lines`, the highest peaks first), with the segments as a coloured band above them (and, where the
+    true segments are known, a band of those above that, in the same colours)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,13 +279,19 @@ def plot_timeline(windows: Sequence[Window], table: np.ndarray, segments: Sequen
 
     centres = np.array([(w.start_s + w.end_s) / 2 for w in windows])
     shown = sorted(set(table.argmax(axis=1).tolist()), key=lambda c: -table[:, c].max())[:max_lines]
+    shown += [s.label for s in truth if s.label not in shown]
     colours = {c: plt.get_cmap("tab10")(k % 10) for k, c in enumerate(shown)}
-    fig, (band, lines) = plt.subplots(2, 1, figsize=(12, 4.5), sharex=True, gridspec_kw={"height_ratios": [1, 6]})
-    for segment in segments:
-        band.axvspan(segment.start_s, segment.end_s, color=colours.get(segment.label, "grey"), alpha=0.8)
-    band.set_yticks([])
-    band.set_ylabel("segments", rotation=0, ha="right", va="center")
-    band.set_title(f"{title}: {len(windows)} windows, {len(segments)} segments")
+    bands = [("truth", truth)] if truth else []
+    bands.append(("segments", segments))
+    fig, axes = plt.subplots(len(bands) + 1, 1, figsize=(12, 4.5 + 0.6 * (len(bands) - 1)), sharex=True,
+                             gridspec_kw={"height_ratios": [1] * len(bands) + [6]})
+    for band, (name, spans) in zip(axes, bands):
+        for segment in spans:
+            band.axvspan(segment.start_s, segment.end_s, color=colours.get(segment.label, "grey"), alpha=0.8)
+        band.set_yticks([])
+        band.set_ylabel(name, rotation=0, ha="right", va="center")
+    lines = axes[-1]
+    axes[0].set_title(f"{title}: {len(windows)} windows, {len(segments)} segments")
     for c in shown:
         lines.plot(centres, table[:, c], color=colours[c], label=classes[c], marker="." if len(windows) < 60 else None)
     lines.set_ylim(0, 1)
