@@ -31,6 +31,9 @@ def parse_args() -> argparse.Namespace:
                         help="long video: score windows of this length, frames (64) or seconds (2.5s); each "
                              "window's frames are sampled as the run's evaluation samples a video")
     parser.add_argument("--stride", default=None, help="long video: window start every N frames or Ns (default: --window)")
+    parser.add_argument("--smooth", type=int, default=1,
+                        help="long video: segments from the mean probabilities of this many windows centred on each "
+                             "(odd; default 1: each window alone); windows.csv keeps each window's own")
     parser.add_argument("--out", default=None,
                         help="with --window: a folder for windows.csv, segments.csv, timeline.png; with a folder, "
                              "CSV or shard set: the CSV to write (re-running resumes it)")
@@ -47,8 +50,10 @@ def check_args(args: argparse.Namespace) -> str | None:
     if (args.temporal_clips is not None and args.temporal_clips < 1) or args.top_k < 1:
         return "--temporal-clips and --top-k must be >= 1"
     single = source.is_file() and source.suffix.lower() != ".csv"
-    if args.stride is not None and args.window is None:
-        return "--stride needs --window"
+    if (args.stride is not None or args.smooth != 1) and args.window is None:
+        return "--stride and --smooth need --window"
+    if args.smooth < 1 or args.smooth % 2 == 0:
+        return f"--smooth {args.smooth}: give an odd number of windows >= 1 (1: no smoothing)"
     if args.window is not None:
         if not single:
             return "--window scores one long video file; give a video file, not a folder, CSV or shard set"
@@ -139,12 +144,14 @@ def predict_long(args: argparse.Namespace, predictor, temporal: int, spatial: in
         result = predict_long_video(
             args.video, out, window, stride, predictor.spec, predictor.score_clips, predictor.classes, temporal,
             spatial, args.top_k,
-            progress=lambda it: progress_bar(it, enabled=not args.no_progress, desc="windows", unit="window"))
+            progress=lambda it: progress_bar(it, enabled=not args.no_progress, desc="windows", unit="window"),
+            smooth=args.smooth)
     except CorruptSample as exc:
         print(f"error: {args.video} cannot be decoded: {exc}", file=sys.stderr)
         return 1
     print(f"{args.video}: {result.windows} windows of {result.window_frames} frames every {result.stride_frames} "
-          f"({result.fps:g} fps), {temporal} temporal x {spatial} spatial views each; {len(result.segments)} segments")
+          f"({result.fps:g} fps), {temporal} temporal x {spatial} spatial views each; {len(result.segments)} segments"
+          + (f" (top-1 of the mean of {args.smooth} windows)" if args.smooth > 1 else ""))
     for segment in result.segments[:20]:
         print(f"{segment.start_s:9.2f}-{segment.end_s:9.2f} s  {predictor.classes[segment.label]}  {segment.score:.4f}")
     if len(result.segments) > 20:

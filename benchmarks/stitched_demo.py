@@ -10,6 +10,9 @@ The stitched video is H.264 at the test videos' size and frame rate: for each cl
 order), that class's test videos (split.csv) one after another in a seeded order, repeated until the class's
 --seconds are full. Frame-level agreement: the share of the video's frames whose time lies in a predicted segment
 of the frame's true class (frames in no segment, e.g. a tail shorter than the stride, count as wrong).
+The test videos are 16 frames each, so most windows that do not start on a video's first frame span a cut
+between two videos (the object jumps); segments come from the mean of --smooth windows (predict.py --smooth),
+and the agreement of each window alone (--smooth 1, recomputed from windows.csv) is reported beside it.
 Writes OUT/stitched.mp4, truth.csv, the predict.py outputs (windows.csv, segments.csv, timeline.png: here with
 the true segments as a band above the predicted ones) and stitched_demo.{json,md}.
 """
@@ -39,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per class (default 20)")
     parser.add_argument("--window", default="16", help="predict.py --window (default 16 frames: one test video)")
     parser.add_argument("--stride", default="8", help="predict.py --stride (default 8 frames)")
+    parser.add_argument("--smooth", type=int, default=9,
+                        help="predict.py --smooth (default 9 windows, 2.4 s at stride 8); the agreement without "
+                             "smoothing is reported beside it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="3 classes x 2 s: checks that it runs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "stitched_demo")
@@ -126,10 +132,9 @@ def frame_agreement(segments: list[tuple[str, float, float]], truth: list[tuple[
     return right / total, per_class
 
 
-def timeline_with_truth(out: Path, truth: list[tuple[str, int, int]], fps: float, classes: list[str]) -> Path:
-    """timeline.png again, from windows.csv (written with every class's probability), with the true segments
-    as a band above the predicted ones."""
-    from actionrec.engine.long_video import Segment, Window, plot_timeline
+def read_windows(out: Path, classes: list[str], fps: float):
+    """The windows of windows.csv (written with every class's probability) and their (windows, classes) table."""
+    from actionrec.engine.long_video import Window
 
     index = {name: k for k, name in enumerate(classes)}
     windows, rows = [], []
@@ -142,11 +147,29 @@ def timeline_with_truth(out: Path, truth: list[tuple[str, int, int]], fps: float
                 suffix = "" if r == 1 else f"_{r}"
                 probs[index[row["label" + suffix]]] = float(row["score" + suffix])
             rows.append(probs)
+    return windows, np.stack(rows)
+
+
+def segments_at(windows, table: np.ndarray, stride_frames: int, smooth: int, classes: list[str]):
+    """The segments predict.py writes for these windows with --smooth `smooth` (its own functions)."""
+    from actionrec.engine.long_video import merge_segments, smooth_windows
+
+    smoothed = smooth_windows(table, smooth)
+    segments = merge_segments(windows, smoothed.argmax(1).tolist(), smoothed.max(1).tolist(), stride_frames)
+    return [(classes[s.label], s.start_s, s.end_s) for s in segments]
+
+
+def timeline_with_truth(out: Path, windows, table: np.ndarray, smooth: int, truth: list[tuple[str, int, int]],
+                        fps: float, classes: list[str]) -> Path:
+    """timeline.png again, with the true segments as a band above the predicted ones."""
+    from actionrec.engine.long_video import Segment, plot_timeline, smooth_windows
+
+    index = {name: k for k, name in enumerate(classes)}
     segments = [Segment(index[label], start, end, 0.0) for label, start, end in read_segments(out / "segments.csv")]
     true_segments = [Segment(index[name], first / fps, end / fps, 1.0) for name, first, end in truth]
     path = out / "timeline.png"
-    plot_timeline(windows, np.stack(rows), segments, classes, path, "stitched demo test videos",
-                  truth=true_segments)
+    title = "test videos stitched" + (f" (mean of {smooth} windows)" if smooth > 1 else "")
+    plot_timeline(windows, smooth_windows(table, smooth), segments, classes, path, title, truth=true_segments)
     return path
 
 
@@ -170,22 +193,29 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerow(["label", "start_s", "end_s"])
         writer.writerows([name, f"{first / fps:.3f}", f"{end / fps:.3f}"] for name, first, end in truth)
     command = [sys.executable, str(REPO / "predict.py"), str(video), "--checkpoint", str(run), "--window",
-               args.window, "--stride", args.stride, "--top-k", str(len(classes)), "--out", str(args.out)]
+               args.window, "--stride", args.stride, "--smooth", str(args.smooth), "--top-k", str(len(classes)), "--out", str(args.out)]
     print("$ " + " ".join(command[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - start
     segments = read_segments(args.out / "segments.csv")
     agreement, per_class = frame_agreement(segments, truth, fps)
-    timeline_with_truth(args.out, truth, fps, classes)
+    windows, table = read_windows(args.out, classes, fps)
+    stride_frames = windows[1].start - windows[0].start if len(windows) > 1 else windows[0].length
+    alone = segments_at(windows, table, stride_frames, 1, classes)
+    agreement_alone, _ = frame_agreement(alone, truth, fps)
+    timeline_with_truth(args.out, windows, table, args.smooth, truth, fps, classes)
     seconds = truth[-1][2] / fps
     result = {"run": str(run), "video_s": seconds, "fps": fps, "classes": [name for name, _, _ in truth],
-              "window": args.window, "stride": args.stride, "segments": len(segments), "true_segments": len(truth),
-              "frame_agreement": agreement, "per_class": per_class, "predict_wall_s": wall}
+              "window": args.window, "stride": args.stride, "smooth": args.smooth, "windows": len(windows),
+              "segments": len(segments), "true_segments": len(truth), "frame_agreement": agreement,
+              "per_class": per_class, "segments_unsmoothed": len(alone), "frame_agreement_unsmoothed": agreement_alone,
+              "predict_wall_s": wall}
     (args.out / "stitched_demo.json").write_text(json.dumps(result, indent=1))
-    lines = [f"{seconds:.0f} s video ({len(truth)} classes x {args.seconds:g} s, {fps:g} fps), window {args.window}, "
-             f"stride {args.stride}: {len(segments)} segments for {len(truth)} true ones; frame-level agreement "
-             f"{100 * agreement:.1f} %; predict.py took {wall:.0f} s.", "",
+    lines = [f"{seconds:.0f} s video ({len(truth)} classes x {args.seconds:g} s, {fps:g} fps), {len(windows)} windows "
+             f"of {args.window} every {args.stride}, --smooth {args.smooth}: {len(segments)} segments for "
+             f"{len(truth)} true ones, frame-level agreement {100 * agreement:.1f} % (each window alone: "
+             f"{len(alone)} segments, {100 * agreement_alone:.1f} %); predict.py took {wall:.0f} s.", "",
              "| true class | start s | end s | frames agreeing |", "|---|---|---|---|"]
     lines += [f"| {name} | {first / fps:.1f} | {end / fps:.1f} | {100 * per_class[name]:.1f} % |"
               for name, first, end in truth]

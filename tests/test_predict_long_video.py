@@ -9,12 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
 from actionrec.data.decode import PyAVFrameReader
 from actionrec.engine.inference import load_classifier
-from actionrec.engine.long_video import Window, merge_segments
+from actionrec.engine.long_video import Window, merge_segments, smooth_windows
 from tests.predict_fixtures import CLASSES, FramesOf, evaluation_probs, write_moving_video, write_tiny_run
 from tests.train_fixtures import REPO, run_env
 
@@ -90,10 +91,26 @@ def test_segments_merge_consecutive_windows_with_the_same_top1_and_tile_the_time
     assert [(s.start_s, s.end_s) for s in merge_segments(apart, [0, 1], [0.5, 0.5], 10)] == [(0.0, 2.0), (5.0, 7.0)]
 
 
+def test_smoothing_joins_a_segment_that_one_misread_window_splits():
+    """One window in the middle of an action reads as another class (a cut, a misread moment): alone it splits
+    the action's segment in three; the mean over 3 windows keeps one segment, and the ends use what they have."""
+    table = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.9, 0.1], [0.8, 0.2]], dtype=np.float32)
+    windows = [Window(k, 2 * k, 4, 2.0) for k in range(5)]
+    assert len(merge_segments(windows, table.argmax(1).tolist(), table.max(1).tolist(), 2)) == 3
+    smoothed = smooth_windows(table, 3)
+    assert np.allclose(smoothed[0], table[:2].mean(0)) and np.allclose(smoothed[2], table[1:4].mean(0))
+    assert np.allclose(smooth_windows(table, 1), table)
+    segments = merge_segments(windows, smoothed.argmax(1).tolist(), smoothed.max(1).tolist(), 2)
+    assert [(s.label, s.start_s, s.end_s) for s in segments] == [(0, 0.0, 6.0)]
+    with pytest.raises(ValueError, match="odd number"):
+        smooth_windows(table, 4)
+
+
 def test_bad_window_arguments_stop_in_one_line(tmp_path):
     video = write_moving_video(tmp_path / "v.mp4", frames=10)
     for args, says in [(["--window", "2.5"], "frame count is a whole number"), (["--window", "abc"], "neither"),
-                       (["--window", "8"], "--window needs --out"), (["--stride", "4"], "--stride needs --window")]:
+                       (["--window", "8"], "--window needs --out"), (["--stride", "4"], "--stride and --smooth need --window"),
+                       (["--window", "8", "--smooth", "2", "--out", str(tmp_path)], "--smooth 2: give an odd number")]:
         done = predict(str(video), "--checkpoint", str(tmp_path / "nowhere"), *args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and says in lines[0], (args, done.stderr)

@@ -46,7 +46,7 @@ def test_stitched_demo_through_predict(tmp_path):
 
     out = tmp_path / "out"
     assert stitched_demo.main(["--run", str(run), "--videos", str(videos), "--smoke", "--window", "8",
-                               "--stride", "4", "--out", str(out)]) == 0
+                               "--stride", "4", "--smooth", "3", "--out", str(out)]) == 0
 
     with av.open(str(out / "stitched.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) == 3 * 20  # 3 classes x 2 s at 10 fps
@@ -61,5 +61,6 @@ def test_stitched_demo_through_predict(tmp_path):
     expected, _ = stitched_demo.frame_agreement(
         segments, [(r["label"], round(float(r["start_s"]) * 10), round(float(r["end_s"]) * 10)) for r in truth], 10.0)
     assert result["frame_agreement"] == expected and 0.0 <= expected <= 1.0
-    assert result["segments"] == len(segments) and result["true_segments"] == 3
+    assert result["segments"] == len(segments) and result["true_segments"] == 3 and result["smooth"] == 3
+    assert 0.0 <= result["frame_agreement_unsmoothed"] <= 1.0 and result["segments_unsmoothed"] >= 1
     assert np.isclose(result["video_s"], 6.0)

@@ -18,7 +18,10 @@ Segments (the merging rule). Each window stands for the span of one stride at it
 centre + d/2) with d = min(S, W) (the first window's span starts at its start, the last window's ends at its
 end), so with overlapping windows neighbouring spans tile the time line. Consecutive windows whose top-1
 class is the same merge into one segment from the first one's span start to the last one's span end; its
-score is the mean of their top-1 probabilities.
+score is the mean of their top-1 probabilities. With smoothing (`smooth` = K > 1, odd), each window's top-1
+comes from the mean of the probabilities of the K windows centred on it (fewer at the ends) instead of its
+own: a window that straddles a cut between two actions, or a moment the model misreads, no longer breaks a
+segment in two. windows.csv keeps every window's own probabilities either way.
 """
 
 from __future__ import annotations
@@ -235,11 +238,25 @@ class LongVideoResult:
     fps: float
 
 
+def smooth_windows(table: np.ndarray, smooth: int) -> np.ndarray:
+    """(windows, classes) probabilities -> the mean over the `smooth` windows centred on each (fewer at the
+    ends, where the centred run would leave the video)."""
+    if smooth < 1 or smooth % 2 == 0:
+        raise ValueError(f"smoothing over {smooth} windows: give an odd number >= 1 (1: no smoothing)")
+    half = smooth // 2
+    sums = np.concatenate([np.zeros((1, table.shape[1]), dtype=np.float64), np.cumsum(table, axis=0, dtype=np.float64)])
+    first = np.clip(np.arange(len(table)) - half, 0, len(table))
+    end = np.clip(np.arange(len(table)) + half + 1, 0, len(table))
+    return ((sums[end] - sums[first]) / (end - first)[:, None]).astype(np.float32)
+
+
 def predict_long_video(path: str | Path, out: Path, window: Span, stride: Span, spec: ClipSpec,
                        score_clips: ScoreClips, classes: Sequence[str], temporal_clips: int, spatial_crops: int,
-                       top_k: int = 5, progress=None) -> LongVideoResult:
+                       top_k: int = 5, progress=None, smooth: int = 1) -> LongVideoResult:
     """Score every window of the video at `path` and write out/windows.csv, out/segments.csv and
-    out/timeline.png. `progress`: wraps the window iterator (a progress bar). Raises CorruptSample."""
+    out/timeline.png. `progress`: wraps the window iterator (a progress bar). `smooth`: segments from the mean
+    probabilities of that many windows centred on each (odd; 1: each window's own). Raises CorruptSample."""
+    smooth_windows(np.zeros((1, 1), dtype=np.float32), smooth)  # a bad `smooth` fails before any decoding
     out.mkdir(parents=True, exist_ok=True)
     scored = score_windows(window_views(path, window, stride, spec, temporal_clips, spatial_crops), score_clips)
     windows: list[Window] = []
@@ -252,7 +269,7 @@ def predict_long_video(path: str | Path, out: Path, window: Span, stride: Span, 
             writer.writerow([f"{item.start_s:.3f}", f"{item.end_s:.3f}"] + topk_cells(probs, classes, top_k))
             windows.append(item)
             probs_rows.append(probs.numpy().astype(np.float16))
-    table = np.stack(probs_rows).astype(np.float32)  # (windows, classes)
+    table = smooth_windows(np.stack(probs_rows).astype(np.float32), smooth)  # (windows, classes)
     top1 = table.argmax(axis=1).tolist()
     stride_frames = stride.frames(windows[0].fps)
     segments = merge_segments(windows, top1, table.max(axis=1).tolist(), stride_frames)
@@ -262,7 +279,8 @@ def predict_long_video(path: str | Path, out: Path, window: Span, stride: Span, 
         for segment in segments:
             writer.writerow([classes[segment.label], f"{segment.start_s:.3f}", f"{segment.end_s:.3f}",
                              f"{segment.score:.6f}"])
-    plot_timeline(windows, table, segments, classes, out / "timeline.png", Path(path).name)
+    title = Path(path).name + (f" (mean of {smooth} windows)" if smooth > 1 else "")
+    plot_timeline(windows, table, segments, classes, out / "timeline.png", title)
     return LongVideoResult(len(windows), segments, windows[0].length, stride_frames, windows[0].fps)
 
 
