@@ -45,6 +45,7 @@ from actionrec.engine.evaluation import EvalResult, evaluate
 from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, StopSignals, TrainingInterrupted
 from actionrec.data.run_data import Place, RunData
 from actionrec.data.sample_log import SampleLog, audit, truncate_after
+from actionrec.engine.elastic import init_method as elastic_init_method
 from actionrec.engine.optim import build_mixing, build_optimizer, cosine_with_warmup
 from actionrec.engine.pretraining import clip_masks, masked_reconstruction_loss
 from actionrec.engine.run_model import build_model_for, resolve_run_model
@@ -67,12 +68,14 @@ def build_accelerator(cfg: Config, accumulation: int) -> Accelerator:
     precision = {"auto": "bf16" if on_gpu else "no", "bf16": "bf16", "fp32": "no"}[cfg.train.precision]
     # A collective waiting for a stopped peer fails in bounded time, after the hang watchdog has said which.
     timeout = collective_timeout(cfg.train.hang_timeout_s)
-    handlers = [InitProcessGroupKwargs(timeout=timeout)]
+    # Under torchrun: keys of its own per restart, or a restarted group reads the failed one's (engine/elastic.py)
+    join = elastic_init_method()
+    handlers = [InitProcessGroupKwargs(init_method=join, timeout=timeout)]
     kwargs: dict[str, Any] = {}
     if not on_gpu:
         if use_deepspeed:
             # DeepSpeed on CPU: gloo explicitly, and never cpu=True (Accelerate would silently drop DeepSpeed).
-            handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
+            handlers = [InitProcessGroupKwargs(backend="gloo", init_method=join, timeout=timeout)]
         else:
             kwargs["cpu"] = True  # makes Accelerate join the env's process group with gloo
     accelerator = Accelerator(
