@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
@@ -49,11 +50,44 @@ def init_method() -> str | None:
     return f"{SCHEME}://"
 
 
+def attempt_store(restart: int | None = None) -> Any:
+    """The keys of torchrun attempt `restart` (default: this one) in its agent's store; None where this process
+    did not join through `init_method()`."""
+    if _agent_store is None:
+        return None
+    import torch.distributed as dist
+
+    return dist.PrefixStore(f"actionrec/attempt_{restart_count() if restart is None else restart}", _agent_store)
+
+
+def describe_attempt(run_dir: Path, world_size: int) -> tuple[int, str]:
+    """(this attempt's number, 1 = the first start; why it started): torchrun restarts (with what the failed
+    attempt's watchdogs left in the store) and SLURM requeues (with the failure recorded in failures.jsonl)."""
+    from actionrec.engine.watchdog import last_attempt
+    from actionrec.slurm_restart import slurm_attempt
+
+    restarts = restart_count()
+    slurm_number, slurm_reason = slurm_attempt(run_dir)
+    number = slurm_number + restarts
+    if not restarts:
+        return number, slurm_reason
+    limit = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")
+    reason = f"torchrun restart {restarts} of at most {limit} (--max_restarts) after a failed attempt"
+    previous = attempt_store(restarts - 1)
+    if previous is None:
+        return number, reason + " (its report above names the rank and exit status)"
+    return number, f"{reason}: {last_attempt(previous, restarts - 1, world_size)}"
+
+
+_agent_store: Any = None  # torchrun's store, once joined through _attempt_rendezvous
+
+
 def _attempt_rendezvous(url: str, timeout: timedelta, **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
+    global _agent_store
     import torch.distributed as dist
 
     # the same URL as env:// (init_process_group added rank and world_size to its query)
     env_url = urlunparse(urlparse(url)._replace(scheme="env"))
-    store, rank, world_size = next(dist.rendezvous(env_url, timeout=timeout, **kwargs))
-    yield dist.PrefixStore(f"actionrec/attempt_{restart_count()}", store), rank, world_size
+    _agent_store, rank, world_size = next(dist.rendezvous(env_url, timeout=timeout, **kwargs))
+    yield attempt_store(), rank, world_size
     raise RuntimeError("Unable to perform re-rendezvous using actionrec-attempt:// (torchrun restarts the process)")
