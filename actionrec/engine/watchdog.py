@@ -340,9 +340,12 @@ def _ranks(ranks: list[int]) -> str:
 
 
 def _in_dataloader(thread_id: int | None) -> bool:
+    """Whether the thread waits for a DataLoader's worker processes (their iterator's `_get_data`; with
+    num_workers=0 the loading runs in this process, and a stall there is the data's own, not a worker's)."""
     frame = sys._current_frames().get(thread_id)
     while frame is not None:
-        if frame.f_code.co_filename.endswith(os.path.join("torch", "utils", "data", "dataloader.py")):
+        if (frame.f_code.co_name in ("_get_data", "_try_get_data")
+                and frame.f_code.co_filename.endswith(os.path.join("torch", "utils", "data", "dataloader.py"))):
             return True
         frame = frame.f_back
     return False
