@@ -146,7 +146,7 @@ def test_a_stall_of_every_rank_requeues_the_job_which_then_finishes(slurm_cluste
     job_id = submitted_job_id(stdout)
     [failure] = failures(run_dir)
     assert failure["attempt"] == 1 and failure["step"] == 4 and failure["reason"].endswith("Exited with exit code 124")
-    lines = [line for path in sorted((run_dir / "slurm").glob(f"{job_id}_*_log.err"))
+    lines = [line for path in sorted((run_dir / "slurm").glob(f"{job_id}_*_log.out"))
              for line in path.read_text().splitlines() if line.startswith("error: no progress for")]
     assert lines and "(train.hang_timeout_s=10): ranks 0-1 in step 4, evaluating for " in lines[0], lines
     assert f"attempt 2: requeued after attempt 1 failed at step 4: {failure['reason']}" in stdout
