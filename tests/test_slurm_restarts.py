@@ -154,3 +154,20 @@ def test_a_stall_of_every_rank_requeues_the_job_which_then_finishes(slurm_cluste
     assert f"resumed from {run_dir}/checkpoints/step_0000002 (step 2)" in stdout, stdout[-3000:]
     assert max(train_losses(run_dir)) == 6
     assert sacct_state(job_id) == "COMPLETED"
+
+
+def test_the_attempt_and_its_reason_come_from_slurms_restart_count_and_failures_jsonl(tmp_path, monkeypatch):
+    from actionrec.slurm_restart import slurm_attempt
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert slurm_attempt(tmp_path) == (1, "the first start of this job")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert slurm_attempt(tmp_path) == (1, "the first start of SLURM job 7")
+    (tmp_path / "failures.jsonl").write_text(
+        json.dumps({"job_id": "6", "attempt": 1, "step": 3, "reason": "another job's"}) + "\n"
+        + json.dumps({"job_id": "7", "attempt": 1, "step": 9, "reason": "rank 1 on node2: Killed"}) + "\n")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert slurm_attempt(tmp_path) == (2, "requeued after attempt 1 failed at step 9: rank 1 on node2: Killed")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # no failure recorded for attempt 2: a preemption
+    assert slurm_attempt(tmp_path) == (3, "requeued after attempt 2 was preempted or reached its time limit")

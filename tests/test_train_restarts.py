@@ -78,3 +78,26 @@ def test_a_rank_killed_under_max_restarts_is_restarted_and_ends_with_the_uninter
     logged = [r for r in wandb_history(restarted) if "run/attempt" in r]
     assert [(r["step"], r["run/attempt"], r["run/attempt_reason"]) for r in logged] == [
         (step, 2, records[0]["run/attempt_reason"])]
+
+
+def test_the_restart_reason_names_the_hang_or_the_rank_that_left_no_word(tmp_path):
+    """What the failed attempt's ranks left in the store (here a real in-memory c10d store) becomes the reason."""
+    from torch.distributed import HashStore
+
+    from actionrec.engine import watchdog as wd
+
+    store = HashStore()
+    assert wd.last_attempt(store, 0, 2) == ("rank 0 ended before its watchdog started; "
+                                            "rank 1 ended before its watchdog started")
+    ranks = [wd.Watchdog(10, tmp_path, rank=r, world_size=2, store=store) for r in (0, 1)]
+    for dog in ranks:
+        store.set(f"{wd._KEY}/rank{dog.rank}", '{"step": 7, "phase": "all-reduce"}')
+    ranks[0].step, ranks[0].phase = 7, "all-reduce"
+    ranks[0].ended(RuntimeError("[/pytorch/gloo/pair.cc:545] Read error [127.0.0.1]:3468: Connection reset by peer. "
+                                "This is typically caused by a remote worker hanging"))
+    assert wd.last_attempt(store, 0, 2) == (
+        "rank 1 ended without a word (killed outright: SIGKILL, the OOM killer, a crash?); rank 0 stopped in step 7 "
+        "(all-reduce) with RuntimeError: Read error [127.0.0.1]:3468: Connection reset by peer")
+    store.set(f"{wd._KEY}/line", "no progress for 11 s (train.hang_timeout_s=10): ranks 0-1 in step 4, evaluating")
+    assert wd.last_attempt(store, 0, 2) == ("the hang watchdog ended it: no progress for 11 s "
+                                            "(train.hang_timeout_s=10): ranks 0-1 in step 4, evaluating")

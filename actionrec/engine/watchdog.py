@@ -228,7 +228,8 @@ class Watchdog:
                                  for r in range(self.world_size) if r != self.rank})
         if reporter:
             where = stacks.parent if wrote else "stderr"
-            what = f"no progress for {idle:.0f} s (train.hang_timeout_s={self.timeout_s:g}): {describe(statuses, self.world_size)}"
+            what = (f"no progress for {idle:.0f} s (train.hang_timeout_s={self.timeout_s:g}): "
+                    f"{describe(statuses, self.world_size)}")
             print(f"error: {what}. Python stacks of every thread: {where}; {self._kept()}", file=sys.stderr, flush=True)
             if self.store is not None:  # for the next attempt's reason (a torchrun restart: last_attempt below)
                 _bounded(lambda: self.store.set(f"{_KEY}/line", what), timeout_s=2.0)
