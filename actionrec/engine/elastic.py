@@ -43,10 +43,11 @@ def init_method() -> str | None:
     if os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
         return None
     import torch.distributed as dist
-    from torch.distributed.rendezvous import _rendezvous_handlers
 
-    if SCHEME not in _rendezvous_handlers:  # a second Accelerator in one process (tests) registers once
+    try:
         dist.register_rendezvous_handler(SCHEME, _attempt_rendezvous)
+    except RuntimeError:  # registered by an earlier Accelerator in this process
+        pass
     return f"{SCHEME}://"
 
 
