@@ -40,8 +40,15 @@ HANG_EXIT_CODE = 124
 # names the rank and writes the stacks) comes first; the collective timeout is the backstop for a watchdog
 # that cannot run (a C extension holding the GIL forever).
 COLLECTIVE_MARGIN_S = 60.0
-# Per launch attempt: torchrun's store outlives a --max_restarts restart, and a new attempt starts afresh.
-_KEY = f"actionrec/watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _key(restart: int) -> str:
+    """The watchdogs' keys of torchrun attempt `restart`: its store outlives a --max_restarts restart, a new
+    attempt starts afresh and reads the last one's (`last_attempt`)."""
+    return f"actionrec/watchdog/{restart}"
+
+
+_KEY = _key(int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0))
 T = TypeVar("T")
 
 
@@ -276,7 +283,7 @@ class Watchdog:
 def last_attempt(store: Any, restart: int, world_size: int) -> str:
     """What the ranks of torchrun attempt `restart` (0 = the first) left in `store` (that attempt's keys): the
     hang line if the watchdog fired, else how each rank ended; a rank that left no word was killed outright."""
-    key = f"actionrec/watchdog/{restart}"
+    key = _key(restart)
     if store.check([f"{key}/line"]):
         return "the hang watchdog ended it: " + store.get(f"{key}/line").decode()
     parts = []
