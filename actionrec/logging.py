@@ -181,6 +181,15 @@ class RunMonitor:
         self._append(record)
         self._wandb_log(record)
 
+    def log_attempt(self, number: int, reason: str, step: int) -> None:
+        """Which start of the job this is (2 = the first restart: a torchrun restart or a SLURM requeue) and why:
+        `run/attempt` at the step it resumed from and the reason beside it (WandB's summary keeps the latest)."""
+        if not self.is_main:
+            return
+        record = {"step": step, "run/attempt": number, "run/attempt_reason": reason}
+        self._append(record)
+        self._wandb_log(record)
+
     def log_eval(self, result: EvalResult, split: str, step: int, class_names: list[str]) -> None:
         """Scalars of both levels, per-class accuracy, confusion matrix and PR curve plots (video level)."""
         if not self.is_main:

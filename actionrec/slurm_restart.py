@@ -85,6 +85,23 @@ def failure_reason(log_folder: Path, job_id: str, status: int) -> tuple[str, boo
     return f"the job step exited with status {status}", True
 
 
+def slurm_attempt(run_dir: Path) -> tuple[int, str]:
+    """(this start's number, 1 = the first; why it started) for the training log and WandB. Outside SLURM, or
+    on a job's first start, (1, ...)."""
+    import os
+
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id is None:
+        return 1, "the first start of this job"
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if not restarts:
+        return 1, f"the first start of SLURM job {job_id}"
+    failed = [f for f in read_failures(run_dir) if f.job_id == job_id and f.attempt == restarts]
+    if failed:
+        return restarts + 1, f"requeued after attempt {restarts} failed at step {failed[-1].step}: {failed[-1].reason}"
+    return restarts + 1, f"requeued after attempt {restarts} was preempted or reached its time limit"
+
+
 def same_fault(a: Failure, b: Failure) -> bool:
     # which rank srun reports first varies when every rank meets the same error: compare what happened
     def what(reason: str) -> str:

@@ -1,12 +1,13 @@
-"""A crashed rank restarts the job by itself under `launch/slurm.py --max-failures` on the local two-node
-cluster, where a job that lost a node continues
-on the one left (`--min-nodes 1`), and a fault that repeats at the same step stops the job as a bug."""
+"""A crashed rank, and a stall of every rank, restart the job by itself under `launch/slurm.py --max-failures` on
+the local two-node cluster, where a job that lost a node continues on the one left (`--min-nodes 1`), and a fault
+that repeats at the same step stops the job as a bug."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -114,3 +115,59 @@ def test_the_same_fault_at_the_same_step_twice_stops_the_job_as_a_bug(slurm_clus
                      r"this is a bug, not bad luck; not requeueing", run.stdout), run.stdout[-3000:]
     assert f"job {job_id} failed (FAILED)" in run.stderr
     assert sacct_state(job_id) == "FAILED"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_stall_of_every_rank_requeues_the_job_which_then_finishes(slurm_cluster, shards, tmp_path):  # noqa: F811
+    """Every rank blocks opening a validation shard that never delivers (a FIFO nobody writes to: a shared file
+    system that stopped answering), so no collective ever times out: the hang watchdog ends both ranks (exit
+    124), the job requeues itself (--max-failures 1) and, the files back, the next attempt resumes and ends."""
+    stalled = tmp_path / "shards"
+    shutil.copytree(shards, stalled)
+    for shard in stalled.glob("val-*.tar"):
+        shard.rename(f"{shard}.kept")
+        os.mkfifo(shard)
+    overrides = ("train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=4", "data.test_split=",
+                 "train.hang_timeout_s=10")
+    run_dir = tmp_path / "stall"
+    launcher = subprocess.Popen(
+        [*launcher_command(*tiny_run(stalled, tmp_path, "stall", *overrides), "--wait"), "--max-failures", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: failures(run_dir) or launcher.poll() is not None, 240, "the stall to end the attempt")
+        for kept in stalled.glob("val-*.tar.kept"):  # the file system delivers again (before the requeue starts)
+            os.replace(kept, str(kept).removesuffix(".kept"))
+        stdout, stderr = launcher.communicate(timeout=300)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, stdout[-4000:] + stderr[-3000:]
+    job_id = submitted_job_id(stdout)
+    [failure] = failures(run_dir)
+    assert failure["attempt"] == 1 and failure["step"] == 4 and failure["reason"].endswith("Exited with exit code 124")
+    lines = [line for path in sorted((run_dir / "slurm").glob(f"{job_id}_*_log.out"))
+             for line in path.read_text().splitlines() if line.startswith("error: no progress for")]
+    assert lines and "(train.hang_timeout_s=10): ranks 0-1 in step 4, evaluating for " in lines[0], lines
+    assert f"attempt 2: requeued after attempt 1 failed at step 4: {failure['reason']}" in stdout
+    # step 4's checkpoint comes after its evaluation, where the stall was: the one before it is the newest
+    assert f"resumed from {run_dir}/checkpoints/step_0000002 (step 2)" in stdout, stdout[-3000:]
+    assert max(train_losses(run_dir)) == 6
+    assert sacct_state(job_id) == "COMPLETED"
+
+
+def test_the_attempt_and_its_reason_come_from_slurms_restart_count_and_failures_jsonl(tmp_path, monkeypatch):
+    from actionrec.slurm_restart import slurm_attempt
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert slurm_attempt(tmp_path) == (1, "the first start of this job")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert slurm_attempt(tmp_path) == (1, "the first start of SLURM job 7")
+    (tmp_path / "failures.jsonl").write_text(
+        json.dumps({"job_id": "6", "attempt": 1, "step": 3, "reason": "another job's"}) + "\n"
+        + json.dumps({"job_id": "7", "attempt": 1, "step": 9, "reason": "rank 1 on node2: Killed"}) + "\n")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert slurm_attempt(tmp_path) == (2, "requeued after attempt 1 failed at step 9: rank 1 on node2: Killed")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # no failure recorded for attempt 2: a preemption
+    assert slurm_attempt(tmp_path) == (3, "requeued after attempt 2 was preempted or reached its time limit")

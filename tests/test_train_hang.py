@@ -85,7 +85,9 @@ def test_a_stopped_rank_is_named_within_the_timeout_with_every_stack_and_the_job
     assert line.endswith(f"Python stacks of every thread: {run_dir / 'hang'}; the last checkpoint, {latest}, is "
                          "kept: run the same command again to resume from it"), line
     stacks = (run_dir / "hang" / "rank0.txt").read_text()
-    assert stacks.startswith("rank 0 (pid ") and "most recent call first" in stacks and "train_step" in stacks
+    assert stacks.startswith("rank 0 (pid ") and "most recent call first" in stacks
+    # where rank 0 waits for the stopped rank: a step's collective, or a checkpoint's (one every 3 fast steps)
+    assert "train_step" in stacks or "save_checkpoint" in stacks, stacks
     assert not (run_dir / "hang" / "rank1.txt").exists()  # a stopped process writes nothing
 
 

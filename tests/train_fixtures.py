@@ -89,13 +89,17 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 def wandb_history_keys(run_dir: Path) -> set[str]:
-    """Keys logged to the offline WandB run in run_dir/wandb, read from its .wandb record log
-    (LevelDB log format: 32 KiB blocks of CRC + length + type headed chunks; payload = a Record protobuf)."""
+    return {key for record in wandb_history(run_dir) for key in record}
+
+
+def wandb_history(run_dir: Path) -> list[dict[str, object]]:
+    """The history records logged to the offline WandB run(s) in run_dir/wandb, read from their .wandb record
+    logs (LevelDB log format: 32 KiB blocks of CRC + length + type headed chunks; payload = a Record protobuf)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert files, f"no offline WandB run under {run_dir / 'wandb'}"
-    keys: set[str] = set()
+    records: list[dict[str, object]] = []
     for path in files:
         data = path.read_bytes()
         assert data[:4] == b":W&B"
@@ -116,5 +120,6 @@ def wandb_history_keys(run_dir: Path) -> set[str]:
                 record = pb.Record()
                 record.ParseFromString(pending)
                 if record.WhichOneof("record_type") == "history":
-                    keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
-    return keys
+                    records.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                    for item in record.history.item})
+    return records

@@ -45,6 +45,7 @@ from actionrec.engine.evaluation import EvalResult, evaluate
 from actionrec.engine.faults import CheckpointWriteError, NonFiniteLossError, StopSignals, TrainingInterrupted
 from actionrec.data.run_data import Place, RunData
 from actionrec.data.sample_log import SampleLog, audit, truncate_after
+from actionrec.engine.elastic import describe_attempt, init_method as elastic_init_method
 from actionrec.engine.optim import build_mixing, build_optimizer, cosine_with_warmup
 from actionrec.engine.pretraining import clip_masks, masked_reconstruction_loss
 from actionrec.engine.run_model import build_model_for, resolve_run_model
@@ -67,12 +68,14 @@ def build_accelerator(cfg: Config, accumulation: int) -> Accelerator:
     precision = {"auto": "bf16" if on_gpu else "no", "bf16": "bf16", "fp32": "no"}[cfg.train.precision]
     # A collective waiting for a stopped peer fails in bounded time, after the hang watchdog has said which.
     timeout = collective_timeout(cfg.train.hang_timeout_s)
-    handlers = [InitProcessGroupKwargs(timeout=timeout)]
+    # Under torchrun: keys of its own per restart, or a restarted group reads the failed one's (engine/elastic.py)
+    join = elastic_init_method()
+    handlers = [InitProcessGroupKwargs(init_method=join, timeout=timeout)]
     kwargs: dict[str, Any] = {}
     if not on_gpu:
         if use_deepspeed:
             # DeepSpeed on CPU: gloo explicitly, and never cpu=True (Accelerate would silently drop DeepSpeed).
-            handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
+            handlers = [InitProcessGroupKwargs(backend="gloo", init_method=join, timeout=timeout)]
         else:
             kwargs["cpu"] = True  # makes Accelerate join the env's process group with gloo
     accelerator = Accelerator(
@@ -385,6 +388,10 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         entity=cfg.log.wandb_entity,
         resume_step=trainer.progress.step,
     )
+    attempt, reason = describe_attempt(run_dir, world_size) if accelerator.is_main_process else (1, "")
+    if attempt > 1:  # a torchrun restart or a SLURM requeue says so, with the reason
+        logger.info("attempt %d: %s", attempt, reason)
+        monitor.log_attempt(attempt, reason, step=trainer.progress.step)
     shards_dir = Path(cfg.data.shards)
     frames_plot = (shards_dir.parent if shards_dir.suffix == ".json" else shards_dir) / "frames_per_category.png"
     if trainer.progress.step == 0:
@@ -399,6 +406,7 @@ def train(cfg: Config, eval_only: bool = False, checkpoint: str | None = None,
         final_dir = trainer.save_checkpoint()
         trainer.sample_log.close()
     except Exception as exc:
+        trainer.watchdog.ended(exc)  # for the reason a torchrun restart gives (engine/elastic.py)
         # This rank alone: a loader worker died or is stuck (the others wait for it). PyTorch raises a worker's
         # death from its SIGCHLD handler, wherever the loop was (a checkpoint write included).
         if (fault := trainer.watchdog.loader_fault(exc)) is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -39,8 +40,15 @@ HANG_EXIT_CODE = 124
 # names the rank and writes the stacks) comes first; the collective timeout is the backstop for a watchdog
 # that cannot run (a C extension holding the GIL forever).
 COLLECTIVE_MARGIN_S = 60.0
-# Per launch attempt: torchrun's store outlives a --max_restarts restart, and a new attempt starts afresh.
-_KEY = f"actionrec/watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _key(restart: int) -> str:
+    """The watchdogs' keys of torchrun attempt `restart`: its store outlives a --max_restarts restart, a new
+    attempt starts afresh and reads the last one's (`last_attempt`)."""
+    return f"actionrec/watchdog/{restart}"
+
+
+_KEY = _key(int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0))
 T = TypeVar("T")
 
 
@@ -82,8 +90,11 @@ class Watchdog:
         if world_size > 1:
             import torch.distributed as dist
 
-            # Private accessor of the store the process group rendezvoused through; no public one exists.
-            store = dist.distributed_c10d._get_default_store()
+            from actionrec.engine.elastic import attempt_store
+
+            # This attempt's keys in torchrun's store (engine/elastic.py), where the next attempt can read them;
+            # else the private accessor of the store the process group rendezvoused through (no public one).
+            store = attempt_store() or dist.distributed_c10d._get_default_store()
         return cls(timeout_s, run_dir, rank, world_size, store)
 
     # --- called by the loop (cheap: attribute writes) -----------------------------------------------------
@@ -131,6 +142,18 @@ class Watchdog:
         return LoaderWorkerError(
             f"{where}: loader worker died ({text.rstrip('. ')}): killed for memory? (check `dmesg`, the shared "
             f"memory size of /dev/shm, or lower data.num_workers); {self._kept()}")
+
+    def ended(self, exc: BaseException) -> None:
+        """Posts how this rank's run ended, for the next torchrun attempt's reason (`last_attempt`); a rank
+        killed outright posts nothing, which is how that one is told apart."""
+        if self.store is None:
+            return
+        # the first sentence, without a C++ source location: "[.../pair.cc:545] Read error ...: Connection reset
+        # by peer. This is typically caused by ..." -> "Read error ...: Connection reset by peer"
+        text = re.sub(r"^\[[^\]]*\] ", "", (str(exc).strip().splitlines() or [""])[0]).split(". ")[0]
+        error = f"{type(exc).__name__}: {text}"[:200]
+        record = json.dumps({"step": self.step, "phase": self.phase, "error": error})
+        _bounded(lambda: self.store.set(f"{_KEY}/ended{self.rank}", record), timeout_s=2.0)
 
     def _kept(self) -> str:
         if self.checkpoint is None:
@@ -212,9 +235,11 @@ class Watchdog:
                                  for r in range(self.world_size) if r != self.rank})
         if reporter:
             where = stacks.parent if wrote else "stderr"
-            line = (f"error: no progress for {idle:.0f} s (train.hang_timeout_s={self.timeout_s:g}): "
-                    f"{describe(statuses, self.world_size)}. Python stacks of every thread: {where}; {self._kept()}")
-            print(line, file=sys.stderr, flush=True)
+            what = (f"no progress for {idle:.0f} s (train.hang_timeout_s={self.timeout_s:g}): "
+                    f"{describe(statuses, self.world_size)}")
+            print(f"error: {what}. Python stacks of every thread: {where}; {self._kept()}", file=sys.stderr, flush=True)
+            if self.store is not None:  # for the next attempt's reason (a torchrun restart: last_attempt below)
+                _bounded(lambda: self.store.set(f"{_KEY}/line", what), timeout_s=2.0)
         else:  # give the reporting rank time to print before the launcher ends the job
             time.sleep(2 * self.interval_s)
         if not wrote:
@@ -253,6 +278,25 @@ class Watchdog:
             else:
                 statuses[r] = {**json.loads(after[r]), "running": before.get(r) != after[r]}
         return reporter, statuses
+
+
+def last_attempt(store: Any, restart: int, world_size: int) -> str:
+    """What the ranks of torchrun attempt `restart` (0 = the first) left in `store` (that attempt's keys): the
+    hang line if the watchdog fired, else how each rank ended; a rank that left no word was killed outright."""
+    key = _key(restart)
+    if store.check([f"{key}/line"]):
+        return "the hang watchdog ended it: " + store.get(f"{key}/line").decode()
+    parts = []
+    for rank in range(world_size):
+        if store.check([f"{key}/ended{rank}"]):
+            s = json.loads(store.get(f"{key}/ended{rank}").decode())
+            parts.append(f"rank {rank} stopped in step {s['step']} ({s['phase']}) with {s['error']}")
+        elif store.check([f"{key}/rank{rank}"]):
+            parts.append(f"rank {rank} ended without a word (killed outright: SIGKILL, the OOM killer, a crash?)")
+        else:
+            parts.append(f"rank {rank} ended before its watchdog started")
+    # the rank killed outright first: the others stopped because of it
+    return "; ".join(sorted(parts, key=lambda part: "without a word" not in part))
 
 
 def describe(statuses: dict[int, dict[str, Any]], world_size: int) -> str:
@@ -304,9 +348,12 @@ def _ranks(ranks: list[int]) -> str:
 
 
 def _in_dataloader(thread_id: int | None) -> bool:
+    """Whether the thread waits for a DataLoader's worker processes (their iterator's `_get_data`; with
+    num_workers=0 the loading runs in this process, and a stall there is the data's own, not a worker's)."""
     frame = sys._current_frames().get(thread_id)
     while frame is not None:
-        if frame.f_code.co_filename.endswith(os.path.join("torch", "utils", "data", "dataloader.py")):
+        if (frame.f_code.co_name in ("_get_data", "_try_get_data")
+                and frame.f_code.co_filename.endswith(os.path.join("torch", "utils", "data", "dataloader.py"))):
             return True
         frame = frame.f_back
     return False
