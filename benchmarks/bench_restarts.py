@@ -10,6 +10,7 @@ Times from the fault: "detected" = torchrun's `failed (exitcode: ...)` line (kil
 command's exit. Every run must exit 0 and end with the uninterrupted run's weights (bit-equal).
 
     PYTHONPATH=$PWD python benchmarks/bench_restarts.py --repeats 3     # benchmarks/out/restarts.json
+    PYTHONPATH=$PWD python benchmarks/bench_restarts.py --smoke         # one kill, 12 steps: does it run
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ def same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def one_run(fault: str, shards: Path, runs: Path, name: str, reference: Path, hang_timeout_s: float) -> dict:
+def one_run(fault: str, shards: Path, runs: Path, name: str, reference: Path, hang_timeout_s: float,
+            run: dict) -> dict:
     run_dir = runs / name
     job = Job([*ACCELERATE, "--max_restarts", "1", "--monitor_interval", "1", "train.py",
-               *tiny_overrides(shards, runs, name, **RUN, **{"train.hang_timeout_s": hang_timeout_s})])
+               *tiny_overrides(shards, runs, name, **run, **{"train.hang_timeout_s": hang_timeout_s})])
     try:
         while not (run_dir / "checkpoints" / "step_0000006").is_dir():
             if job.process.poll() is not None:
@@ -104,18 +106,22 @@ def one_run(fault: str, shards: Path, runs: Path, name: str, reference: Path, ha
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--faults", nargs="+", default=["kill", "stop"], choices=["kill", "stop"])
     parser.add_argument("--hang-timeout-s", type=float, default=10)
+    parser.add_argument("--smoke", action="store_true", help="one kill, 12 steps (the test's size)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "restarts.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    run = {**RUN, "train.max_steps": 12} if args.smoke else RUN
+    if args.smoke:
+        args.repeats, args.faults = 1, ["kill"]
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         shards, runs = build_tiny_shards(work), work / "runs"
         reference = runs / "reference"
-        done = subprocess.run([*ACCELERATE, "train.py", *tiny_overrides(shards, runs, "reference", **RUN)],
+        done = subprocess.run([*ACCELERATE, "train.py", *tiny_overrides(shards, runs, "reference", **run)],
                               cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)
@@ -123,7 +129,7 @@ def main() -> int:
         results = []
         for repeat in range(args.repeats):
             for fault in args.faults:
-                result = one_run(fault, shards, runs, f"{fault}{repeat}", reference, args.hang_timeout_s)
+                result = one_run(fault, shards, runs, f"{fault}{repeat}", reference, args.hang_timeout_s, run)
                 print(json.dumps(result), flush=True)
                 results.append(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,3 +43,14 @@ def test_bench_order_smoke_sees_every_video_once_per_epoch(tmp_path):
     out = run("benchmarks/bench_order.py", "--smoke", "--out", str(tmp_path))
     result = json.loads((tmp_path / "results.json").read_text())
     assert all(row["missing"] == 0 and row["repeated"] == 0 for row in result["epochs"]) and "| epoch |" in out
+
+
+def test_bench_restarts_smoke_restarts_a_killed_rank_to_the_uninterrupted_weights(tmp_path):
+    """benchmarks/bench_restarts.py at its smoke size: one SIGKILLed rank under accelerate --max_restarts 1."""
+    from benchmarks import bench_restarts
+
+    out = tmp_path / "restarts.json"
+    assert bench_restarts.main(["--smoke", "--out", str(out)]) == 0
+    [result] = json.loads(out.read_text())
+    assert result["fault"] == "kill" and result["exit"] == 0 and result["bit_equal"]
+    assert result["detected_s"] is not None and result["training_again_s"] is not None
