@@ -57,11 +57,20 @@ class Attention(nn.Module):
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, h, L, d)
         else:
-            weights = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, L, L)
-            weights = F.dropout(weights.softmax(dim=-1), p=dropout_p)
+            weights = F.dropout(self.weights_of(q, k), p=dropout_p)
             out = weights @ v  # (B, h, L, d)
         out = rearrange(out, "b h l d -> b l (h d)")
         return self.proj_drop(self.proj(out))
+
+    def weights_of(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d)) of queries and keys (B, h, L, d) -> (B, h, L, L), before dropout."""
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention weights this module computes for input x (B, L, D) -> (B, h, L, L), whichever path
+        `fused` picks for its output (attention maps read them with a forward hook: actionrec.engine.explain)."""
+        q, k, _ = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        return self.weights_of(q, k)
 
 
 class Mlp(nn.Module):
