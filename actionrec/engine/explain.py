@@ -193,8 +193,23 @@ def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], 
     Grad-CAM for a CNN trunk."""
     from actionrec.data import normalize_on_device
 
-    video = normalize_on_device(clip[None].to(device), mean, std)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper (train.compile) holds the model
+    video = normalize_on_device(clip[None].to(device), mean, std, dtype=next(model.parameters()).dtype)
+    was_training = model.training
     model.eval()
+    try:
+        logits, native, method, mode = _native_map(model, video)
+    finally:
+        model.train(was_training)
+    native = native.float().cpu()
+    extra = {"align_corners": False} if mode == "trilinear" else {}
+    importance = F.interpolate(native[None, None], size=tuple(clip.shape[1:]), mode=mode, **extra)[0, 0]
+    importance = importance / importance.max().clamp_min(1e-12)
+    return logits.float().softmax(dim=0).cpu(), native, importance, method
+
+
+def _native_map(model: nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str, str]:
+    """(logits, map on its own grid, method, how to upsample it) of a model in eval mode."""
     if isinstance(model, TimeSformer):
         logits, native = attention_rollout(model, video)
         method, mode = f"attention rollout ({model.config.attention_type})", "nearest"  # a token is its patch
@@ -209,11 +224,7 @@ def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], 
     else:
         raise NotExplainable(f"no importance map for a {type(model).__name__}: --explain maps a TimeSformer "
                              "(attention rollout) or a CNN trunk model (Grad-CAM)")
-    native = native.float().cpu()
-    extra = {"align_corners": False} if mode == "trilinear" else {}
-    importance = F.interpolate(native[None, None], size=tuple(clip.shape[1:]), mode=mode, **extra)[0, 0]
-    importance = importance / importance.max().clamp_min(1e-12)
-    return logits.float().softmax(dim=0).cpu(), native, importance, method
+    return logits, native, method, mode
 
 
 def explain_video(classifier, video: str | Path) -> Explanation:
@@ -274,3 +285,20 @@ def write_explanation(explanation: Explanation, classes: list[str], out: Path, n
     figure.savefig(png)
     plt.close(figure)
     return gif, png, npy
+
+
+def explain_strips(model: nn.Module, clips: list[torch.Tensor], mean: tuple[float, ...], std: tuple[float, ...],
+                   classes: list[str], device: torch.device, out: Path, prefix: str) -> list[Path]:
+    """One PNG per uint8 clip (C, T, S, S): its overlay frames side by side, the top-1 class in the file name
+    (`{prefix}_{i}_{class}.png` in `out`); what training logs at each evaluation (log.explain_clips)."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, clip in enumerate(clips):
+        probs, _, importance, _ = explain_clip(model, clip, mean, std, device)
+        strip = np.concatenate(overlay_frames(clip, importance, min_side=96), axis=1)  # (H, T * W, 3)
+        path = out / f"{prefix}_{i}_{classes[int(probs.argmax())]}.png"
+        Image.fromarray(strip).save(path)
+        paths.append(path)
+    return paths
