@@ -103,9 +103,8 @@ def train(family: Family, steps: int, frames: int, size: int, seed: int) -> torc
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    geometry = dict(num_frames=frames, img_size=size) if family.model.startswith("timesformer") else (
-        dict(num_frames=frames) if family.model == "resnet18_temporal" else {})
-    model = build_model(family.model, len(CLASSES), init="scratch", **family.options, **geometry).train()
+    model = build_model(family.model, len(CLASSES), init="scratch", **family.options,
+                        **geometry(family, frames, size)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
     for step in range(1, steps + 1):
@@ -121,6 +120,26 @@ def train(family: Family, steps: int, frames: int, size: int, seed: int) -> torc
     return model.eval()
 
 
+def trained_model(family: Family, steps: int, frames: int, size: int, seed: int, cached: Path) -> torch.nn.Module:
+    """A model trained by `train`, or its weights from `cached` (re-scoring without training again; delete the
+    file to retrain)."""
+    if not cached.is_file():
+        model = train(family, steps, frames, size, seed)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), cached)
+        return model
+    from actionrec.models import build_model
+
+    model = build_model(family.model, len(CLASSES), init="scratch", **family.options, **geometry(family, frames, size))
+    model.load_state_dict(torch.load(cached))
+    return model.eval()
+
+
+def geometry(family: Family, frames: int, size: int) -> dict:
+    """The clip-size options of the family's config (the video ResNets take any clip size)."""
+    return dict(num_frames=frames, img_size=size) if family.model.startswith("timesformer") else {}
+
+
 def cells_hit(boxes: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
     """(h, w) bool: the cells of a grid over an S x S frame that overlap any of the boxes (T, 4)."""
     cell_h, cell_w = size / grid[0], size / grid[1]
@@ -132,14 +151,15 @@ def cells_hit(boxes: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Te
     return hit
 
 
-def score(model: torch.nn.Module, clips: int, frames: int, size: int, seed: int, overlay: Path | None) -> dict:
+def score(model: torch.nn.Module, clips: int, frames: int, size: int, seed: int, overlay: Path | None,
+          gradient_rollout: bool = False) -> dict:
     """Accuracy, hit rate and the uniform baseline of `model` on `clips` held-out clips."""
     from actionrec.engine.explain import explain_clip, overlay_frames
 
     videos, labels, boxes = known_place_clips(clips, torch.Generator().manual_seed(seed + 1000), frames, size)
     correct, hits, chance = 0, 0, 0.0
     for i in range(clips):
-        probs, native, importance, method = explain_clip(model, videos[i], MEAN, STD)
+        probs, native, importance, method = explain_clip(model, videos[i], MEAN, STD, gradient_rollout=gradient_rollout)
         correct += int(probs.argmax() == labels[i])
         averaged = native.mean(dim=0)  # (h, w)
         target = cells_hit(boxes[i], tuple(averaged.shape), size)
@@ -186,14 +206,18 @@ def main(argv: list[str] | None = None) -> int:
         steps = 3 if args.smoke else family.steps
         for seed in args.seeds:
             started = time.perf_counter()
-            model = train(family, steps, args.frames, args.size, seed)
+            model = trained_model(family, steps, args.frames, args.size, seed, args.out / "models" /
+                                  f"{name.replace(' ', '_')}-{steps}steps-{args.frames}x{args.size}-seed{seed}.pt")
             trained = time.perf_counter() - started
-            overlay = args.out / f"explain_{name.replace(' ', '_')}.png"
-            result = score(model, clips, args.frames, args.size, seed, overlay if seed == args.seeds[0] else None)
-            rows.append(dict(family=name, seed=seed, steps=steps, train_s=round(trained), clips=clips, **result))
-            print(f"{name} seed {seed}: {steps} steps in {trained:.0f} s, accuracy {result['accuracy']:.3f}, "
-                  f"hit rate {result['hit_rate']:.3f} (uniform map {result['uniform']:.3f}) on a {result['grid']} "
-                  f"grid", flush=True)
+            # TimeSformer: both rollouts of explain.attention_rollout (plain, and gradient-weighted).
+            for gradient in (False, True) if family.model.startswith("timesformer") else (False,):
+                suffix = "_gradient" if gradient else ""
+                overlay = args.out / f"explain_{name.replace(' ', '_')}{suffix}.png" if seed == args.seeds[0] else None
+                result = score(model, clips, args.frames, args.size, seed, overlay, gradient)
+                rows.append(dict(family=name, seed=seed, steps=steps, train_s=round(trained), clips=clips, **result))
+                print(f"{name} seed {seed}: {steps} steps in {trained:.0f} s, accuracy {result['accuracy']:.3f}, "
+                      f"{result['method']}: hit rate {result['hit_rate']:.3f} (uniform map {result['uniform']:.3f}) "
+                      f"on a {result['grid']} grid", flush=True)
     lines = [f"{args.frames} frames {args.size}^2, {len(args.seeds)} seed(s) per family, {clips} held-out clips "
              f"each; {args.threads} torch threads; CPU.", "",
              "| model | map | grid (t x h x w) | steps | train s | accuracy | hit rate | uniform map |",

@@ -99,8 +99,8 @@ def attention_steps(block: nn.Module, grid: tuple[int, int, int]) -> list[Step]:
 
 
 def step_matrix(weights: torch.Tensor, step: Step, num_patches: int) -> torch.Tensor:
-    """Head-averaged weights of one step (G, L, L) (L counts cls first when it joins) -> the step's mixing
-    matrix over the whole sequence (1 + N, 1 + N), cls first, residual included: 0.5 * I + 0.5 * A."""
+    """Head-fused weights of one step (G, L, L) (L counts cls first when it joins) -> the step's attention
+    as a matrix over the whole sequence (1 + N, 1 + N), cls first; its cls row is zero for a patch-only step."""
     index = rearrange(torch.arange(num_patches)[None], step.pattern, **step.sizes) + 1  # (G, L) sequence positions
     groups, length = index.shape
     expected = (groups, length + step.with_cls, length + step.with_cls)
@@ -112,53 +112,71 @@ def step_matrix(weights: torch.Tensor, step: Step, num_patches: int) -> torch.Te
     rows = index[:, :, None].expand(-1, -1, index.shape[1])
     cols = index[:, None, :].expand(-1, index.shape[1], -1)
     mixing[rows, cols] = weights  # the cls row is overwritten by every group: set below
+    mixing[0] = 0
     if step.with_cls:
-        mixing[0] = 0
         mixing[0].index_add_(0, index.flatten(), weights[:, 0].flatten() / groups)  # the mean over groups
-    else:
-        mixing[0, 0] = 1.0  # a patch-only step leaves cls as it is
-    return 0.5 * torch.eye(1 + num_patches, dtype=weights.dtype) + 0.5 * mixing
+    return mixing
+
+
+def with_residual(attention: torch.Tensor, gradient: bool) -> torch.Tensor:
+    """A step's relevance transfer with its residual (the input passes on): rollout's 0.5 * I + 0.5 * A with
+    rows that sum to 1 (a patch-only step leaves cls as it is), or Chefer et al.'s I + A (A: the
+    gradient-weighted attention, unnormalised)."""
+    eye = torch.eye(attention.shape[-1], dtype=attention.dtype)
+    if gradient:
+        return eye + attention
+    mixed = 0.5 * eye + 0.5 * attention
+    untouched = attention.sum(dim=-1) == 0  # rows no attention wrote: cls in a patch-only step
+    return torch.where(untouched[..., None], eye, mixed)
 
 
 @contextmanager
 def recorded_attention(model: nn.Module) -> Iterator[dict[Attention, list[torch.Tensor]]]:
-    """Every Attention module's head-averaged weights (B, L, L), one entry per call, while inside."""
-    records: dict[Attention, list[torch.Tensor]] = {}
-
-    def record(module: Attention, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
-        records.setdefault(module, []).append(module.attention_weights(inputs[0]).mean(dim=1).detach().float().cpu())
-
-    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, Attention)]
+    """Every Attention module's weights (B, h, L, L), one entry per call, while inside (capture mode:
+    `Attention.recorded`; the weights stay in the autograd graph)."""
+    modules = [m for m in model.modules() if isinstance(m, Attention)]
+    for module in modules:
+        module.recorded = []
     try:
-        yield records
+        yield {module: module.recorded for module in modules}
     finally:
-        for handle in handles:
-            handle.remove()
+        for module in modules:
+            module.recorded = None
 
 
-@torch.no_grad()
-def attention_rollout(model: TimeSformer, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised clip (1, C, T, H, W) -> (logits (num_classes,), rollout map (T, h, w) summing to 1)."""
+def attention_rollout(model: TimeSformer, video: torch.Tensor,
+                      gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised clip (1, C, T, H, W) -> (logits (num_classes,), map (T, h, w)).
+
+    gradient=False: attention rollout (Abnar & Zuidema 2020), heads averaged; class-agnostic.
+    gradient=True: the gradient-weighted rollout of Chefer, Gur & Wolf (ICCV 2021, "Generic attention-model
+    explainability"): each step's attention is mean over heads of relu(dlogit/dA * A) for the top-1 logit,
+    composed as R <- R + A R. Same steps, groupings and order as the rollout; class-specific."""
     frames, patch = video.shape[2], model.config.patch_size
     grid = (frames, video.shape[-2] // patch, video.shape[-1] // patch)
     num_patches = grid[0] * grid[1] * grid[2]
-    with recorded_attention(model) as records:
+    with recorded_attention(model) as records, torch.set_grad_enabled(gradient):
         logits = model(video)[0]
+        if gradient:
+            modules = list(records)
+            weights = [records[m][0] for m in modules]
+            grads = torch.autograd.grad(logits[logits.argmax()], weights)
+            per_step = {m: (g * w).clamp(min=0).mean(dim=1) for m, w, g in zip(modules, weights, grads)}
+        else:
+            per_step = {m: w[0].mean(dim=1) for m, w in records.items()}  # (G, L, L)
+    per_step = {m: w.detach().float().cpu() for m, w in per_step.items()}
     if model.config.attention_type == "space_only":
         # Each frame is a sequence (cls + h*w) of its own through every block; the frames' cls tokens are
-        # averaged at the end, so a frame's patches count 1 / T of its own rollout.
-        per_frame = grid[1] * grid[2]
-        rollout = torch.eye(1 + per_frame).expand(frames, -1, -1)
+        # averaged at the end, so a frame's patches count 1 / T of its own map.
+        rollout = torch.eye(1 + grid[1] * grid[2]).expand(frames, -1, -1)
         for block in model.blocks:
-            (weights,) = records[block.attn]  # (T, 1 + h*w, 1 + h*w)
-            rollout = (0.5 * torch.eye(1 + per_frame) + 0.5 * weights) @ rollout
-        return logits, rollout[:, 0, 1:].reshape(grid) / frames
+            rollout = with_residual(per_step[block.attn], gradient) @ rollout  # (T, 1 + h*w, 1 + h*w)
+        return logits.detach(), rollout[:, 0, 1:].reshape(grid) / frames
     rollout = torch.eye(1 + num_patches)
     for block in model.blocks:
         for step in attention_steps(block, grid):
-            (weights,) = records[step.attn]
-            rollout = step_matrix(weights, step, num_patches) @ rollout
-    return logits, rollout[0, 1:].reshape(grid)
+            rollout = with_residual(step_matrix(per_step[step.attn], step, num_patches), gradient) @ rollout
+    return logits.detach(), rollout[0, 1:].reshape(grid)
 
 
 def grad_cam(model: TrunkTransformer, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +205,8 @@ def grad_cam(model: TrunkTransformer, video: torch.Tensor) -> tuple[torch.Tensor
 
 
 def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+                 device: torch.device = torch.device("cpu"),
+                 gradient_rollout: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """uint8 clip (C, T, S, S) -> (class probabilities, the map on its own grid (t, h, w), the map upsampled to
     the clip (T, S, S) in [0, 1], method) by the model's family: attention rollout for a TimeSformer,
     Grad-CAM for a CNN trunk."""
@@ -198,7 +217,7 @@ def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], 
     was_training = model.training
     model.eval()
     try:
-        logits, native, method, mode = _native_map(model, video)
+        logits, native, method, mode = _native_map(model, video, gradient_rollout)
     finally:
         model.train(was_training)
     native = native.float().cpu()
@@ -208,11 +227,13 @@ def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], 
     return logits.float().softmax(dim=0).cpu(), native, importance, method
 
 
-def _native_map(model: nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str, str]:
+def _native_map(model: nn.Module, video: torch.Tensor,
+                gradient_rollout: bool) -> tuple[torch.Tensor, torch.Tensor, str, str]:
     """(logits, map on its own grid, method, how to upsample it) of a model in eval mode."""
     if isinstance(model, TimeSformer):
-        logits, native = attention_rollout(model, video)
-        method, mode = f"attention rollout ({model.config.attention_type})", "nearest"  # a token is its patch
+        logits, native = attention_rollout(model, video, gradient_rollout)
+        name = "gradient-weighted attention rollout" if gradient_rollout else "attention rollout"
+        method, mode = f"{name} ({model.config.attention_type})", "nearest"  # a token is its patch
     elif isinstance(model, TrunkTransformer):
         checkpointing = model.config.grad_checkpointing
         model.set_grad_checkpointing(False)  # a recomputed stage would run the capture hook twice
