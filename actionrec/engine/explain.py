@@ -16,8 +16,10 @@
   stage, `trunk.layer4`: ReLU of the channel sum of activations weighted by the mean gradient of the predicted
   class's logit over the stage's (t, h, w) map, upsampled (trilinear) to the clip.
 
-Attention weights are read by forward hooks on the model's `Attention` modules (`Attention.attention_weights`
-recomputes softmax(QK^T) from the module's input), so the model keeps its SDPA path and is not changed.
+Attention weights are read in the `Attention` modules' capture mode (`Attention.recorded`, set only while a
+map is made: the explicit softmax(QK^T)V path runs and keeps its weights), so training and prediction keep
+the SDPA path. `attention_rollout(..., gradient=True)` is Chefer et al.'s gradient-weighted rollout over the
+same steps (measured no better here: docs/predict.md).
 Written here because no maintained library computes rollout for factorised space-time attention.
 """
 
