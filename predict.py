@@ -5,6 +5,7 @@
     python predict.py long.mp4 --checkpoint runs/demo --window 2s --stride 1s --out timeline/   # what happens when
     accelerate launch predict.py videos/ --checkpoint runs/demo --out preds.csv   # a folder, a CSV or a shard set
     python predict.py clip.mp4 --onnx model.onnx                           # a model written by export.py
+    python predict.py clip.mp4 --checkpoint runs/demo --explain --out where/   # where the model looks
 """
 
 import argparse
@@ -35,8 +36,13 @@ def parse_args() -> argparse.Namespace:
                         help="long video: segments from the mean probabilities of this many windows centred on each "
                              "(odd; default 1: each window alone); windows.csv keeps each window's own")
     parser.add_argument("--out", default=None,
-                        help="with --window: a folder for windows.csv, segments.csv, timeline.png; with a folder, "
+                        help="with --window: a folder for windows.csv, segments.csv, timeline.png; with --explain: "
+                             "a folder for the overlay and the importance plot; with a folder, "
                              "CSV or shard set: the CSV to write (re-running resumes it)")
+    parser.add_argument("--explain", action="store_true",
+                        help="one video file: write into --out DIR where the model looks in its evaluation clip "
+                             "(attention rollout for a TimeSformer, Grad-CAM for a CNN): an overlay GIF, a "
+                             "per-frame importance PNG and the map as .npy")
     parser.add_argument("--split", default="test", help="shard set input: the split to score (default test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args()
@@ -50,6 +56,13 @@ def check_args(args: argparse.Namespace) -> str | None:
     if (args.temporal_clips is not None and args.temporal_clips < 1) or args.top_k < 1:
         return "--temporal-clips and --top-k must be >= 1"
     single = source.is_file() and source.suffix.lower() != ".csv"
+    if args.explain:
+        if not single or args.window is not None:
+            return "--explain maps one clip of one video file; give a video file and no --window"
+        if args.checkpoint is None:
+            return "--explain needs the model's weights: give --checkpoint (an ONNX model cannot be explained)"
+        if args.out is None:
+            return "--explain needs --out DIR for the overlay GIF and the importance plot"
     if (args.stride is not None or args.smooth != 1) and args.window is None:
         return "--stride and --smooth need --window"
     if args.smooth < 1 or args.smooth % 2 == 0:
@@ -94,6 +107,8 @@ def main() -> int:
             print(f"error: {str(exc).strip(chr(34))}", file=sys.stderr)
             return 2
     rank, world_size, local_rank = (0, 1, 0) if single else init_distributed()
+    if args.explain:
+        return predict_explain(args)
     try:
         if args.onnx:
             from actionrec.engine.export import onnx_classifier
@@ -130,6 +145,34 @@ def predict_one(args: argparse.Namespace, predictor, temporal: int, spatial: int
     width = max(len(predictor.classes[int(i)]) for i in top.indices)
     for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
         print(f"{rank}. {predictor.classes[i]:<{width}}  {p:.4f}")
+    return 0
+
+
+def predict_explain(args: argparse.Namespace) -> int:
+    from actionrec.config import ConfigError
+    from actionrec.data import CorruptSample
+    from actionrec.engine.checkpoint import CheckpointNotFound
+    from actionrec.engine.explain import NotExplainable, explain_video, write_explanation
+    from actionrec.engine.inference import load_classifier
+    from actionrec.engine.many_videos import device_for
+
+    try:
+        classifier = load_classifier(args.checkpoint, device_for(0, args.device))
+        explanation = explain_video(classifier, args.video)
+    except (CheckpointNotFound, ConfigError, NotExplainable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CorruptSample as exc:
+        print(f"error: {args.video} cannot be decoded: {exc}", file=sys.stderr)
+        return 1
+    top = explanation.probs.topk(min(args.top_k, len(explanation.probs)))
+    frames = explanation.frame_indices
+    print(f"{args.video}: one clip (frames {frames[0]}-{frames[-1]}, centre crop); {explanation.method} over a "
+          f"{'x'.join(map(str, explanation.grid))} (t x h x w) grid")
+    for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+        print(f"{rank}. {classifier.classes[i]}  {p:.4f}")
+    for path in write_explanation(explanation, classifier.classes, Path(args.out), Path(args.video).stem):
+        print(f"wrote {path}")
     return 0
 
 

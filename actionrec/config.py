@@ -111,6 +111,9 @@ class LogConfig:
     wandb_entity: str = ""
     peak_tflops_per_device: float = 0.0  # declared peak for the MFU estimate; 0 = do not report MFU
     progress_bar: bool = True
+    # classify: at each evaluation, the first N clips of the split are explained (predict.py --explain) and
+    # logged as images (overlay frames side by side) to WandB and {run_dir}/plots; 0 = none. Not under ZeRO-3.
+    explain_clips: int = 0
 
 
 @dataclass

@@ -187,7 +187,9 @@ class Trainer:
                                  dropped, self.progress.step)
         self.acc.wait_for_everyone()
 
-    def evaluate(self, split: str, frames_shuffled: bool = False) -> EvalResult:
+    def evaluate(self, split: str, frames_shuffled: bool = False, keep_clips: list[torch.Tensor] | None = None,
+                 keep: int = 0) -> EvalResult:
+        """keep_clips: a list that receives this rank's first `keep` uint8 clips (C, T, S, S) as they pass."""
         zero3 = is_zero3(self.acc)
         dummy = None
         if zero3:
@@ -199,7 +201,7 @@ class Trainer:
         model = self.model if zero3 else self.acc.unwrap_model(self.model)
         return evaluate(
             model,
-            self.watchdog.watched(self.data.eval_loader(split), "evaluating"),
+            kept_clips(self.watchdog.watched(self.data.eval_loader(split), "evaluating"), keep_clips, keep),
             num_classes=self.num_classes,
             device=self.device,
             to_inputs=self.to_inputs,
@@ -528,6 +530,14 @@ def skip_nonfinite_step(trainer: Trainer, monitor: RunMonitor, result: StepResul
         )
 
 
+def kept_clips(batches: Iterator[dict], keep_clips: list[torch.Tensor] | None, keep: int) -> Iterator[dict]:
+    """`batches` unchanged, the first `keep` uint8 clips copied into keep_clips on the way."""
+    for batch in batches:
+        if keep_clips is not None and len(keep_clips) < keep:
+            keep_clips.extend(batch["video"][: keep - len(keep_clips)].cpu())
+        yield batch
+
+
 def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[str], step: int,
                     frames_shuffled: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {}
@@ -540,7 +550,10 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
         if trainer.cfg.task == "pretrain":
             results.update(evaluate_pretraining(trainer, monitor, split, step))
             continue
-        result = trainer.evaluate(split, frames_shuffled)
+        # Rank 0 explains its first clips alone: not under ZeRO-3, where the weights are sharded over ranks.
+        explain = monitor is not None and trainer.acc.is_main_process and not frames_shuffled and not is_zero3(trainer.acc)
+        clips: list[torch.Tensor] = []
+        result = trainer.evaluate(split, frames_shuffled, clips, trainer.cfg.log.explain_clips if explain else 0)
         name = f"{split}_frames_shuffled" if frames_shuffled else split
         scalars = {f"{name}/{k}": v for k, v in result.scalars().items()}
         results.update(scalars)
@@ -551,6 +564,14 @@ def run_evaluations(trainer: Trainer, monitor: RunMonitor | None, splits: list[s
         )
         if monitor is not None:
             monitor.log_eval(result, split, step, trainer.data.classes)
+            if clips:
+                from actionrec.engine.explain import explain_strips
+
+                model = trainer.acc.unwrap_model(trainer.model)
+                for i, png in enumerate(explain_strips(model, clips, trainer.cfg.data.mean, trainer.cfg.data.std,
+                                                       trainer.data.classes, trainer.device, monitor.plots_dir,
+                                                       f"explain_{split}_step{step:07d}")):
+                    monitor.log_image(f"{split}/explain_{i}", png, step)
         elif trainer.acc.is_main_process:
             write_eval_report(trainer, result, name, step)
     return results

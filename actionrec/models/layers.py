@@ -27,7 +27,8 @@ class Attention(nn.Module):
     """Multi-head self-attention over the second axis of (B, L, D).
 
     `fused=True` runs `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU, the fused
-    CPU kernel on CPU); `fused=False` is the explicit softmax(QK^T)V path, kept for tests and attention maps.
+    CPU kernel on CPU); `fused=False` is the explicit softmax(QK^T)V path, kept for tests and attention maps
+    (which set `recorded`).
     """
 
     def __init__(
@@ -46,6 +47,9 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.fused = fused
+        # Capture mode (attention maps, actionrec/engine/explain.py): a list that receives each call's weights
+        # (B, h, L, L), still in the autograd graph; the explicit path runs while it is set. None: off.
+        self.recorded: list[torch.Tensor] | None = None
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -54,12 +58,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
         dropout_p = self.attn_drop if self.training else 0.0
-        if self.fused:
+        if self.fused and self.recorded is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, h, L, d)
         else:
-            weights = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, L, L)
-            weights = F.dropout(weights.softmax(dim=-1), p=dropout_p)
-            out = weights @ v  # (B, h, L, d)
+            weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, L, L)
+            if self.recorded is not None:
+                self.recorded.append(weights)
+            out = F.dropout(weights, p=dropout_p) @ v  # (B, h, L, d)
         out = rearrange(out, "b h l d -> b l (h d)")
         return self.proj_drop(self.proj(out))
 
