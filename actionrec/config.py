@@ -123,8 +123,9 @@ class PretrainConfig:
     decoder_depth: int = 4
     decoder_heads: int = 0  # 0 = the encoder's number of heads
     # pixels: predict each hidden cube's pixels; motion: its change over its frames (pixels minus the cube's
-    # mean frame: a static background is zero, moving things are not), see docs/pretrain.md
-    target: Literal["pixels", "motion"] = "pixels"
+    # mean frame: a static background is zero, moving things are not); hog: the histograms of oriented
+    # gradients of its frames (MaskFeat: 9 bins per 8x8-pixel cell and channel), see docs/pretrain.md
+    target: Literal["pixels", "motion", "hog"] = "pixels"
     norm_target: bool = True  # pixels: normalise each cube's target by the cube's own mean and std
     reconstructions: int = 4  # val clips drawn as original / masked / predicted at every evaluation
 
@@ -550,6 +551,13 @@ def _validate_pretrain(cfg: Config) -> None:
         check_maskable(cfg.model.options.get("attention_type", "divided_space_time"))
     except ValueError as exc:
         raise ConfigError(f"model.attention_type: {exc}") from None
+    from actionrec.models import model_config
+    from actionrec.models.hog import HOG_CELL
+
+    patch_size = cfg.model.options.get("patch_size", model_config(cfg.model.name).patch_size)
+    if pre.target == "hog" and patch_size % HOG_CELL:
+        raise ConfigError(f"pretrain.target=hog takes histograms over {HOG_CELL}x{HOG_CELL}-pixel cells: "
+                          f"model.patch_size must be a multiple of {HOG_CELL}, got {patch_size}")
 
 
 def _validate_model(cfg: Config) -> None:

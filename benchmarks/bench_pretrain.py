@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-depth", type=int, default=4)
     parser.add_argument("--decoder-dim", type=int, default=48)
     parser.add_argument("--raw-target", action="store_true", help="predict pixels without per-cube normalisation")
-    parser.add_argument("--target", choices=["pixels", "motion"], default="pixels")
+    parser.add_argument("--target", choices=["pixels", "motion", "hog"], default="pixels")
     parser.add_argument("--finetune-steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)

@@ -148,7 +148,7 @@ def test_an_unknown_global_pool_is_refused_with_the_choices():
 
 
 def test_an_unknown_target_or_a_motion_target_without_frames_to_compare_is_refused():
-    with pytest.raises(ValueError, match="unknown pre-training target 'depth': use one of pixels, motion"):
+    with pytest.raises(ValueError, match="unknown pre-training target 'depth': use one of pixels, motion, hog"):
         masked_model("joint_space_time", target="depth")
     with pytest.raises(ValueError, match="needs tubelet >= 2"):
         masked_model("joint_space_time", target="motion", tubelet=1)
