@@ -45,6 +45,22 @@ from benchmarks.in_memory import (DATA_SETS, eval_clips, held_out_split, optimis
 MODEL = {"name": "timesformer_tiny", "attention_type": "divided_space_time", "embed_dim": 96, "depth": 4, "num_heads": 4}
 
 
+@torch.no_grad()
+def masked_loss_against_the_mean(model: MaskedVideoModel, clips: torch.Tensor, seed: int) -> dict[str, float]:
+    """The masked loss on held-out clips (fixed masks) beside predicting the mean target (the best prediction
+    that ignores the visible cubes: the targets' variance about their mean over these clips). A target worth
+    keeping gets a ratio clearly below 1; a target that is mostly noise stays at 1 however long it trains."""
+    model.eval()
+    mask = model.random_mask(len(clips), torch.Generator().manual_seed(seed + 10_000))
+    pred = torch.cat([model(clips[i : i + 64], mask[i : i + 64]) for i in range(0, len(clips), 64)])
+    target = model.targets(clips, mask)
+    model.train()
+    loss = F.mse_loss(pred, target).item()
+    predict_mean = (target - target.mean(dim=0)).pow(2).mean().item()
+    return {"heldout_masked_loss": round(loss, 5), "heldout_predict_mean": round(predict_mean, 5),
+            "heldout_ratio": round(loss / predict_mean, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=DATA_SETS, default="synth")
@@ -104,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             mask = masked.random_mask(len(video), torch.Generator().manual_seed(args.seed * 1_000_003 + step))
             loss = F.mse_loss(masked(video, mask), masked.targets(video, mask))
             pre_losses.append(optimise(masked, loss, optimizer, schedule, pre_cfg.optim.grad_clip))
-            if (step + 1) % args.eval_every == 0:
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.pretrain_steps:
+                held_out.update(masked_loss_against_the_mean(masked, test_clips, args.seed))
                 print(json.dumps({"phase": "pretrain", "step": step + 1, "loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4),
-                                  "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+                                  **held_out, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
         return {k: v.clone() for k, v in masked.encoder.state_dict().items()}
 
     # 1. masked pre-training (or its encoder from an earlier run of the same settings)
     pre_losses: list[float] = []
+    held_out: dict[str, float] = {}
     encoder_file = Path(args.encoder) if args.encoder else None
     if "pretrained" not in args.variants and args.variants != "none":
         pretrained_state = {}
@@ -123,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(pretrained_state, encoder_file)
 
     if args.variants == "none":
+        print(json.dumps({"data": args.data, "seed": args.seed, "target": args.target, "mask_ratio": args.mask_ratio,
+                          "pretrain_steps": args.pretrain_steps, **held_out}), flush=True)
         return 0
 
     # 2. the same fine-tune from the pre-trained encoder and from scratch
@@ -156,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                "norm_target": not args.raw_target, "target": args.target, "finetune_steps": args.finetune_steps,
                "options": args.options, "lr": args.lr,
                "final_pretrain_loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4) if pre_losses else None,
+               **held_out,
                **{f"test_top1_{variant}": history[-1]["test_top1"] for variant, history in results.items()},
                "test_videos": len(test_idx)}
     print(json.dumps(summary), flush=True)

@@ -35,18 +35,32 @@ def histograms_of_oriented_gradients(frames: torch.Tensor, cell: int = HOG_CELL,
     _, channels, height, width = frames.shape
     if height % cell or width % cell:
         raise ValueError(f"HOG cells of {cell} pixels need frames whose sides are multiples of {cell}, got {height}x{width}")
-    x = F.pad(frames.float(), (1, 1, 1, 1), mode="reflect")
-    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
-    gx = F.conv2d(x, sobel.expand(channels, 1, 3, 3), groups=channels)  # (N, C, H, W): d/dx, each channel alone
-    gy = F.conv2d(x, sobel.t().expand(channels, 1, 3, 3), groups=channels)  # d/dy
+    x = F.pad(frames.float(), (1, 1, 1, 1), mode="reflect")  # (N, C, H+2, W+2)
+    # Sobel as its two separable halves on slices (a central difference, then a [1, 2, 1] smoothing across
+    # it): a depthwise conv2d of the same kernels took ten times as long on the CPU.
+    dx = x[..., 2:] - x[..., :-2]  # (N, C, H+2, W)
+    gx = dx[..., :-2, :] + 2.0 * dx[..., 1:-1, :] + dx[..., 2:, :]  # (N, C, H, W): d/dx
+    dy = x[..., 2:, :] - x[..., :-2, :]  # (N, C, H, W+2)
+    gy = dy[..., :-2] + 2.0 * dy[..., 1:-1] + dy[..., 2:]  # d/dy
     magnitude = torch.hypot(gx, gy)
-    # Orientation in bin units, [0, bins): unsigned, so angles mod pi.
+    # Orientation in bin units, [0, bins): unsigned, so angles mod pi. Each pixel's magnitude goes to its two
+    # nearest bin centres, split linearly (bin bins-1 neighbours bin 0).
     position = torch.remainder(torch.atan2(gy, gx), math.pi) * (bins / math.pi)
-    histograms = []
-    for b in range(bins):
-        distance = (position - b).abs()
-        distance = torch.minimum(distance, bins - distance)  # circular: bin bins-1 neighbours bin 0
-        weight = (1.0 - distance).clamp(min=0.0)  # linear split between the two nearest bin centres
-        histograms.append(F.avg_pool2d(weight * magnitude, cell))  # (N, C, H/cell, W/cell)
-    histograms = torch.stack(histograms, dim=2)  # (N, C, bins, H/cell, W/cell)
+    lower = position.floor()
+    upper_share = position - lower
+    lower = lower.long()
+    lower = torch.where(lower == bins, 0, lower)  # pi itself (a rounding) is 0
+    upper = torch.where(lower == bins - 1, 0, lower + 1)
+    # Sum each (cell, bin)'s shares by one scatter into the small histogram tensor: a per-pixel tensor of all
+    # bins, pooled afterwards, would be `bins` times the frames' size.
+    count, cells_h, cells_w = magnitude.shape[0], height // cell, width // cell
+    cell_of_pixel = ((torch.arange(height, device=x.device) // cell)[:, None] * cells_w
+                     + (torch.arange(width, device=x.device) // cell)[None, :])  # (H, W)
+    first = (torch.arange(count * channels, device=x.device) * bins).view(count, channels, 1, 1)
+    at_lower = (first + lower) * (cells_h * cells_w) + cell_of_pixel  # (N, C, H, W): flat (n, c, bin, cell)
+    at_upper = (first + upper) * (cells_h * cells_w) + cell_of_pixel
+    histograms = magnitude.new_zeros(count * channels * bins * cells_h * cells_w)
+    histograms.scatter_add_(0, at_lower.flatten(), (magnitude * (1.0 - upper_share)).flatten())
+    histograms.scatter_add_(0, at_upper.flatten(), (magnitude * upper_share).flatten())
+    histograms = histograms.view(count, channels, bins, cells_h, cells_w) / cell**2  # mean over the cell
     return F.normalize(histograms, p=2.0, dim=2, eps=eps)
