@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--layer-decay", type=float, default=1.0,
+                        help="fine-tuning: optim.layer_decay (VideoMAE: 0.75), for both fine-tunes")
+    parser.add_argument("--drop-path", type=float, default=0.0,
+                        help="fine-tuning: model.drop_path_rate (the last block's), for both fine-tunes")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -98,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     augment = TrainAugment()
     test_clips = eval_clips(videos, test_idx, spec)
 
-    def recipe(lr: float, steps: int, warmup: int, betas=(0.9, 0.999)):
-        return build_config({"data": {"num_frames": 8, "size": 64}, "model": dict(MODEL),
-                             "optim": {"lr": lr, "warmup_steps": warmup, "betas": list(betas)},
+    def recipe(lr: float, steps: int, warmup: int, betas=(0.9, 0.999), finetune: bool = False):
+        model = {**MODEL, "drop_path_rate": args.drop_path if finetune else 0.0}
+        return build_config({"data": {"num_frames": 8, "size": 64}, "model": model,
+                             "optim": {"lr": lr, "warmup_steps": warmup, "betas": list(betas),
+                                       "layer_decay": args.layer_decay if finetune else 1.0},
                              "train": {"max_steps": steps}}, overrides=[f"model.{pair}" for pair in args.options],
                             check_paths=False)
 
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. the same fine-tune from the pre-trained encoder and from scratch
     results = {}
     for variant in args.variants.split(","):
-        cfg = recipe(args.lr, args.finetune_steps, min(30, args.finetune_steps // 10))
+        cfg = recipe(args.lr, args.finetune_steps, min(30, args.finetune_steps // 10), finetune=True)
         torch.manual_seed(args.seed)
         model = build_model(MODEL["name"], num_classes=len(names), **{**model_build_options(cfg), "init": "scratch"})
         if variant == "pretrained":
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"data": args.data, "seed": args.seed, "labelled_per_class": args.labelled,
                "pretrain_steps": args.pretrain_steps, "mask_ratio": args.mask_ratio, "decoder_depth": args.decoder_depth,
                "norm_target": not args.raw_target, "target": args.target, "finetune_steps": args.finetune_steps,
-               "options": args.options, "lr": args.lr,
+               "options": args.options, "lr": args.lr, "layer_decay": args.layer_decay, "drop_path": args.drop_path,
                "final_pretrain_loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4) if pre_losses else None,
                **held_out,
                **{f"test_top1_{variant}": history[-1]["test_top1"] for variant, history in results.items()},
