@@ -132,6 +132,13 @@ def test_motion_heldout(tmp_path):
     assert sorted(p.parent.name for p in tmp_path.glob("*/*.mp4")) == ["down", "left", "right", "up"]
 
 
+def test_camera_set(tmp_path):
+    from benchmarks import camera_set
+
+    assert camera_set.main(["--out", str(tmp_path), "--videos-per-class", "1", "--frames", "4", "--size", "48"]) == 0
+    assert sorted(p.parent.name for p in tmp_path.glob("*/*.mp4")) == sorted(camera_set.CLASSES)
+
+
 def test_bench_schemes(shards, tmp_path):
     """Trains and evaluates one model through train.py itself (twice: --eval-only --shuffle-frames) on the tests'
     tiny shards, with the demo config's recipe at the tests' clip size."""
