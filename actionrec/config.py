@@ -80,6 +80,10 @@ class OptimConfig:
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0  # 0 = off; with cutmix_alpha > 0 too, one of the two is drawn per batch
     cutmix_alpha: float = 0.0
+    # fine-tuning a pre-trained TimeSformer of D blocks: block i (from 0) gets lr * layer_decay^(D - i), what
+    # comes before the blocks lr * layer_decay^(D + 1), the final norm and the head lr (VideoMAE: 0.75);
+    # 1 = one lr for every parameter
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -126,8 +130,9 @@ class PretrainConfig:
     decoder_depth: int = 4
     decoder_heads: int = 0  # 0 = the encoder's number of heads
     # pixels: predict each hidden cube's pixels; motion: its change over its frames (pixels minus the cube's
-    # mean frame: a static background is zero, moving things are not), see docs/pretrain.md
-    target: Literal["pixels", "motion"] = "pixels"
+    # mean frame: a static background is zero, moving things are not); hog: the histograms of oriented
+    # gradients of its frames (MaskFeat: 9 bins per 8x8-pixel cell and channel), see docs/pretrain.md
+    target: Literal["pixels", "motion", "hog"] = "pixels"
     norm_target: bool = True  # pixels: normalise each cube's target by the cube's own mean and std
     reconstructions: int = 4  # val clips drawn as original / masked / predicted at every evaluation
 
@@ -488,6 +493,14 @@ def _validate(cfg: Config, check_paths: bool) -> None:
         raise ConfigError(
             f"config key 'optim.warmup_steps'={cfg.optim.warmup_steps} must be below train.max_steps={cfg.train.max_steps}"
         )
+    if not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"config key 'optim.layer_decay' must be in (0, 1], got {cfg.optim.layer_decay}")
+    if cfg.optim.layer_decay != 1.0:
+        from actionrec.models import TimeSformerConfig, model_config_class
+
+        if not issubclass(model_config_class(cfg.model.name), TimeSformerConfig):
+            raise ConfigError(f"optim.layer_decay sets an lr per transformer block of a TimeSformer; model.name "
+                              f"{cfg.model.name} is not one: set optim.layer_decay=1")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' needs 2 values, got {cfg.optim.betas}")
     for key in ("mean", "std"):
@@ -544,6 +557,9 @@ def _validate_pretrain(cfg: Config) -> None:
         raise ConfigError(f"data.num_frames={cfg.data.num_frames} is not a multiple of pretrain.tubelet={pre.tubelet}")
     if cfg.optim.mixup_alpha > 0 or cfg.optim.cutmix_alpha > 0:
         raise ConfigError("optim.mixup_alpha / optim.cutmix_alpha mix labels: set them to 0 for task=pretrain")
+    if cfg.optim.layer_decay != 1.0:
+        raise ConfigError("optim.layer_decay is a fine-tuning recipe (a pre-trained encoder's early layers move "
+                          "least): set it to 1 for task=pretrain")
     from actionrec.models import TimeSformerConfig, model_config_class
     from actionrec.models.masked import check_maskable
 
@@ -553,6 +569,13 @@ def _validate_pretrain(cfg: Config) -> None:
         check_maskable(cfg.model.options.get("attention_type", "divided_space_time"))
     except ValueError as exc:
         raise ConfigError(f"model.attention_type: {exc}") from None
+    from actionrec.models import model_config
+    from actionrec.models.hog import HOG_CELL
+
+    patch_size = cfg.model.options.get("patch_size", model_config(cfg.model.name).patch_size)
+    if pre.target == "hog" and patch_size % HOG_CELL:
+        raise ConfigError(f"pretrain.target=hog takes histograms over {HOG_CELL}x{HOG_CELL}-pixel cells: "
+                          f"model.patch_size must be a multiple of {HOG_CELL}, got {patch_size}")
 
 
 def _validate_model(cfg: Config) -> None:

@@ -45,6 +45,22 @@ from benchmarks.in_memory import (DATA_SETS, eval_clips, held_out_split, optimis
 MODEL = {"name": "timesformer_tiny", "attention_type": "divided_space_time", "embed_dim": 96, "depth": 4, "num_heads": 4}
 
 
+@torch.no_grad()
+def masked_loss_against_the_mean(model: MaskedVideoModel, clips: torch.Tensor, seed: int) -> dict[str, float]:
+    """The masked loss on held-out clips (fixed masks) beside predicting the mean target (the best prediction
+    that ignores the visible cubes: the targets' variance about their mean over these clips). A target worth
+    keeping gets a ratio clearly below 1; a target that is mostly noise stays at 1 however long it trains."""
+    model.eval()
+    mask = model.random_mask(len(clips), torch.Generator().manual_seed(seed + 10_000))
+    pred = torch.cat([model(clips[i : i + 64], mask[i : i + 64]) for i in range(0, len(clips), 64)])
+    target = model.targets(clips, mask)
+    model.train()
+    loss = F.mse_loss(pred, target).item()
+    predict_mean = (target - target.mean(dim=0)).pow(2).mean().item()
+    return {"heldout_masked_loss": round(loss, 5), "heldout_predict_mean": round(predict_mean, 5),
+            "heldout_ratio": round(loss / predict_mean, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=DATA_SETS, default="synth")
@@ -57,10 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-depth", type=int, default=4)
     parser.add_argument("--decoder-dim", type=int, default=48)
     parser.add_argument("--raw-target", action="store_true", help="predict pixels without per-cube normalisation")
-    parser.add_argument("--target", choices=["pixels", "motion"], default="pixels")
+    parser.add_argument("--target", choices=["pixels", "motion", "hog"], default="pixels")
     parser.add_argument("--finetune-steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--layer-decay", type=float, default=1.0,
+                        help="fine-tuning: optim.layer_decay (VideoMAE: 0.75), for both fine-tunes")
+    parser.add_argument("--drop-path", type=float, default=0.0,
+                        help="fine-tuning: model.drop_path_rate (the last block's), for both fine-tunes")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -82,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     augment = TrainAugment()
     test_clips = eval_clips(videos, test_idx, spec)
 
-    def recipe(lr: float, steps: int, warmup: int, betas=(0.9, 0.999)):
-        return build_config({"data": {"num_frames": 8, "size": 64}, "model": dict(MODEL),
-                             "optim": {"lr": lr, "warmup_steps": warmup, "betas": list(betas)},
+    def recipe(lr: float, steps: int, warmup: int, betas=(0.9, 0.999), finetune: bool = False):
+        model = {**MODEL, "drop_path_rate": args.drop_path if finetune else 0.0}
+        return build_config({"data": {"num_frames": 8, "size": 64}, "model": model,
+                             "optim": {"lr": lr, "warmup_steps": warmup, "betas": list(betas),
+                                       "layer_decay": args.layer_decay if finetune else 1.0},
                              "train": {"max_steps": steps}}, overrides=[f"model.{pair}" for pair in args.options],
                             check_paths=False)
 
@@ -104,13 +126,15 @@ def main(argv: list[str] | None = None) -> int:
             mask = masked.random_mask(len(video), torch.Generator().manual_seed(args.seed * 1_000_003 + step))
             loss = F.mse_loss(masked(video, mask), masked.targets(video, mask))
             pre_losses.append(optimise(masked, loss, optimizer, schedule, pre_cfg.optim.grad_clip))
-            if (step + 1) % args.eval_every == 0:
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.pretrain_steps:
+                held_out.update(masked_loss_against_the_mean(masked, test_clips, args.seed))
                 print(json.dumps({"phase": "pretrain", "step": step + 1, "loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4),
-                                  "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+                                  **held_out, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
         return {k: v.clone() for k, v in masked.encoder.state_dict().items()}
 
     # 1. masked pre-training (or its encoder from an earlier run of the same settings)
     pre_losses: list[float] = []
+    held_out: dict[str, float] = {}
     encoder_file = Path(args.encoder) if args.encoder else None
     if "pretrained" not in args.variants and args.variants != "none":
         pretrained_state = {}
@@ -123,12 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(pretrained_state, encoder_file)
 
     if args.variants == "none":
+        print(json.dumps({"data": args.data, "seed": args.seed, "target": args.target, "mask_ratio": args.mask_ratio,
+                          "pretrain_steps": args.pretrain_steps, **held_out}), flush=True)
         return 0
 
     # 2. the same fine-tune from the pre-trained encoder and from scratch
     results = {}
     for variant in args.variants.split(","):
-        cfg = recipe(args.lr, args.finetune_steps, min(30, args.finetune_steps // 10))
+        cfg = recipe(args.lr, args.finetune_steps, min(30, args.finetune_steps // 10), finetune=True)
         torch.manual_seed(args.seed)
         model = build_model(MODEL["name"], num_classes=len(names), **{**model_build_options(cfg), "init": "scratch"})
         if variant == "pretrained":
@@ -154,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"data": args.data, "seed": args.seed, "labelled_per_class": args.labelled,
                "pretrain_steps": args.pretrain_steps, "mask_ratio": args.mask_ratio, "decoder_depth": args.decoder_depth,
                "norm_target": not args.raw_target, "target": args.target, "finetune_steps": args.finetune_steps,
-               "options": args.options, "lr": args.lr,
+               "options": args.options, "lr": args.lr, "layer_decay": args.layer_decay, "drop_path": args.drop_path,
                "final_pretrain_loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4) if pre_losses else None,
+               **held_out,
                **{f"test_top1_{variant}": history[-1]["test_top1"] for variant, history in results.items()},
                "test_videos": len(test_idx)}
     print(json.dumps(summary), flush=True)

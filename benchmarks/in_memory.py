@@ -13,16 +13,19 @@ from tqdm import tqdm
 from actionrec.data.sampling import ClipSpec, eval_frame_indices, train_frame_indices
 from actionrec.data.transforms import TrainAugment, eval_views, normalize_on_device, train_transform
 from actionrec.shards.synthetic import ALL_CLASSES, render_video
+from benchmarks.camera_set import CLASSES as CAMERA_CLASSES
+from benchmarks.camera_set import render_camera_video
 from benchmarks.motion_heldout import DIRECTIONS, render_motion_video
 
 CACHE = Path(__file__).resolve().parent / "out" / "scratch_sets"
-DATA_SETS = ("synth", "motion4")
+DATA_SETS = ("synth", "motion4", "camera6")
 
 
 def render_set(data: str, classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(N, T, C, H, W) uint8 videos, (N,) labels and the class names, rendered once and kept in CACHE (a sweep
     of many runs would otherwise spend a minute per run rendering the same videos). `data`: synth (the demo's
-    generator, its first `classes` classes) or motion4 (benchmarks/motion_heldout.py, always 4 classes)."""
+    generator, its first `classes` classes), motion4 (benchmarks/motion_heldout.py, always 4 classes) or camera6
+    (benchmarks/camera_set.py, always 6 classes)."""
     cached = CACHE / f"{data}-{classes}x{per_class}-seed{seed}.pt"
     if cached.is_file():
         return tuple(torch.load(cached, weights_only=False))
@@ -35,12 +38,14 @@ def render_set(data: str, classes: int, per_class: int, seed: int) -> tuple[torc
 
 
 def _render_set(data: str, classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    names = list(DIRECTIONS) if data == "motion4" else list(ALL_CLASSES[:classes])
+    names = {"motion4": list(DIRECTIONS), "camera6": list(CAMERA_CLASSES)}.get(data, list(ALL_CLASSES[:classes]))
+    render = {"motion4": render_motion_video, "camera6": render_camera_video}.get(
+        data, lambda name, rng: render_video(name, rng, 16, 64))
     videos, labels = [], []
     for label, name in enumerate(tqdm(names, desc=f"rendering {data}", leave=False)):
         for i in range(per_class):
             rng = np.random.default_rng([seed, label, i])
-            video = render_motion_video(name, rng) if data == "motion4" else render_video(name, rng, 16, 64)
+            video = render(name, rng)
             videos.append(torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2))
             labels.append(label)
     return torch.stack(videos), torch.tensor(labels), names

@@ -117,10 +117,11 @@ def test_bench_pretrain(in_memory_cache, capsys):
 
     assert bench_pretrain.main(["--per-class", "2", "--labelled", "1", "--pretrain-steps", "2", "--pretrain-batch", "2",
                                 "--finetune-steps", "2", "--batch", "2", "--eval-every", "1", "--decoder-depth", "1",
-                                "--decoder-dim", "16", "--threads", str(torch.get_num_threads()),
+                                "--decoder-dim", "16", "--threads", str(torch.get_num_threads()), "--target", "hog",
+                                "--layer-decay", "0.75", "--drop-path", "0.1",
                                 "embed_dim=32", "depth=1", "num_heads=2"]) == 0
     summary = last_json_line(capsys.readouterr().out)
-    assert {"test_top1_pretrained", "test_top1_scratch", "final_pretrain_loss"} <= set(summary), summary
+    assert {"test_top1_pretrained", "test_top1_scratch", "final_pretrain_loss", "heldout_ratio"} <= set(summary), summary
 
 
 def test_motion_heldout(tmp_path):
@@ -129,6 +130,13 @@ def test_motion_heldout(tmp_path):
     assert motion_heldout.main(["--out", str(tmp_path), "--videos-per-class", "1", "--frames", "4",
                                 "--size", "32"]) == 0
     assert sorted(p.parent.name for p in tmp_path.glob("*/*.mp4")) == ["down", "left", "right", "up"]
+
+
+def test_camera_set(tmp_path):
+    from benchmarks import camera_set
+
+    assert camera_set.main(["--out", str(tmp_path), "--videos-per-class", "1", "--frames", "4", "--size", "48"]) == 0
+    assert sorted(p.parent.name for p in tmp_path.glob("*/*.mp4")) == sorted(camera_set.CLASSES)
 
 
 def test_bench_schemes(shards, tmp_path):

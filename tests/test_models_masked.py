@@ -148,7 +148,7 @@ def test_an_unknown_global_pool_is_refused_with_the_choices():
 
 
 def test_an_unknown_target_or_a_motion_target_without_frames_to_compare_is_refused():
-    with pytest.raises(ValueError, match="unknown pre-training target 'depth': use one of pixels, motion"):
+    with pytest.raises(ValueError, match="unknown pre-training target 'depth': use one of pixels, motion, hog"):
         masked_model("joint_space_time", target="depth")
     with pytest.raises(ValueError, match="needs tubelet >= 2"):
         masked_model("joint_space_time", target="motion", tubelet=1)
@@ -222,15 +222,17 @@ def ramp_clips(batch: int, generator: torch.Generator) -> torch.Tensor:
     return video + 0.05 * torch.randn(batch, 3, 4, 64, 64, generator=generator)
 
 
-def test_pretraining_learns_to_predict_hidden_cubes_from_the_visible_ones():
-    """The trainer's masked loss on a learnable set falls far below predicting zero (the normalised targets'
-    mean square, ~1) and below the best prediction that ignores the visible cubes (the mean target, ~0.5 here:
-    the two ramps are uncorrelated), on fresh clips and masks."""
+@pytest.mark.parametrize("target", ["pixels", "hog"])
+def test_pretraining_learns_to_predict_hidden_cubes_from_the_visible_ones(target):
+    """The trainer's masked loss on a learnable set falls far below the best prediction that ignores the
+    visible cubes (the mean target: ~0.5 for the normalised pixels, whose mean square is ~1, as the two ramps
+    are uncorrelated), on fresh clips and masks. For pixels (the config's default target) and hog (the demo
+    configs'): in both, a hidden cube's target follows from any visible cube of its clip."""
     from contextlib import nullcontext
 
     from actionrec.engine.pretraining import masked_reconstruction_loss
 
-    model = masked_model("divided_space_time", decoder_depth=1).train()
+    model = masked_model("divided_space_time", decoder_depth=1, target=target).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(60):
@@ -247,6 +249,8 @@ def test_pretraining_learns_to_predict_hidden_cubes_from_the_visible_ones():
         targets = model.targets(video, mask)
     predict_zero = targets.pow(2).mean().item()
     predict_mean = (targets - targets.mean(dim=0)).pow(2).mean().item()
-    assert predict_zero > 0.95 and predict_mean > 0.45  # the set is what the docstring says
-    # Measured (2026-12-06, 2-core machine, data seeds 0 / 1 / 2): 0.072 / 0.055 / 0.089 against 1.0 and 0.5.
+    if target == "pixels":
+        assert predict_zero > 0.95 and predict_mean > 0.45  # the set is what the docstring says
+    # Measured (2026-12-06, 2-core machine, data seeds 0 / 1 / 2): pixels 0.072 / 0.055 / 0.089 against 1.0
+    # and 0.5; hog 0.0053 / 0.0040 / 0.0033 against 0.111 (predict zero) and 0.055 (predict the mean).
     assert loss < 0.5 * predict_mean, (loss, predict_zero, predict_mean)

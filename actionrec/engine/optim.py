@@ -15,19 +15,50 @@ from actionrec.config import Config
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on biases, norms and embeddings-like 1-d parameters (the ViT/DeiT convention).
-    decay, no_decay = [], []
+    """AdamW or SGD over parameter groups: no weight decay on biases, norms and embedding-like parameters (the
+    ViT/DeiT convention), and with `optim.layer_decay` below 1 a learning rate per depth (`layer_lr_scales`).
+    Groups come in decreasing lr, so the first group's lr is the configured one (the one the trainer logs)."""
+    scales = layer_lr_scales(model, cfg.optim.layer_decay)
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(("pos_embed", "time_embed", "cls_token")) else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        no_decay = param.ndim <= 1 or name.endswith(("pos_embed", "time_embed", "cls_token"))
+        groups.setdefault((scales.get(name, 1.0), no_decay), []).append(param)
+    groups.setdefault((1.0, False), [])
+    groups.setdefault((1.0, True), [])
+    param_groups = [
+        {"params": params, "lr": cfg.optim.lr * scale, "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay}
+        for (scale, no_decay), params in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1]))
     ]
     if cfg.optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.momentum > 0)
+        return torch.optim.AdamW(param_groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    return torch.optim.SGD(param_groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.momentum > 0)
+
+
+def layer_lr_scales(model: torch.nn.Module, decay: float) -> dict[str, float]:
+    """Layer-wise lr decay (BEiT; VideoMAE fine-tunes with 0.75): parameter name -> lr multiplier, decay ** (L - l)
+    for layer l of L = depth + 1, where layer 0 is what comes before the blocks (stem, patch projection, cls
+    token, position and time embeddings), block i is layer i + 1, and the final norm and the head are layer L
+    (the full lr). A pre-trained encoder's early layers, which hold the most general features, then move least
+    while the fresh head learns at the full rate. Empty for decay 1 (every parameter at the full lr)."""
+    if decay == 1.0:
+        return {}
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ValueError(f"optim.layer_decay sets an lr per transformer block; {type(model).__name__} has no "
+                         "`blocks` to count: set optim.layer_decay=1 for it")
+    top = len(blocks) + 1
+    scales = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        elif name.startswith(("stem.", "patch_embed.", "cls_token", "pos_embed", "time_embed")):
+            layer = 0
+        else:
+            layer = top
+        scales[name] = decay ** (top - layer)
+    return scales
 
 
 def cosine_with_warmup(cfg: Config) -> Callable[[int], float]:

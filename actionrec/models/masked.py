@@ -16,7 +16,10 @@
 - Targets (`target`): "pixels", each cube's pixels normalised by the cube's own mean and std per channel
   (VideoMAE's `normlize_target`; without it the loss is dominated by a cube's mean colour); or "motion",
   each cube's pixels minus the cube's mean frame (what moves; a still background is zero), which is what
-  made pre-training help a few-label fine-tune on our motion data (docs/pretrain.md).
+  made pre-training help a few-label fine-tune on our motion data (docs/pretrain.md); or "hog" (MaskFeat, Wei et
+  al. 2022), the histograms of oriented gradients of each hidden cube's frames (`actionrec/models/hog.py`):
+  local shape, invariant to brightness and contrast, and averaged over 8 x 8 cells, so per-pixel noise
+  mostly cancels.
 
 Pure PyTorch: the loss and the training loop are engine code (actionrec/engine/pretraining.py).
 """
@@ -27,6 +30,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from actionrec.models.hog import HOG_BINS, HOG_CELL, histograms_of_oriented_gradients
 from actionrec.models.layers import Attention, Mlp
 from actionrec.models.timesformer import TimeSformer
 
@@ -93,7 +97,7 @@ def gather_cubes(cubes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return cubes.gather(2, index)
 
 
-TARGETS = ("pixels", "motion")
+TARGETS = ("pixels", "motion", "hog")
 
 
 def motion_cubes(cubes: torch.Tensor, tubelet: int) -> torch.Tensor:
@@ -103,12 +107,33 @@ def motion_cubes(cubes: torch.Tensor, tubelet: int) -> torch.Tensor:
     return rearrange(frames - frames.mean(dim=3, keepdim=True), "b tc n k pq c -> b tc n (k pq) c")
 
 
+def hog_cubes(video: torch.Tensor, patch_size: int, tubelet: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, T/tubelet, N, k*(p/cell)^2*bins, C): the HOG cells of every cube's frames. The
+    gradients are taken over whole frames, so a cube's border pixels see their true neighbours."""
+    batch, _, frames, _, _ = video.shape
+    hog = histograms_of_oriented_gradients(rearrange(video, "b c t h w -> (b t) c h w"))  # (B*T, C, bins, H/8, W/8)
+    cells = patch_size // HOG_CELL
+    return rearrange(hog, "(b tc k) c n (h i) (w j) -> b tc (h w) (k i j n) c", b=batch, k=tubelet, i=cells, j=cells)
+
+
+def target_size(target: str, patch_size: int, tubelet: int, channels: int) -> int:
+    """The length of one cube's target vector (what the decoder's head predicts per hidden cube)."""
+    if target == "hog":
+        return tubelet * (patch_size // HOG_CELL) ** 2 * HOG_BINS * channels
+    return tubelet * patch_size**2 * channels
+
+
 def cube_targets(video: torch.Tensor, mask: torch.Tensor, patch_size: int, tubelet: int = 2,
                  normalise: bool = True, target: str = "pixels") -> torch.Tensor:
-    """What the decoder predicts for the hidden cubes: (B, T/tubelet, M, tubelet*p*p*C), float32.
+    """What the decoder predicts for the hidden cubes: (B, T/tubelet, M, target_size), float32.
     `target="pixels"`: the cube's pixels (normalised per cube and channel with `normalise`); "motion": the
     cube's change over its frames (`motion_cubes`, in the clip's normalised pixel units, not normalised per
-    cube: a static cube's target is zero plus sensor noise, which per-cube normalisation would blow up)."""
+    cube: a static cube's target is zero plus sensor noise, which per-cube normalisation would blow up);
+    "hog": the cube's frames' histograms of oriented gradients (`hog_cubes`)."""
+    if target == "hog":
+        _, hidden = split_positions(mask)
+        return rearrange(gather_cubes(hog_cubes(video.float(), patch_size, tubelet), hidden),
+                         "b tc m kpq c -> b tc m (kpq c)")
     cubes = video_to_cubes(video.float(), patch_size, tubelet)  # (B, Tc, N, k*p*p, C)
     if target == "motion":
         cubes = motion_cubes(cubes, tubelet)
@@ -139,7 +164,8 @@ class MaskedVideoModel(nn.Module):
     """A TimeSformer encoder and a light decoder for masked video pre-training; `encoder` is what a
     classifier later loads (`load_pretrained(classifier, run_dir)`: stem, patch projection, embeddings, blocks).
 
-    forward(video (B, C, T, H, W), mask (B, N) bool) -> predicted hidden cubes (B, T/tubelet, M, tubelet*p*p*C).
+    forward(video (B, C, T, H, W), mask (B, N) bool) -> predicted hidden cubes (B, T/tubelet, M, target_size):
+    tubelet*p*p*C values per cube for pixels and motion, tubelet*(p/8)^2*9*C histogram bins for hog.
     """
 
     def __init__(self, encoder: TimeSformer, mask_ratio: float = 0.9, tubelet: int = 2, decoder_dim: int = 0,
@@ -154,6 +180,9 @@ class MaskedVideoModel(nn.Module):
             raise ValueError(f"unknown pre-training target {target!r}: use one of {', '.join(TARGETS)}")
         if target == "motion" and tubelet < 2:
             raise ValueError("target motion predicts the change over a cube's frames: it needs tubelet >= 2")
+        if target == "hog" and config.patch_size % HOG_CELL:
+            raise ValueError(f"target hog takes histograms over {HOG_CELL}x{HOG_CELL}-pixel cells: it needs a "
+                             f"patch_size that is a multiple of {HOG_CELL}, got {config.patch_size}")
         if tubelet < 1 or config.num_frames % tubelet:
             raise ValueError(f"num_frames {config.num_frames} is not a multiple of tubelet {tubelet}")
         decoder_dim = decoder_dim or config.embed_dim // 2
@@ -179,7 +208,7 @@ class MaskedVideoModel(nn.Module):
             for _ in range(decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=config.layer_norm_eps)
-        self.decoder_pred = nn.Linear(decoder_dim, tubelet * config.patch_size**2 * config.in_chans)
+        self.decoder_pred = nn.Linear(decoder_dim, target_size(target, config.patch_size, tubelet, config.in_chans))
         self._init_decoder()
 
     def _init_decoder(self) -> None:
@@ -224,22 +253,25 @@ class MaskedVideoModel(nn.Module):
         x = rearrange(x, "b tc n d -> b (tc n) d")
         for block in self.decoder_blocks:
             x = block(x)
-        pred = self.decoder_pred(self.decoder_norm(x))  # (B, Tc*N, k*p*p*C)
+        pred = self.decoder_pred(self.decoder_norm(x))  # (B, Tc*N, target_size)
         pred = rearrange(pred, "b (tc n) e -> b tc n e", tc=cubes_in_time)
         return pred[:, :, -num_hidden:]  # the hidden cubes, in the order of `hidden`
 
     @torch.no_grad()
     def reconstruct(self, video: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """The clip with its hidden cubes replaced by the prediction (in the clip's own pixel space: with
-        normalised targets, each predicted cube is given the true cube's mean and std, as VideoMAE shows it)."""
+        normalised targets, each predicted cube is given the true cube's mean and std, as VideoMAE shows it).
+        A HOG prediction has no pixels: its hidden cubes are shown blank (0, the clip normalisation's mean)."""
         cubes = video_to_cubes(video.float(), self.patch_size, self.tubelet)  # (B, Tc, N, k*p*p, C)
         _, hidden = split_positions(mask)
         channels = cubes.shape[-1]
+        if self.target == "hog":
+            pred = cubes.new_zeros(hidden.shape[0], cubes.shape[1], hidden.shape[1], cubes.shape[3] * channels)
         guess = rearrange(pred.float(), "b tc m (kpq c) -> b tc m kpq c", c=channels)
         if self.target == "motion":  # the predicted change around the cube's true mean frame
             mean_frame = cubes - motion_cubes(cubes, self.tubelet)
             guess = guess + gather_cubes(mean_frame, hidden)
-        elif self.norm_target:
+        elif self.target == "pixels" and self.norm_target:
             _, mean, std = normalise_cubes(cubes)
             guess = guess * (gather_cubes(std, hidden) + 1e-6) + gather_cubes(mean, hidden)
         index = hidden[:, None, :, None, None].expand(-1, cubes.shape[1], -1, *cubes.shape[3:])
