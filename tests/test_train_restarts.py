@@ -78,7 +78,9 @@ def test_a_rank_killed_under_max_restarts_is_restarted_and_ends_with_the_uninter
     assert records[0]["run/attempt_reason"] == attempt[0].split("attempt 2: ", 1)[1]
     logged = [r for r in wandb_history(restarted) if "run/attempt" in r]
     assert [(r["step"], r["run/attempt"], r["run/attempt_reason"]) for r in logged] == [
-        (step, 2, records[0]["run/attempt_reason"])]
+        (step, 2, records[0]["run/attempt_reason"])], (
+        sorted(p.name for p in (restarted / "wandb").glob("offline-run-*")),
+        [line for line in stderr.splitlines() if "WandB" in line or "wandb" in line][-10:])
 
 
 def test_the_restart_reason_names_the_hang_or_the_rank_that_left_no_word(tmp_path):
