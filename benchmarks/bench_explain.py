@@ -9,8 +9,8 @@ Each model family is trained from scratch on fresh clips every step (nothing to 
 held-out clips: accuracy, and the **hit rate**: the share of clips where the most important cell of the
 time-averaged map (on the map's own grid: tokens for a TimeSformer's rollouts, the last trunk stage's cells for
 Grad-CAM, the occluded cells for occlusion) overlaps the target's box in some frame. The **uniform baseline** is
-the hit rate of a map that says nothing: the chance that a cell drawn at random overlaps the target's boxes, averaged over the same
-clips (exact, per clip: cells overlapping / cells).
+the hit rate of a map that says nothing: the chance that a cell drawn at random overlaps the target's boxes,
+averaged over the same clips (exact, per clip: cells overlapping / cells).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_explain.py             # the docs/predict.md table, ~10 min
     PYTHONPATH=. .venv/bin/python benchmarks/bench_explain.py --smoke     # a few steps and clips: does it run
