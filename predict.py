@@ -41,8 +41,13 @@ def parse_args() -> argparse.Namespace:
                              "CSV or shard set: the CSV to write (re-running resumes it)")
     parser.add_argument("--explain", action="store_true",
                         help="one video file: write into --out DIR where the model looks in its evaluation clip "
-                             "(attention rollout for a TimeSformer, Grad-CAM for a CNN): an overlay GIF, a "
+                             "(the map: --explain-method): an overlay GIF, a "
                              "per-frame importance PNG and the map as .npy")
+    parser.add_argument("--explain-method", default="auto",
+                        choices=["auto", "rollout", "gradient-rollout", "gradcam", "occlusion"],
+                        help="--explain's map: auto (default: occlusion for a TimeSformer, Grad-CAM for a CNN), "
+                             "rollout / gradient-rollout (TimeSformer attention), gradcam (CNN trunk), occlusion "
+                             "(any model; one forward per patch)")
     parser.add_argument("--split", default="test", help="shard set input: the split to score (default test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args()
@@ -158,7 +163,7 @@ def predict_explain(args: argparse.Namespace) -> int:
 
     try:
         classifier = load_classifier(args.checkpoint, device_for(0, args.device))
-        explanation = explain_video(classifier, args.video)
+        explanation = explain_video(classifier, args.video, args.explain_method)
     except (CheckpointNotFound, ConfigError, NotExplainable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

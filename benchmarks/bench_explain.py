@@ -7,15 +7,15 @@ stored for every frame.
 
 Each model family is trained from scratch on fresh clips every step (nothing to memorise), then scored on
 held-out clips: accuracy, and the **hit rate**: the share of clips where the most important cell of the
-time-averaged map (on the map's own grid: tokens for a TimeSformer, the last trunk stage's cells for
-Grad-CAM) overlaps the target's box in some frame. The **uniform baseline** is the hit rate of a map that
-says nothing: the chance that a cell drawn at random overlaps the target's boxes, averaged over the same
-clips (exact, per clip: cells overlapping / cells).
+time-averaged map (on the map's own grid: tokens for a TimeSformer's rollouts, the last trunk stage's cells for
+Grad-CAM, the occluded cells for occlusion) overlaps the target's box in some frame. The **uniform baseline** is
+the hit rate of a map that says nothing: the chance that a cell drawn at random overlaps the target's boxes,
+averaged over the same clips (exact, per clip: cells overlapping / cells).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_explain.py             # the docs/predict.md table, ~10 min
     PYTHONPATH=. .venv/bin/python benchmarks/bench_explain.py --smoke     # a few steps and clips: does it run
 
-Writes benchmarks/out/bench_explain.{json,md} and one overlay frame per family (PNG).
+Writes benchmarks/out/bench_explain.{json,md} and one overlay frame per family and method (PNG).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
 CLASSES = ["left", "right"]
+TIMESFORMER_METHODS = ("rollout", "gradient-rollout", "occlusion")
+CNN_METHODS = ("gradcam", "occlusion")
 
 
 @dataclass
@@ -154,14 +156,14 @@ def cells_hit(boxes: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Te
 
 
 def score(model: torch.nn.Module, clips: int, frames: int, size: int, seed: int, overlay: Path | None,
-          gradient_rollout: bool = False) -> dict:
+          method: str = "auto") -> dict:
     """Accuracy, hit rate and the uniform baseline of `model` on `clips` held-out clips."""
     from actionrec.engine.explain import explain_clip, overlay_frames
 
     videos, labels, boxes = known_place_clips(clips, torch.Generator().manual_seed(seed + 1000), frames, size)
     correct, hits, chance, hits_top, chance_top = 0, 0, 0.0, 0, 0.0
     for i in range(clips):
-        probs, native, importance, method = explain_clip(model, videos[i], MEAN, STD, gradient_rollout=gradient_rollout)
+        probs, native, importance, name = explain_clip(model, videos[i], MEAN, STD, method=method)
         correct += int(probs.argmax() == labels[i])
         averaged = native.mean(dim=0)  # (h, w)
         target = cells_hit(boxes[i], tuple(averaged.shape), size)
@@ -181,7 +183,7 @@ def score(model: torch.nn.Module, clips: int, frames: int, size: int, seed: int,
             top, left, bottom, right = (int(v) * scale for v in boxes[i, t])
             ImageDraw.Draw(image).rectangle([left - 1, top - 1, right, bottom], outline=(255, 255, 255))
             image.save(overlay)  # the middle frame, the target's box outlined in white
-    return dict(method=method, grid="x".join(map(str, native.shape)), accuracy=correct / clips,
+    return dict(method=name, grid="x".join(map(str, native.shape)), accuracy=correct / clips,
                 hit_rate=hits / clips, uniform=chance / clips, top_cells=k, hit_rate_top=hits_top / clips,
                 uniform_top=chance_top / clips)
 
@@ -193,6 +195,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clips", type=int, default=200, help="held-out clips per family (default %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: each family's)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(set(TIMESFORMER_METHODS + CNN_METHODS)),
+                        help="maps to score (default: every one that applies to the family)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
@@ -218,11 +222,13 @@ def main(argv: list[str] | None = None) -> int:
             model, fresh = trained_model(family, steps, args.frames, args.size, seed, args.out / "models" /
                                          f"{name.replace(' ', '_')}-{steps}steps-{args.frames}x{args.size}-seed{seed}.pt")
             trained = round(time.perf_counter() - started) if fresh else "cached"
-            # TimeSformer: both rollouts of explain.attention_rollout (plain, and gradient-weighted).
-            for gradient in (False, True) if family.model.startswith("timesformer") else (False,):
-                suffix = "_gradient" if gradient else ""
-                overlay = args.out / f"explain_{name.replace(' ', '_')}{suffix}.png" if seed == args.seeds[0] else None
-                result = score(model, clips, args.frames, args.size, seed, overlay, gradient)
+            # Every method of explain.explain_clip that applies to the family (`auto` is one of these).
+            methods = TIMESFORMER_METHODS if family.model.startswith("timesformer") else CNN_METHODS
+            for method in args.methods or methods:
+                if method not in methods:
+                    continue
+                overlay = args.out / f"explain_{name.replace(' ', '_')}_{method}.png" if seed == args.seeds[0] else None
+                result = score(model, clips, args.frames, args.size, seed, overlay, method)
                 rows.append(dict(family=name, seed=seed, steps=steps, train_s=trained, clips=clips, **result))
                 print(f"{name} seed {seed}: {steps} steps, trained in {trained} s, accuracy {result['accuracy']:.3f}, "
                       f"{result['method']}: hit rate {result['hit_rate']:.3f} (uniform map {result['uniform']:.3f}) "

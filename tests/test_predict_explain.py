@@ -87,6 +87,34 @@ def test_attention_that_prefers_nothing_gives_a_uniform_map():
     assert torch.allclose(importance, importance.mean().expand_as(importance), rtol=1e-5)
 
 
+class LooksAtOnePlace(torch.nn.Module):
+    """Class 0's logit is the mean of the first channel inside one square (rows 8-11, columns 20-23 of a 32 px
+    clip: occlusion cell (2, 5) of a 4 px grid), class 1's a constant: nothing else in the clip matters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # explain_clip reads the dtype of the parameters
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        place = video[:, 0, :, 8:12, 20:24].mean(dim=(1, 2, 3))
+        return torch.stack([place, torch.full_like(place, -1.0)], dim=1)
+
+
+def test_occlusion_lights_the_one_place_the_class_depends_on():
+    from actionrec.engine.explain import explain_clip
+
+    clip = torch.full((3, FRAMES, SIZE, SIZE), 60, dtype=torch.uint8)
+    clip[:, :, 8:12, 20:24] = 250  # the place that decides
+    clip[:, :, 24:32, 0:8] = 255  # a brighter, larger square the model ignores
+    probs, native, importance, method = explain_clip(LooksAtOnePlace(), clip, (0.45,) * 3, (0.225,) * 3,
+                                                     method="occlusion")
+    assert method == "occlusion (4x4 px cells, all frames)" and native.shape == (1, 8, 8)
+    assert probs.argmax() == 0
+    assert np.unravel_index(int(native.argmax()), native.shape) == (0, 2, 5)
+    assert native[0, 2, 5] > 0 and (native > 0).sum() == 1  # no other cell changes the margin
+    assert importance.shape == (FRAMES, SIZE, SIZE) and bool((importance[:, 8:12, 20:24] == 1).all())
+
+
 def write_cnn_run(run_dir: Path) -> Path:
     """A run dir of a small r3d_18_transformer (8 frames, 32 px), as train.py leaves it."""
     config = {"name": run_dir.name, "output_dir": str(run_dir.parent),
@@ -102,14 +130,15 @@ def write_cnn_run(run_dir: Path) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("family, frames, method, grid", [
-    ("timesformer", 4, "attention rollout (divided_space_time)", "4x2x2"),  # 32 px, patch 16
-    ("cnn", 8, "Grad-CAM (trunk.layer4)", "1x2x2"),  # R3D halves time 3 times and space 4 times
+@pytest.mark.parametrize("family, frames, option, method, grid", [
+    ("timesformer", 4, [], "occlusion (16x16 px cells, all frames)", "1x2x2"),  # 32 px, patch 16: the default
+    ("timesformer", 4, ["--explain-method", "rollout"], "attention rollout (divided_space_time)", "4x2x2"),
+    ("cnn", 8, [], "Grad-CAM (trunk.layer4)", "1x2x2"),  # R3D halves time 3 times and space 4 times
 ])
-def test_explain_writes_the_overlay_the_plot_and_a_map_of_the_clip(tmp_path, family, frames, method, grid):
+def test_explain_writes_the_overlay_the_plot_and_a_map_of_the_clip(tmp_path, family, frames, option, method, grid):
     run = write_tiny_run(tmp_path / "run") if family == "timesformer" else write_cnn_run(tmp_path / "run")
     video = write_moving_video(tmp_path / "clip.mp4", frames=40)
-    done = predict(str(video), "--checkpoint", str(run), "--explain", "--out", str(tmp_path / "out"))
+    done = predict(str(video), "--checkpoint", str(run), "--explain", "--out", str(tmp_path / "out"), *option)
     assert done.returncode == 0, done.stderr
     assert f"{method} over a {grid} (t x h x w) grid" in done.stdout
     gif, png, npy = (tmp_path / "out" / f"clip.{suffix}" for suffix in ("explain.gif", "importance.png", "importance.npy"))
@@ -143,7 +172,8 @@ def test_bench_explain_smoke(tmp_path):
     table = (tmp_path / "bench_explain.md").read_text()
     assert "| timesformer divided (seed 0) | attention rollout (divided_space_time) | 4x4x4 |" in table
     assert "Grad-CAM (trunk.layer4)" in table
-    assert (tmp_path / "explain_r3d_18_transformer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "occlusion (8x8 px cells, all frames)" in table
+    assert (tmp_path / "explain_r3d_18_transformer_gradcam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_training_logs_the_maps_of_the_first_val_clips_at_each_evaluation(shards, runs):

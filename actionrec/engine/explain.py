@@ -16,6 +16,13 @@
   stage, `trunk.layer4`: ReLU of the channel sum of activations weighted by the mean gradient of the predicted
   class's logit over the stage's (t, h, w) map, upsampled (trilinear) to the clip.
 
+- Any model, `method="occlusion"` (the default for a TimeSformer, `auto`): occlusion sensitivity (Zeiler &
+  Fergus, ECCV 2014): each cell of a spatial grid (a TimeSformer's patch, else an eighth of the side) is
+  replaced in every frame by the clip's mean colour, and the cell's importance is how much that lowers the
+  top-1 class's margin (its logit minus the best other), ReLU. One forward per cell (64 for 8x8 patches),
+  batched. The map is (1, h, w): a tube over all frames, no per-frame detail. On the known-place benchmark
+  it hits the deciding object far more often than the rollouts (docs/predict.md).
+
 Attention weights are read in the `Attention` modules' capture mode (`Attention.recorded`, set only while a
 map is made: the explicit softmax(QK^T)V path runs and keeps its weights), so training and prediction keep
 the SDPA path. `attention_rollout(..., gradient=True)` is Chefer et al.'s gradient-weighted rollout over the
@@ -206,12 +213,47 @@ def grad_cam(model: TrunkTransformer, video: torch.Tensor) -> tuple[torch.Tensor
     return logits.detach(), cam
 
 
+def occlusion(model: nn.Module, video: torch.Tensor, cell: int, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised clip (1, C, T, H, W) -> (logits (num_classes,), occlusion map (1, ceil(H / cell), ceil(W / cell))):
+    each cell x cell square, in every frame, set to the clip's mean colour; importance = relu(margin of the
+    top-1 class on the clip - its margin on the occluded clip), margin = the class's logit minus the best other."""
+    with torch.no_grad():
+        logits = model(video)[0]
+        top = int(logits.argmax())
+
+        def margin(out: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B,)
+            if out.shape[1] == 1:
+                return out[:, 0]
+            others = out.clone()
+            others[:, top] = float("-inf")
+            return out[:, top] - others.amax(dim=1)
+
+        base = margin(logits[None].float())
+        fill = video[0].mean(dim=(1, 2, 3))[:, None, None, None]  # (C, 1, 1, 1): the clip's mean colour
+        height, width = video.shape[-2:]
+        cells = [(r, c) for r in range(0, height, cell) for c in range(0, width, cell)]
+        drops = []
+        for start in range(0, len(cells), batch):
+            chunk = cells[start : start + batch]
+            occluded = video.repeat(len(chunk), 1, 1, 1, 1)
+            for j, (r, c) in enumerate(chunk):
+                occluded[j, :, :, r : r + cell, c : c + cell] = fill
+            drops.append(base - margin(model(occluded).float()))
+        importance = F.relu(torch.cat(drops)).reshape(1, -(-height // cell), -(-width // cell))
+    return logits, importance
+
+
+METHODS = ("auto", "rollout", "gradient-rollout", "gradcam", "occlusion")
+
+
 def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
                  device: torch.device = torch.device("cpu"),
-                 gradient_rollout: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+                 method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """uint8 clip (C, T, S, S) -> (class probabilities, the map on its own grid (t, h, w), the map upsampled to
-    the clip (T, S, S) in [0, 1], method) by the model's family: attention rollout for a TimeSformer,
-    Grad-CAM for a CNN trunk."""
+    the clip (T, S, S) in [0, 1], the method's name). method (`METHODS`): auto (occlusion for a TimeSformer,
+    Grad-CAM for a CNN trunk), rollout / gradient-rollout (TimeSformer), gradcam (CNN trunk), occlusion (any)."""
+    if method not in METHODS:
+        raise NotExplainable(f"unknown explain method {method!r}: one of {', '.join(METHODS)}")
     from actionrec.data import normalize_on_device
 
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper (train.compile) holds the model
@@ -219,7 +261,7 @@ def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], 
     was_training = model.training
     model.eval()
     try:
-        logits, native, method, mode = _native_map(model, video, gradient_rollout)
+        logits, native, method, mode = _native_map(model, video, method)
     finally:
         model.train(was_training)
     native = native.float().cpu()
@@ -229,28 +271,37 @@ def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], 
     return logits.float().softmax(dim=0).cpu(), native, importance, method
 
 
-def _native_map(model: nn.Module, video: torch.Tensor,
-                gradient_rollout: bool) -> tuple[torch.Tensor, torch.Tensor, str, str]:
-    """(logits, map on its own grid, method, how to upsample it) of a model in eval mode."""
-    if isinstance(model, TimeSformer):
-        logits, native = attention_rollout(model, video, gradient_rollout)
-        name = "gradient-weighted attention rollout" if gradient_rollout else "attention rollout"
-        method, mode = f"{name} ({model.config.attention_type})", "nearest"  # a token is its patch
-    elif isinstance(model, TrunkTransformer):
-        checkpointing = model.config.grad_checkpointing
-        model.set_grad_checkpointing(False)  # a recomputed stage would run the capture hook twice
-        try:
-            logits, native = grad_cam(model, video)
-        finally:
-            model.set_grad_checkpointing(checkpointing)
-        method, mode = "Grad-CAM (trunk.layer4)", "trilinear"
-    else:
-        raise NotExplainable(f"no importance map for a {type(model).__name__}: --explain maps a TimeSformer "
-                             "(attention rollout) or a CNN trunk model (Grad-CAM)")
-    return logits, native, method, mode
+def _native_map(model: nn.Module, video: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, str, str]:
+    """(logits, map on its own grid, method's name, how to upsample it) of a model in eval mode."""
+    timesformer, cnn = isinstance(model, TimeSformer), isinstance(model, TrunkTransformer)
+    if method == "auto":
+        if not (timesformer or cnn):
+            raise NotExplainable(f"no importance map for a {type(model).__name__}: --explain maps a TimeSformer "
+                                 "or a CNN trunk model (or any model with --explain-method occlusion)")
+        method = "occlusion" if timesformer else "gradcam"
+    if method == "occlusion":
+        cell = model.config.patch_size if timesformer else max(1, video.shape[-1] // 8)
+        logits, native = occlusion(model, video, cell)
+        return logits, native, f"occlusion ({cell}x{cell} px cells, all frames)", "nearest"
+    if method in ("rollout", "gradient-rollout"):
+        if not timesformer:
+            raise NotExplainable(f"--explain-method {method} needs a TimeSformer, not a {type(model).__name__}")
+        gradient = method == "gradient-rollout"
+        logits, native = attention_rollout(model, video, gradient)
+        name = "gradient-weighted attention rollout" if gradient else "attention rollout"
+        return logits, native, f"{name} ({model.config.attention_type})", "nearest"  # a token is its patch
+    if not cnn:
+        raise NotExplainable(f"--explain-method gradcam needs a CNN trunk model, not a {type(model).__name__}")
+    checkpointing = model.config.grad_checkpointing
+    model.set_grad_checkpointing(False)  # a recomputed stage would run the capture hook twice
+    try:
+        logits, native = grad_cam(model, video)
+    finally:
+        model.set_grad_checkpointing(checkpointing)
+    return logits, native, "Grad-CAM (trunk.layer4)", "trilinear"
 
 
-def explain_video(classifier, video: str | Path) -> Explanation:
+def explain_video(classifier, video: str | Path, method: str = "auto") -> Explanation:
     """The map of one video file's evaluation clip: its first temporal clip and centre crop as the run's
     evaluation samples them (one view, so the map and the frames line up). classifier: inference.Classifier."""
     from actionrec.data.decode import PyAVFrameReader
@@ -261,9 +312,9 @@ def explain_video(classifier, video: str | Path) -> Explanation:
     with PyAVFrameReader(Path(video).read_bytes()) as reader:  # raises CorruptSample for an unreadable file
         indices, views = read_eval_views(reader, clip_spec(cfg), 1, 1)
     clip = views[0][0]
-    probs, native, importance, method = explain_clip(classifier.model, clip, cfg.data.mean, cfg.data.std,
-                                                     classifier.device)
-    return Explanation(clip, importance, tuple(native.shape), method, probs, [int(i) for i in indices[0]])
+    probs, native, importance, name = explain_clip(classifier.model, clip, cfg.data.mean, cfg.data.std,
+                                                   classifier.device, method)
+    return Explanation(clip, importance, tuple(native.shape), name, probs, [int(i) for i in indices[0]])
 
 
 def overlay_frames(clip: torch.Tensor, importance: torch.Tensor, min_side: int = 224,
