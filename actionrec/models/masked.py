@@ -27,7 +27,7 @@ Pure PyTorch: the loss and the training loop are engine code (actionrec/engine/p
 from __future__ import annotations
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from actionrec.models.hog import HOG_BINS, HOG_CELL, histograms_of_oriented_gradients
