@@ -56,6 +56,10 @@ def run_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"})
     env.pop("WANDB_MODE", None)
+    # A test that ran WandB in this process left its service's address here (wandb sets WANDB_SERVICE); a child
+    # would join that service instead of starting its own as a user's run does, and a run it streams to is not
+    # written out while this process lives (seen: a restarted run's WandB file missing in the full suite).
+    env.pop("WANDB_SERVICE", None)
     env.update(extra)
     return env
 
