@@ -176,6 +176,9 @@ def predict_explain(args: argparse.Namespace) -> int:
           f"{'x'.join(map(str, explanation.grid))} (t x h x w) grid")
     for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
         print(f"{rank}. {classifier.classes[i]}  {p:.4f}")
+    if not bool((explanation.importance > 0).any()):
+        print(f"note: the map is zero everywhere: under {explanation.method} no place raises the score of "
+              f"{classifier.classes[int(top.indices[0])]}; try another --explain-method")
     for path in write_explanation(explanation, classifier.classes, Path(args.out), Path(args.video).stem):
         print(f"wrote {path}")
     return 0
