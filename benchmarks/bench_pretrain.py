@@ -39,8 +39,8 @@ from actionrec.engine.optim import build_optimizer, cosine_with_warmup  # noqa: 
 from actionrec.engine.run_model import model_build_options  # noqa: E402
 from actionrec.models import build_model  # noqa: E402
 from actionrec.models.masked import MaskedVideoModel  # noqa: E402
-from benchmarks.in_memory import (DATA_SETS, eval_clips, held_out_split, optimise, predictions_correct,  # noqa: E402
-                                  render_set, train_clips)
+from benchmarks.in_memory import (DATA_SETS, eval_clips, held_out_split, linear_probe_top1, optimise,  # noqa: E402
+                                  predictions_correct, render_set, train_clips)
 
 MODEL = {"name": "timesformer_tiny", "attention_type": "divided_space_time", "embed_dim": 96, "depth": 4, "num_heads": 4}
 
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="which fine-tunes to run (pretrained, scratch); `none`: pre-train (and save --encoder) only")
     parser.add_argument("--encoder", default="", help="load the pre-trained encoder from this file (skip pre-training), "
                         "or save it there after pre-training when the file does not exist")
+    parser.add_argument("--probe-views", type=int, default=4,
+                        help="linear probe: augmented training clips per labelled video (0: no probe)")
     parser.add_argument("--out", default="")
     parser.add_argument("options", nargs="*", help="model options key=value (as model.key=value in a run config)")
     args = parser.parse_args(argv)
@@ -151,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                           "pretrain_steps": args.pretrain_steps, **held_out}), flush=True)
         return 0
 
-    # 2. the same fine-tune from the pre-trained encoder and from scratch
-    results = {}
+    # 2. the same fine-tune from the pre-trained encoder and from scratch, each after a linear probe of its
+    # frozen starting point (the pre-trained encoder, or the random one the scratch fine-tune starts from)
+    results, probes = {}, {}
+    probe_rng = np.random.default_rng([args.seed, 3])
+    probe_idx = np.repeat(train_idx, args.probe_views)
+    probe_train = train_clips(videos, probe_idx, spec, augment, probe_rng) if args.probe_views else None
     for variant in args.variants.split(","):
         cfg = recipe(args.lr, args.finetune_steps, min(30, args.finetune_steps // 10), finetune=True)
         torch.manual_seed(args.seed)
@@ -160,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         if variant == "pretrained":
             missing = model.load_state_dict(pretrained_state, strict=False).missing_keys
             assert sorted(missing) == ["head.bias", "head.weight"], missing
+        if probe_train is not None:
+            probes[variant] = round(linear_probe_top1(model, probe_train, labels[probe_idx], test_clips,
+                                                      labels[test_idx]), 3)
+            print(json.dumps({"phase": variant, "linear_probe_top1": probes[variant]}), flush=True)
         optimizer = build_optimizer(cfg, model)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg))
         ft_rng = np.random.default_rng([args.seed, 2])
@@ -183,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                "options": args.options, "lr": args.lr, "layer_decay": args.layer_decay, "drop_path": args.drop_path,
                "final_pretrain_loss": round(float(np.mean(pre_losses[-args.eval_every:])), 4) if pre_losses else None,
                **held_out,
-               **{f"test_top1_{variant}": history[-1]["test_top1"] for variant, history in results.items()},
+               **{f"test_top1_{variant}": history[-1]["test_top1"] for variant, history in results.items() if history},
+               **{f"probe_top1_{variant}": top1 for variant, top1 in probes.items()},
                "test_videos": len(test_idx)}
     print(json.dumps(summary), flush=True)
     if args.out:

@@ -96,3 +96,32 @@ def predictions_correct(model: torch.nn.Module, clips: torch.Tensor, labels: tor
         logits = torch.cat([model(clips[i : i + 64]) for i in range(0, len(clips), 64)])
     model.train()
     return logits.argmax(1) == labels
+
+
+def linear_probe_top1(model: torch.nn.Module, train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
+                      test_labels: torch.Tensor, weight_decay: float = 1e-3) -> float:
+    """Held-out top-1 of a linear classifier on the frozen model's pooled features (`forward_features`): a
+    diagnostic of what the encoder alone carries, without fine-tuning. Features are standardised with the
+    training clips' statistics; multinomial logistic regression, fitted to convergence with L-BFGS (a
+    closed-form-like fit of a convex problem: no learning rate or schedule to tune, so the number depends on
+    the features only). Written here because scikit-learn is not a dependency and the fit is 20 lines."""
+    model.eval()
+    with torch.no_grad():
+        features = [torch.cat([model.forward_features(clips[i : i + 64]) for i in range(0, len(clips), 64)])
+                    for clips in (train, test)]
+    model.train()
+    mean, std = features[0].mean(0), features[0].std(0).clamp_min(1e-6)
+    x_train, x_test = ((f - mean) / std for f in features)
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    probe = torch.nn.Linear(x_train.shape[1], classes)
+    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1, max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(x_train), train_labels) + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return (probe(x_test).argmax(1) == test_labels).float().mean().item()

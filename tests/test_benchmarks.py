@@ -122,6 +122,31 @@ def test_bench_pretrain(in_memory_cache, capsys):
                                 "embed_dim=32", "depth=1", "num_heads=2"]) == 0
     summary = last_json_line(capsys.readouterr().out)
     assert {"test_top1_pretrained", "test_top1_scratch", "final_pretrain_loss", "heldout_ratio"} <= set(summary), summary
+    assert 0 <= summary["probe_top1_pretrained"] <= 1 and 0 <= summary["probe_top1_scratch"] <= 1, summary
+
+
+class Features(torch.nn.Module):
+    """A frozen 'encoder' whose pooled features are its input rows (the probe sees exactly what we give it)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_linear_probe_reads_what_the_features_carry_and_nothing_else():
+    from benchmarks.in_memory import linear_probe_top1
+
+    generator = torch.Generator().manual_seed(0)
+    train_labels, test_labels = torch.arange(4).repeat(20), torch.arange(4).repeat(50)
+    centres = 3 * torch.randn(4, 16, generator=generator)
+
+    def separable(labels: torch.Tensor) -> torch.Tensor:
+        return centres[labels] + torch.randn(len(labels), 16, generator=generator)
+
+    assert linear_probe_top1(Features(), separable(train_labels), train_labels, separable(test_labels),
+                             test_labels) > 0.95
+    # features that say nothing of the class: chance (0.25), however well the probe fits its 80 training rows
+    noise = torch.randn(80, 16, generator=generator), torch.randn(200, 16, generator=generator)
+    assert linear_probe_top1(Features(), noise[0], train_labels, noise[1], test_labels) < 0.4
 
 
 def test_motion_heldout(tmp_path):
