@@ -156,14 +156,15 @@ def cells_hit(boxes: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Te
 
 
 def score(model: torch.nn.Module, clips: int, frames: int, size: int, seed: int, overlay: Path | None,
-          method: str = "auto") -> dict:
+          method: str = "auto", occlusion_span: int = 1) -> dict:
     """Accuracy, hit rate and the uniform baseline of `model` on `clips` held-out clips."""
     from actionrec.engine.explain import explain_clip, overlay_frames
 
     videos, labels, boxes = known_place_clips(clips, torch.Generator().manual_seed(seed + 1000), frames, size)
     correct, hits, chance, hits_top, chance_top = 0, 0, 0.0, 0, 0.0
     for i in range(clips):
-        probs, native, importance, name = explain_clip(model, videos[i], MEAN, STD, method=method)
+        probs, native, importance, name = explain_clip(model, videos[i], MEAN, STD, method=method,
+                                                       occlusion_span=occlusion_span)
         correct += int(probs.argmax() == labels[i])
         averaged = native.mean(dim=0)  # (h, w)
         target = cells_hit(boxes[i], tuple(averaged.shape), size)
@@ -197,6 +198,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: each family's)")
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(set(TIMESFORMER_METHODS + CNN_METHODS)),
                         help="maps to score (default: every one that applies to the family)")
+    parser.add_argument("--occlusion-spans", type=int, nargs="+", default=[1, 2],
+                        help="occlusion: cells per side of the occluding square, each scored (default %(default)s)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
@@ -224,11 +227,12 @@ def main(argv: list[str] | None = None) -> int:
             trained = round(time.perf_counter() - started) if fresh else "cached"
             # Every method of explain.explain_clip that applies to the family (`auto` is one of these).
             methods = TIMESFORMER_METHODS if family.model.startswith("timesformer") else CNN_METHODS
-            for method in args.methods or methods:
-                if method not in methods:
-                    continue
-                overlay = args.out / f"explain_{name.replace(' ', '_')}_{method}.png" if seed == args.seeds[0] else None
-                result = score(model, clips, args.frames, args.size, seed, overlay, method)
+            runs = [(method, span) for method in args.methods or methods if method in methods
+                    for span in (args.occlusion_spans if method == "occlusion" else [1])]
+            for method, span in runs:
+                label = method + (f"{span}" if method == "occlusion" and span > 1 else "")
+                overlay = args.out / f"explain_{name.replace(' ', '_')}_{label}.png" if seed == args.seeds[0] else None
+                result = score(model, clips, args.frames, args.size, seed, overlay, method, span)
                 rows.append(dict(family=name, seed=seed, steps=steps, train_s=trained, clips=clips, **result))
                 print(f"{name} seed {seed}: {steps} steps, trained in {trained} s, accuracy {result['accuracy']:.3f}, "
                       f"{result['method']}: hit rate {result['hit_rate']:.3f} (uniform map {result['uniform']:.3f}) "

@@ -100,19 +100,28 @@ class LooksAtOnePlace(torch.nn.Module):
         return torch.stack([place, torch.full_like(place, -1.0)], dim=1)
 
 
-def test_occlusion_lights_the_one_place_the_class_depends_on():
+@pytest.mark.parametrize("span", [1, 2])
+def test_occlusion_lights_the_one_place_the_class_depends_on(span):
     from actionrec.engine.explain import explain_clip
 
     clip = torch.full((3, FRAMES, SIZE, SIZE), 60, dtype=torch.uint8)
     clip[:, :, 8:12, 20:24] = 250  # the place that decides
     clip[:, :, 24:32, 0:8] = 255  # a brighter, larger square the model ignores
     probs, native, importance, method = explain_clip(LooksAtOnePlace(), clip, (0.45,) * 3, (0.225,) * 3,
-                                                     method="occlusion")
-    assert method == "occlusion (4x4 px cells, all frames)" and native.shape == (1, 8, 8)
+                                                     method="occlusion", occlusion_span=span)
+    side = 4 * span
+    assert method == f"occlusion ({side}x{side} px squares at 4 px steps, all frames)" and native.shape == (1, 8, 8)
     assert probs.argmax() == 0
     assert np.unravel_index(int(native.argmax()), native.shape) == (0, 2, 5)
-    assert native[0, 2, 5] > 0 and (native > 0).sum() == 1  # no other cell changes the margin
     assert importance.shape == (FRAMES, SIZE, SIZE) and bool((importance[:, 8:12, 20:24] == 1).all())
+    if span == 1:
+        assert native[0, 2, 5] > 0 and (native > 0).sum() == 1  # no other cell changes the margin
+    else:
+        # a 2x2-cell square hides the place from 4 placements: its cell is under all of them, an edge neighbour
+        # under 2 of them, a corner neighbour under 1; cells farther away under none
+        assert (native > 0).sum() == 9 and bool((native[0, 1:4, 4:7] > 0).all())
+        assert float(native[0, 1, 5]) == pytest.approx(float(native[0, 2, 5]) / 2)
+        assert float(native[0, 1, 4]) == pytest.approx(float(native[0, 2, 5]) / 4)
 
 
 def write_cnn_run(run_dir: Path) -> Path:
@@ -134,7 +143,7 @@ def write_cnn_run(run_dir: Path) -> Path:
 
 
 @pytest.mark.parametrize("family, frames, option, method, grid", [
-    ("timesformer", 4, [], "occlusion (16x16 px cells, all frames)", "1x2x2"),  # 32 px, patch 16: the default
+    ("timesformer", 4, [], "occlusion (16x16 px squares at 16 px steps, all frames)", "1x2x2"),  # 32 px, patch 16: the default
     ("timesformer", 4, ["--explain-method", "rollout"], "attention rollout (divided_space_time)", "4x2x2"),
     ("cnn", 8, [], "Grad-CAM (trunk.layer4)", "1x2x2"),  # R3D halves time 3 times and space 4 times
 ])
@@ -175,7 +184,8 @@ def test_bench_explain_smoke(tmp_path):
     table = (tmp_path / "bench_explain.md").read_text()
     assert "| timesformer divided (seed 0) | attention rollout (divided_space_time) | 4x4x4 |" in table
     assert "Grad-CAM (trunk.layer4)" in table
-    assert "occlusion (8x8 px cells, all frames)" in table
+    assert "occlusion (8x8 px squares at 8 px steps, all frames)" in table
+    assert "occlusion (16x16 px squares at 8 px steps, all frames)" in table  # --occlusion-spans 1 2, the default
     assert (tmp_path / "explain_r3d_18_transformer_gradcam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -213,10 +213,15 @@ def grad_cam(model: TrunkTransformer, video: torch.Tensor) -> tuple[torch.Tensor
     return logits.detach(), cam
 
 
-def occlusion(model: nn.Module, video: torch.Tensor, cell: int, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def occlusion(model: nn.Module, video: torch.Tensor, cell: int, span: int = 1,
+              batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised clip (1, C, T, H, W) -> (logits (num_classes,), occlusion map (1, ceil(H / cell), ceil(W / cell))):
-    each cell x cell square, in every frame, set to the clip's mean colour; importance = relu(margin of the
-    top-1 class on the clip - its margin on the occluded clip), margin = the class's logit minus the best other."""
+    a square of `span` x `span` cells, in every frame, set to the clip's mean colour, slid one cell at a time
+    (also partly over the edge, so every cell is under span² placements); a placement's drop is the margin of
+    the top-1 class on the clip minus its margin on the occluded clip (margin = the class's logit minus the best
+    other), and a cell's importance is the ReLU of the mean drop of the placements that cover it. span 1: each
+    cell alone (one forward per cell); a larger square also hides an object that straddles cells or moves
+    across them over the clip."""
     with torch.no_grad():
         logits = model(video)[0]
         top = int(logits.argmax())
@@ -231,24 +236,29 @@ def occlusion(model: nn.Module, video: torch.Tensor, cell: int, batch: int = 16)
         base = margin(logits[None].float())
         fill = video[0].mean(dim=(1, 2, 3))[:, None, None, None]  # (C, 1, 1, 1): the clip's mean colour
         height, width = video.shape[-2:]
-        cells = [(r, c) for r in range(0, height, cell) for c in range(0, width, cell)]
+        grid_h, grid_w, side = -(-height // cell), -(-width // cell), span * cell
+        # top-left corners of the placements, from (span - 1) cells before the first cell
+        starts = [(r * cell, c * cell) for r in range(1 - span, grid_h) for c in range(1 - span, grid_w)]
         drops = []
-        for start in range(0, len(cells), batch):
-            chunk = cells[start : start + batch]
+        for first in range(0, len(starts), batch):
+            chunk = starts[first : first + batch]
             occluded = video.repeat(len(chunk), 1, 1, 1, 1)
             for j, (r, c) in enumerate(chunk):
-                occluded[j, :, :, r : r + cell, c : c + cell] = fill
+                occluded[j, :, :, max(r, 0) : r + side, max(c, 0) : c + side] = fill
             drops.append(base - margin(model(occluded).float()))
-        importance = F.relu(torch.cat(drops)).reshape(1, -(-height // cell), -(-width // cell))
+        drops = torch.cat(drops).reshape(1, 1, grid_h + span - 1, grid_w + span - 1)
+        # a cell (i, j) is under the placements starting at rows i-span+1..i and columns j-span+1..j
+        importance = F.relu(F.avg_pool2d(drops, span, stride=1))[0]  # (1, grid_h, grid_w)
     return logits, importance
 
 
 METHODS = ("auto", "rollout", "gradient-rollout", "gradcam", "occlusion")
+OCCLUSION_SPAN = 1  # cells per side of the occluding square (docs/predict.md: how it was chosen)
 
 
 def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device = torch.device("cpu"),
-                 method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+                 device: torch.device = torch.device("cpu"), method: str = "auto",
+                 occlusion_span: int = OCCLUSION_SPAN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """uint8 clip (C, T, S, S) -> (class probabilities, the map on its own grid (t, h, w), the map upsampled to
     the clip (T, S, S) in [0, 1], the method's name). method (`METHODS`): auto (occlusion for a TimeSformer,
     Grad-CAM for a CNN trunk), rollout / gradient-rollout (TimeSformer), gradcam (CNN trunk), occlusion (any)."""
@@ -261,7 +271,7 @@ def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], 
     was_training = model.training
     model.eval()
     try:
-        logits, native, method, mode = _native_map(model, video, method)
+        logits, native, method, mode = _native_map(model, video, method, occlusion_span)
     finally:
         model.train(was_training)
     native = native.float().cpu()
@@ -271,7 +281,8 @@ def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], 
     return logits.float().softmax(dim=0).cpu(), native, importance, method
 
 
-def _native_map(model: nn.Module, video: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, str, str]:
+def _native_map(model: nn.Module, video: torch.Tensor, method: str,
+                occlusion_span: int = OCCLUSION_SPAN) -> tuple[torch.Tensor, torch.Tensor, str, str]:
     """(logits, map on its own grid, method's name, how to upsample it) of a model in eval mode."""
     timesformer, cnn = isinstance(model, TimeSformer), isinstance(model, TrunkTransformer)
     if method == "auto":
@@ -281,8 +292,9 @@ def _native_map(model: nn.Module, video: torch.Tensor, method: str) -> tuple[tor
         method = "occlusion" if timesformer else "gradcam"
     if method == "occlusion":
         cell = model.config.patch_size if timesformer else max(1, video.shape[-1] // 8)
-        logits, native = occlusion(model, video, cell)
-        return logits, native, f"occlusion ({cell}x{cell} px cells, all frames)", "nearest"
+        logits, native = occlusion(model, video, cell, occlusion_span)
+        side = occlusion_span * cell
+        return logits, native, f"occlusion ({side}x{side} px squares at {cell} px steps, all frames)", "nearest"
     if method in ("rollout", "gradient-rollout"):
         if not timesformer:
             raise NotExplainable(f"--explain-method {method} needs a TimeSformer, not a {type(model).__name__}")
