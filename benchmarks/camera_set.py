@@ -17,16 +17,14 @@ grows / shrinks (approaches / recedes). Where it differs from the other two fami
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actionrec.shards.synthetic import encode_mp4  # noqa: E402  (only the mp4 writer is shared)
+from benchmarks.video_sets import write_video_set  # noqa: E402  (only the mp4 writer is shared)
 
 CLASSES = ("left", "right", "up", "down", "grow", "shrink")
 _STEPS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "grow": (0, 0), "shrink": (0, 0)}
@@ -77,23 +75,7 @@ def render_camera_video(name: str, rng: np.random.Generator, frames: int = 16, s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder (one sub-folder per class)")
-    parser.add_argument("--videos-per-class", type=int, default=100)
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args(argv)
-    if args.size < 48 or args.size % 2:
-        parser.error(f"--size must be an even number of pixels >= 48 (the actor is up to 20 wide), got {args.size}")
-    out = Path(args.out)
-    jobs = [(name, i) for name in CLASSES for i in range(args.videos_per_class)]
-    for name, index in tqdm(jobs, desc="camera6", unit="video"):
-        (out / name).mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng([args.seed, CLASSES.index(name), index])
-        encode_mp4(render_camera_video(name, rng, args.frames, args.size), out / name / f"{name}_{index:04d}.mp4", 30.0)
-    print(f"wrote {len(jobs)} videos to {out}")
-    return 0
+    return write_video_set(argv, __doc__, "camera6", CLASSES, render_camera_video, min_size=48)
 
 
 if __name__ == "__main__":

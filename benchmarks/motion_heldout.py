@@ -14,16 +14,14 @@ flicker of global brightness. 64 x 64, 16 frames, folder per class:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actionrec.shards.synthetic import encode_mp4  # noqa: E402  (only the mp4 writer is shared)
+from benchmarks.video_sets import write_video_set  # noqa: E402  (only the mp4 writer is shared)
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
@@ -69,21 +67,7 @@ def render_motion_video(direction: str, rng: np.random.Generator, frames: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder (one sub-folder per class)")
-    parser.add_argument("--videos-per-class", type=int, default=100)
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    jobs = [(name, i) for name in DIRECTIONS for i in range(args.videos_per_class)]
-    for name, index in tqdm(jobs, desc="motion4", unit="video"):
-        (out / name).mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng([args.seed, list(DIRECTIONS).index(name), index])
-        encode_mp4(render_motion_video(name, rng, args.frames, args.size), out / name / f"{name}_{index:04d}.mp4", 30.0)
-    print(f"wrote {len(jobs)} videos to {out}")
-    return 0
+    return write_video_set(argv, __doc__, "motion4", list(DIRECTIONS), render_motion_video)
 
 
 if __name__ == "__main__":
