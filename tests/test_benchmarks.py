@@ -210,3 +210,21 @@ def test_bench_export(tmp_path, shards):
     assert [row.split("|")[1].strip() for row in rows] == ["timesformer divided_space_time", "r3d_18_transformer"]
     results = json.loads((tmp_path / "bench_export.json").read_text())["rows"]
     assert all(r["onnx_max_abs_diff"] <= 1e-4 and r["parity_clips"] == 4 for r in results)
+
+
+def test_bench_pretrain_recipe_runs_the_real_commands_and_reuses_what_is_done(tmp_path):
+    from benchmarks import bench_pretrain_recipe
+
+    argv = ["--smoke", "--families", "motion4", "--seeds", "0", "--work", str(tmp_path)]
+    assert bench_pretrain_recipe.main(argv) == 0
+    row = json.loads((tmp_path / "bench_pretrain_recipe.json").read_text())["rows"][0]
+    assert 0 <= row["scratch"] <= 1 and 0 <= row["pretrained"] <= 1 and "gain" in row
+    assert {"pretrain_s", "finetune_s", "scratch_s"} <= set(row)  # all three ran
+    runs = tmp_path / "runs"
+    assert f"pretrained: {runs / 'pretrain_motion4_s0'}" in (runs / "finetune_motion4_s0" / "config.yaml").read_text()
+    assert "pretrained: ''" in (runs / "scratch_motion4_s0" / "config.yaml").read_text()
+    assert "| motion4 | 0 |" in (tmp_path / "bench_pretrain_recipe.md").read_text()
+    # a second call finds every run finished: it reads their results and runs nothing
+    assert bench_pretrain_recipe.main(argv) == 0
+    again = json.loads((tmp_path / "bench_pretrain_recipe.json").read_text())["rows"][0]
+    assert not {"pretrain_s", "finetune_s", "scratch_s"} & set(again) and again["gain"] == row["gain"]
