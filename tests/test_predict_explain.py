@@ -143,7 +143,7 @@ def write_cnn_run(run_dir: Path) -> Path:
 
 
 @pytest.mark.parametrize("family, frames, option, method, grid", [
-    ("timesformer", 4, [], "occlusion (16x16 px squares at 16 px steps, all frames)", "1x2x2"),  # 32 px, patch 16: the default
+    ("timesformer", 4, [], "occlusion (32x32 px squares at 16 px steps, all frames)", "1x2x2"),  # 32 px, patch 16: the default
     ("timesformer", 4, ["--explain-method", "rollout"], "attention rollout (divided_space_time)", "4x2x2"),
     ("cnn", 8, [], "Grad-CAM (trunk.layer4)", "1x2x2"),  # R3D halves time 3 times and space 4 times
 ])

@@ -17,11 +17,14 @@
   class's logit over the stage's (t, h, w) map, upsampled (trilinear) to the clip.
 
 - Any model, `method="occlusion"` (the default for a TimeSformer, `auto`): occlusion sensitivity (Zeiler &
-  Fergus, ECCV 2014): each cell of a spatial grid (a TimeSformer's patch, else an eighth of the side) is
-  replaced in every frame by the clip's mean colour, and the cell's importance is how much that lowers the
-  top-1 class's margin (its logit minus the best other), ReLU. One forward per cell (64 for 8x8 patches),
-  batched. The map is (1, h, w): a tube over all frames, no per-frame detail. On the known-place benchmark
-  it hits the deciding object far more often than the rollouts (docs/predict.md).
+  Fergus, ECCV 2014) on a spatial grid of cells (a TimeSformer's patch, else an eighth of the side): a square
+  of `OCCLUSION_SPAN` x `OCCLUSION_SPAN` cells is replaced in every frame by the clip's mean colour, slid one
+  cell at a time; each placement's drop is how much it lowers the top-1 class's margin (its logit minus the
+  best other), and a cell's importance is the ReLU of the mean drop of the placements over it. (H/c + span -
+  1) x (W/c + span - 1) forwards (81 for an 8x8 grid at span 2), batched. The map is (1, h, w): a tube over
+  all frames, no per-frame detail. On the known-place benchmark it hits the deciding object far more often
+  than the rollouts, and a 2-cell square more often than single cells, which miss an object that straddles
+  cells or moves across them (docs/predict.md).
 
 Attention weights are read in the `Attention` modules' capture mode (`Attention.recorded`, set only while a
 map is made: the explicit softmax(QK^T)V path runs and keeps its weights), so training and prediction keep
@@ -253,7 +256,7 @@ def occlusion(model: nn.Module, video: torch.Tensor, cell: int, span: int = 1,
 
 
 METHODS = ("auto", "rollout", "gradient-rollout", "gradcam", "occlusion")
-OCCLUSION_SPAN = 1  # cells per side of the occluding square (docs/predict.md: how it was chosen)
+OCCLUSION_SPAN = 2  # cells per side of the occluding square (docs/predict.md: how it was chosen)
 
 
 def explain_clip(model: nn.Module, clip: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],

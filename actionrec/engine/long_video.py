@@ -238,11 +238,15 @@ class LongVideoResult:
     fps: float
 
 
+def check_smooth(smooth: int) -> None:
+    if smooth < 1 or smooth % 2 == 0:
+        raise ValueError(f"smoothing over {smooth} windows: give an odd number >= 1 (1: no smoothing)")
+
+
 def smooth_windows(table: np.ndarray, smooth: int) -> np.ndarray:
     """(windows, classes) probabilities -> the mean over the `smooth` windows centred on each (fewer at the
     ends, where the centred run would leave the video)."""
-    if smooth < 1 or smooth % 2 == 0:
-        raise ValueError(f"smoothing over {smooth} windows: give an odd number >= 1 (1: no smoothing)")
+    check_smooth(smooth)
     half = smooth // 2
     sums = np.concatenate([np.zeros((1, table.shape[1]), dtype=np.float64), np.cumsum(table, axis=0, dtype=np.float64)])
     first = np.clip(np.arange(len(table)) - half, 0, len(table))
@@ -256,7 +260,7 @@ def predict_long_video(path: str | Path, out: Path, window: Span, stride: Span, 
     """Score every window of the video at `path` and write out/windows.csv, out/segments.csv and
     out/timeline.png. `progress`: wraps the window iterator (a progress bar). `smooth`: segments from the mean
     probabilities of that many windows centred on each (odd; 1: each window's own). Raises CorruptSample."""
-    smooth_windows(np.zeros((1, 1), dtype=np.float32), smooth)  # a bad `smooth` fails before any decoding
+    check_smooth(smooth)  # before any decoding
     out.mkdir(parents=True, exist_ok=True)
     scored = score_windows(window_views(path, window, stride, spec, temporal_clips, spatial_crops), score_clips)
     windows: list[Window] = []
