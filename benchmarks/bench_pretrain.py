@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     probe_idx = np.repeat(train_idx, args.probe_views)
     probe_train = train_clips(videos, probe_idx, spec, augment, probe_rng) if args.probe_views else None
     for variant in args.variants.split(","):
-        cfg = recipe(args.lr, args.finetune_steps, min(30, args.finetune_steps // 10), finetune=True)
+        cfg = recipe(args.lr, max(args.finetune_steps, 1), min(30, args.finetune_steps // 10), finetune=True)  # 0: probes only
         torch.manual_seed(args.seed)
         model = build_model(MODEL["name"], num_classes=len(names), **{**model_build_options(cfg), "init": "scratch"})
         if variant == "pretrained":
