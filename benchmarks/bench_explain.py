@@ -12,7 +12,7 @@ Grad-CAM, the occluded cells for occlusion) overlaps the target's box in some fr
 the hit rate of a map that says nothing: the chance that a cell drawn at random overlaps the target's boxes,
 averaged over the same clips (exact, per clip: cells overlapping / cells).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_explain.py             # the docs/predict.md table, ~10 min
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_explain.py --families "timesformer divided" --seeds 0 1   # docs/predict.md, ~40 min
     PYTHONPATH=. .venv/bin/python benchmarks/bench_explain.py --smoke     # a few steps and clips: does it run
 
 Writes benchmarks/out/bench_explain.{json,md} and one overlay frame per family and method (PNG).
@@ -48,9 +48,9 @@ class Family:
 
 FAMILIES = {
     "timesformer divided": Family("timesformer_tiny", dict(attention_type="divided_space_time", embed_dim=64,
-                                                            depth=2, num_heads=2, patch_size=8), 300),
+                                                            depth=2, num_heads=2, patch_size=8), 600),
     "timesformer joint": Family("timesformer_tiny", dict(attention_type="joint_space_time", embed_dim=64,
-                                                          depth=2, num_heads=2, patch_size=8), 300),
+                                                          depth=2, num_heads=2, patch_size=8), 600),
     "r3d_18_transformer": Family("r3d_18_transformer", dict(width=8, hidden_dim=32, num_layers=1, num_heads=2,
                                                             token_size=2), 150),
 }
