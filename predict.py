@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
                         choices=["auto", "rollout", "gradient-rollout", "gradcam", "occlusion"],
                         help="--explain's map: auto (default: occlusion for a TimeSformer, Grad-CAM for a CNN), "
                              "rollout / gradient-rollout (TimeSformer attention), gradcam (CNN trunk), occlusion "
-                             "(any model; one forward per patch)")
+                             "(any model; one forward per placement of a 2x2-patch square)")
     parser.add_argument("--split", default="test", help="shard set input: the split to score (default test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args()

@@ -216,7 +216,7 @@ def grad_cam(model: TrunkTransformer, video: torch.Tensor) -> tuple[torch.Tensor
     return logits.detach(), cam
 
 
-def occlusion(model: nn.Module, video: torch.Tensor, cell: int, span: int = 1,
+def occlusion(model: nn.Module, video: torch.Tensor, cell: int, span: int,
               batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised clip (1, C, T, H, W) -> (logits (num_classes,), occlusion map (1, ceil(H / cell), ceil(W / cell))):
     a square of `span` x `span` cells, in every frame, set to the clip's mean colour, slid one cell at a time
